@@ -1,0 +1,36 @@
+"""Conveyor: a priority worker daemon for pipeline jobs.
+
+Strict priorities, no task lost (at-least-once with ``reserve``), graceful shutdown, and a
+first run with no servers at all (the embedded SQLite backend).
+"""
+
+from .backends import QueueBackend
+from .errors import (
+    BackendError,
+    BrokerUnavailableError,
+    ConfigError,
+    ConveyorError,
+    TaskNotFoundError,
+    TaskTypeError,
+    TaskValidationError,
+)
+from .manager import QueueManager, QueueStats
+from .models import Message, TaskError, TaskEvent, TaskRecord, TaskStatus
+
+__all__ = [
+    "BackendError",
+    "BrokerUnavailableError",
+    "ConfigError",
+    "ConveyorError",
+    "Message",
+    "QueueBackend",
+    "QueueManager",
+    "QueueStats",
+    "TaskError",
+    "TaskEvent",
+    "TaskNotFoundError",
+    "TaskRecord",
+    "TaskStatus",
+    "TaskTypeError",
+    "TaskValidationError",
+]

@@ -1,0 +1,467 @@
+"""``QueueManager``: the producer's API and the worker's connection, on any backend.
+
+The manager validates input, encodes JSON, decodes what backends hand out and loops on
+blocking waits; the backend underneath only stores and moves tasks atomically (see
+``backends.base``). That split is why the three backends behave the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback as traceback_module
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from loguru import logger
+from pydantic import BaseModel
+
+from .backends import Backend, Claimed, ClaimResult, NewTask, QueueBackend, backend_for_url
+from .backends import open_backend as _open_backend
+from .errors import ConfigError, TaskNotFoundError, TaskTypeError, TaskValidationError
+from .models import Message, TaskError, TaskRecord, TaskStatus
+from .records import record_from_row
+from .validation import (
+    check_optional_count,
+    check_priority,
+    check_seconds,
+    check_task_id,
+    check_type_name,
+    encode_json,
+)
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+DEFAULT_PRIORITY = 5
+#: The longest single backend wait while blocking "forever"; keeps a blocked reserve
+#: responsive to its caller's shutdown flag between waits.
+_MAX_WAIT_SLICE = 1.0
+
+ErrorLike = BaseException | TaskError | Mapping[str, Any] | str | None
+
+
+class QueueStats(BaseModel):
+    """A queue's counts per status and its recent throughput."""
+
+    queue: str
+    counts: dict[str, int]
+    done_last_minute: int
+    failed_last_minute: int
+    mean_run_seconds: float | None
+
+
+class QueueManager:
+    """One queue on one backend. Not thread-safe: give each thread its own manager.
+
+    ``pull`` is at-most-once (the task is consumed as it is handed out, as in the seed);
+    ``reserve`` is at-least-once (the task is leased for ``visibility_timeout`` seconds and
+    comes back if the consumer dies before ``ack``/``nack``).
+    """
+
+    def __init__(
+        self,
+        backend: QueueBackend | str = QueueBackend.SQLITE,
+        *,
+        queue_name: str = "default",
+        sqlite_path: str = "conveyor.db",
+        redis_url: str | None = None,
+        rabbitmq_url: str | None = None,
+        visibility_timeout: float = 60.0,
+        max_deliveries: int = 5,
+        max_priority: int = 10,
+        max_payload_bytes: int = 1024 * 1024,
+        result_ttl: float = 7 * 24 * 3600,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        kind = _check_backend(backend)
+        _check_tuning(visibility_timeout, max_deliveries, max_priority, max_payload_bytes)
+        if not isinstance(queue_name, str) or not queue_name or "{" in queue_name:
+            raise ConfigError(f"queue_name: must be a non-empty string without braces, got {queue_name!r}")
+        self.queue_name = queue_name
+        self.visibility_timeout = float(visibility_timeout)
+        self.max_deliveries = max_deliveries
+        self.max_priority = max_priority
+        self.max_payload_bytes = max_payload_bytes
+        url = _url_for(kind, sqlite_path, redis_url, rabbitmq_url)
+        options: dict[str, Any] = {"result_ttl": result_ttl}
+        if kind is QueueBackend.REDIS:
+            options["connect_timeout"] = connect_timeout
+        self.backend_kind = kind
+        self._backend: Backend = _open_backend(kind, url, queue_name, options)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str, *, queue_name: str = "default", **options: Any) -> Self:
+        """Open the backend a URL names: ``sqlite:///path.db``, ``redis://``, ``amqp://``..."""
+        kind = backend_for_url(url)
+        if kind is QueueBackend.SQLITE:
+            from .backends import sqlite_path_from_url
+
+            return cls(kind, queue_name=queue_name, sqlite_path=sqlite_path_from_url(url), **options)
+        key = "redis_url" if kind is QueueBackend.REDIS else "rabbitmq_url"
+        return cls(kind, queue_name=queue_name, **{key: url}, **options)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, queue_name: str | None = None) -> Self:
+        """Open the queue that validated settings (``config/*.yaml`` + env) describe."""
+        queue = settings.queue
+        return cls.from_url(
+            settings.backend_url(),
+            queue_name=queue_name or queue.name,
+            visibility_timeout=queue.visibility_timeout,
+            max_deliveries=queue.max_deliveries,
+            max_priority=queue.max_priority,
+            max_payload_bytes=queue.max_payload_bytes,
+            result_ttl=queue.result_ttl,
+            connect_timeout=queue.connect_timeout,
+        )
+
+    @property
+    def url(self) -> str:
+        """The backend URL with its password masked."""
+        return self._backend.safe_url
+
+    # -- producing --------------------------------------------------------------------------
+
+    def push(
+        self,
+        task_id: str | None,
+        data: Any,
+        priority: int = DEFAULT_PRIORITY,
+        *,
+        type: str | None = None,  # noqa: A002 - the contract's name for the pipeline
+        delay: float | None = None,
+        eta: datetime | float | None = None,
+        max_retries: int | None = None,
+        retry_backoff: float | None = None,
+        queue_timeout: float | None = None,
+        process_timeout: float | None = None,
+    ) -> bool:
+        """Enqueue one task; True if stored, False if that id is already live.
+
+        Raises ``TaskValidationError``/``TaskTypeError`` (``ValueError``/``TypeError``)
+        naming the bad field before anything is written.
+        """
+        task = self._new_task(
+            task_id, data, priority, type, delay, eta, max_retries, retry_backoff,
+            queue_timeout, process_timeout,
+        )
+        return self._backend.enqueue([task])[0]
+
+    def submit(self, data: Any, *, priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
+               **options: Any) -> str | None:
+        """Enqueue one task and return its id (generated when omitted); None if a duplicate."""
+        task_id = task_id if task_id is not None else uuid.uuid4().hex
+        return task_id if self.push(task_id, data, priority, **options) else None
+
+    def push_many(self, tasks: Iterable[Mapping[str, Any] | tuple[Any, ...]]) -> list[bool]:
+        """Enqueue a batch in one round trip; one bool per task as ``push`` returns.
+
+        Items are ``(task_id, data, priority)`` tuples or mappings with ``push``'s keyword
+        names (``task_id``, ``data``, ``priority``, ``type``, ``delay``...). Every item is
+        validated before any is written: one bad item rejects the batch, naming its index.
+        """
+        batch: list[NewTask] = []
+        for index, item in enumerate(tasks):
+            try:
+                batch.append(self._new_task_from_item(item))
+            except (TaskValidationError, TaskTypeError) as exc:
+                raise type(exc)(f"tasks[{index}].{exc.field}", exc.reason) from None
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"tasks[{index}].{exc}") from None
+        return self._backend.enqueue(batch) if batch else []
+
+    def _new_task_from_item(self, item: Mapping[str, Any] | tuple[Any, ...]) -> NewTask:
+        if isinstance(item, tuple):
+            return self._new_task(*item)
+        fields = dict(item)
+        return self._new_task(
+            fields.pop("task_id", None), fields.pop("data", None),
+            fields.pop("priority", DEFAULT_PRIORITY), fields.pop("type", None),
+            fields.pop("delay", None), fields.pop("eta", None), fields.pop("max_retries", None),
+            fields.pop("retry_backoff", None), fields.pop("queue_timeout", None),
+            fields.pop("process_timeout", None), unknown=fields,
+        )
+
+    def _new_task(
+        self, task_id: str | None, data: Any, priority: Any = DEFAULT_PRIORITY,
+        type_name: Any = None, delay: Any = None, eta: Any = None, max_retries: Any = None,
+        retry_backoff: Any = None, queue_timeout: Any = None, process_timeout: Any = None,
+        unknown: Mapping[str, Any] | None = None,
+    ) -> NewTask:
+        if unknown:
+            raise TypeError(f"{sorted(unknown)[0]}: unknown task option; see QueueManager.push")
+        return NewTask(
+            task_id=check_task_id(uuid.uuid4().hex if task_id is None else task_id),
+            priority=check_priority(priority, self.max_priority),
+            data_json=encode_json("data", data, self.max_payload_bytes),
+            type=check_type_name(type_name),
+            delay=_delay_from(delay, eta),
+            max_retries=check_optional_count("max_retries", max_retries),
+            retry_backoff=check_seconds("retry_backoff", retry_backoff),
+            queue_timeout=check_seconds("queue_timeout", queue_timeout, allow_zero=False),
+            process_timeout=check_seconds("process_timeout", process_timeout, allow_zero=False),
+        )
+
+    # -- consuming --------------------------------------------------------------------------
+
+    def pull(self, timeout: float | None = 0) -> Message | None:
+        """Take the most urgent task and consume it at once (at-most-once), or None.
+
+        Blocks up to ``timeout`` seconds (None: until a task arrives). The task is marked
+        processing and never redelivered; ``ack``/``nack`` on it only record the outcome.
+        """
+        return self._take(None, timeout)
+
+    def reserve(self, timeout: float | None = 0) -> Message | None:
+        """Lease the most urgent task (at-least-once), or None after ``timeout`` seconds.
+
+        The lease lasts ``visibility_timeout`` seconds; ``extend`` renews it. Settle with
+        ``ack`` or ``nack``; if the consumer dies, the task is delivered again.
+        """
+        return self._take(self.visibility_timeout, timeout)
+
+    def _take(self, lease: float | None, timeout: float | None) -> Message | None:
+        wait_for = math.inf if timeout is None else check_seconds("timeout", timeout) or 0.0
+        deadline = time.monotonic() + wait_for
+        while True:
+            result = self._backend.claim(lease, self.max_deliveries)
+            message = self._first_message(result, lease is not None)
+            if message is not None:
+                return message
+            if result.claimed is not None:
+                continue  # it was malformed and is dead-lettered now: try the next one
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            slice_ = min(remaining, _MAX_WAIT_SLICE)
+            if result.wait_hint is not None:
+                slice_ = min(slice_, max(result.wait_hint, 0.001))
+            self._backend.wait(slice_)
+
+    def _first_message(self, result: ClaimResult, leased: bool) -> Message | None:
+        if result.claimed is None:
+            return None
+        return self._decode(result.claimed, leased)
+
+    def _decode(self, claimed: Claimed, leased: bool) -> Message | None:
+        """Turn a claimed entry into a Message, dead-lettering it if it is malformed."""
+        try:
+            return Message(
+                task_id=claimed.task_id,
+                data=json.loads(claimed.data_json),
+                priority=_strict_int(claimed.priority),
+                queue=self.queue_name,
+                type=claimed.type or None,
+                attempts=claimed.attempts,
+                max_retries=None if claimed.max_retries in (None, "") else int(claimed.max_retries),
+                retry_backoff=_optional_float(claimed.retry_backoff),
+                process_timeout=_optional_float(claimed.process_timeout),
+                created_at=_optional_float(claimed.created_at) or 0.0,
+                token=claimed.token,
+                leased=leased,
+            )
+        except (ValueError, TypeError) as exc:
+            reason = f"malformed entry: {type(exc).__name__}: {exc}"
+            logger.warning("queue {} task {}: {}; dead-lettered", self.queue_name, claimed.task_id, reason)
+            self._backend.fail(claimed.task_id, None, "malformed", encode_json("error", {
+                "type": "MalformedTask", "message": reason, "traceback": None}))
+            return None
+
+    # -- settling ---------------------------------------------------------------------------
+
+    def ack(self, message: Message, result: Any = None) -> bool:
+        """Finish a task as ``success``; False if its lease was lost to another consumer."""
+        return self._backend.ack(message.task_id, message.token, self._result_json(result))
+
+    def ack_and_reserve(self, message: Message, result: Any = None) -> tuple[bool, Message | None]:
+        """Ack ``message`` and lease the next task in the same round trip (no blocking)."""
+        acked, result_ = self._backend.ack_and_claim(
+            message.task_id, message.token, self._result_json(result),
+            self.visibility_timeout, self.max_deliveries,
+        )
+        next_message = self._first_message(result_, True)
+        if next_message is None and result_.claimed is not None:
+            next_message = self.reserve(timeout=0)
+        return acked, next_message
+
+    def nack(self, message: Message, delay: float = 0, *, error: ErrorLike = None,
+             count_attempt: bool = True) -> bool:
+        """Give a task back: ready again after ``delay`` seconds, at its priority.
+
+        ``count_attempt=False`` returns the delivery too (a shutdown hand-back is not a try).
+        False if the lease was lost.
+        """
+        seconds = check_seconds("delay", delay) or 0.0
+        return self._backend.nack(
+            message.task_id, message.token, seconds, _error_json(error), count_attempt
+        )
+
+    def fail(self, message: Message | str, *, reason: str = "error", error: ErrorLike = None) -> bool:
+        """Dead-letter a task: status ``failed`` with ``reason``; kept for ``dead`` listing.
+
+        With a Message, only while its lease is held; with a task id, whatever its state.
+        """
+        if isinstance(message, Message):
+            return self._backend.fail(message.task_id, message.token, reason, _error_json(error))
+        return self._backend.fail(check_task_id(message), None, reason, _error_json(error))
+
+    def extend(self, message: Message, seconds: float | None = None) -> bool:
+        """Renew a lease for ``seconds`` (default ``visibility_timeout``) from now."""
+        lease = check_seconds("seconds", seconds, allow_zero=False) or self.visibility_timeout
+        return self._backend.extend(message.task_id, message.token, lease)
+
+    def set_progress(self, message: Message, fraction: float, note: str | None = None) -> bool:
+        """Record progress 0..1 of a leased task, visible in its record."""
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+            raise ValueError(f"fraction: must be a number between 0 and 1, got {fraction!r}")
+        return self._backend.set_progress(message.task_id, message.token, float(fraction), note)
+
+    def _result_json(self, result: Any) -> str | None:
+        return None if result is None else encode_json("result", result, self.max_payload_bytes)
+
+    # -- inspecting and managing ------------------------------------------------------------
+
+    def get_queue_length(self) -> int:
+        """Tasks ready to run now (pending); scheduled and processing ones are not counted."""
+        return self._backend.size()
+
+    def clear(self) -> int:
+        """Delete every task of this queue in every state; returns how many were pending."""
+        return self._backend.purge()
+
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        """The task's record (status, attempts, progress, result, error, history) or None."""
+        row = self._backend.get(check_task_id(task_id))
+        return None if row is None else record_from_row(row, self.queue_name)
+
+    def require_task(self, task_id: str) -> TaskRecord:
+        """Like ``get_task`` but raises ``TaskNotFoundError`` naming the id and queue."""
+        record = self.get_task(task_id)
+        if record is None:
+            raise TaskNotFoundError(f"no task {task_id!r} in queue {self.queue_name!r}")
+        return record
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a scheduled or pending task now, or a running one between its steps."""
+        return self._backend.cancel(check_task_id(task_id))
+
+    def retry(self, task_id: str) -> bool:
+        """Re-drive a failed, timed-out or canceled task: pending again with attempts reset."""
+        return self._backend.retry(check_task_id(task_id))
+
+    def list_tasks(self, status: TaskStatus | str | None = None, limit: int = 50,
+                   offset: int = 0) -> list[TaskRecord]:
+        """Records with ``status`` (all if None): pending in run order, others newest first."""
+        wanted = None if status is None else TaskStatus(status).value
+        if limit < 0 or offset < 0:
+            raise ValueError("limit/offset: must be >= 0")
+        rows = self._backend.list(wanted, limit, offset)
+        return [record_from_row(row, self.queue_name) for row in rows]
+
+    def stats(self) -> QueueStats:
+        """Counts per status, successes and failures in the last minute, mean run time."""
+        done, failed, mean = self._backend.recent(60.0)
+        return QueueStats(
+            queue=self.queue_name, counts=self._backend.counts(), done_last_minute=done,
+            failed_last_minute=failed, mean_run_seconds=mean,
+        )
+
+    def ping(self) -> None:
+        """Raise ``BrokerUnavailableError`` unless the backend answers."""
+        self._backend.ping()
+
+    def close(self) -> None:
+        """Release the backend's connections; the manager cannot be used afterwards."""
+        self._backend.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"QueueManager({self.backend_kind.value}, queue={self.queue_name!r}, url={self.url!r})"
+
+
+def _check_backend(backend: QueueBackend | str) -> QueueBackend:
+    try:
+        return QueueBackend(backend)
+    except ValueError:
+        choices = ", ".join(kind.value for kind in QueueBackend)
+        raise ConfigError(f"backend: unknown backend {backend!r}; choose one of {choices}") from None
+
+
+def _check_tuning(visibility_timeout: float, max_deliveries: int, max_priority: int,
+                  max_payload_bytes: int) -> None:
+    if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, int | float) \
+            or not 0 < visibility_timeout < math.inf:
+        raise ConfigError(f"visibility_timeout: must be seconds > 0, got {visibility_timeout!r}")
+    for name, value, low, high in (("max_deliveries", max_deliveries, 1, 1000),
+                                   ("max_priority", max_priority, 1, 255),
+                                   ("max_payload_bytes", max_payload_bytes, 1, 512 * 1024 * 1024)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{name}: must be an integer {low}..{high}, got {value!r}")
+
+
+def _url_for(kind: QueueBackend, sqlite_path: str, redis_url: str | None,
+             rabbitmq_url: str | None) -> str:
+    if kind is QueueBackend.SQLITE:
+        return f"sqlite:///{sqlite_path}"
+    if kind is QueueBackend.REDIS:
+        return redis_url or "redis://localhost:6379/0"
+    return rabbitmq_url or "amqp://guest:guest@localhost:5672/"
+
+
+def _delay_from(delay: Any, eta: Any) -> float:
+    if delay is not None and eta is not None:
+        raise ValueError("delay/eta: give one of them, not both")
+    if eta is not None:
+        if isinstance(eta, datetime):
+            if eta.tzinfo is None:
+                raise ValueError("eta: must be timezone-aware, e.g. datetime.now(UTC) + ...")
+            eta = eta.timestamp()
+        at = check_seconds("eta", eta)
+        return max(0.0, (at or 0.0) - time.time())
+    return check_seconds("delay", delay) or 0.0
+
+
+def _error_json(error: ErrorLike) -> str | None:
+    if error is None:
+        return None
+    if isinstance(error, BaseException):
+        payload = {
+            "type": type(error).__name__,
+            "message": str(error),
+            "traceback": "".join(traceback_module.format_exception(error)),
+        }
+    elif isinstance(error, TaskError):
+        payload = error.model_dump()
+    elif isinstance(error, str):
+        payload = {"type": "Error", "message": error, "traceback": None}
+    else:
+        payload = {"type": str(error.get("type", "Error")), "message": str(error.get("message", "")),
+                   "traceback": error.get("traceback")}
+    return encode_json("error", payload)
+
+
+def _strict_int(value: Any) -> int:
+    text = value.decode() if isinstance(value, bytes) else value
+    number = int(text) if isinstance(text, str) else text
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise TypeError(f"priority is {type(value).__name__} {value!r}, not an integer")
+    return number
+
+
+def _optional_float(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    return float(value)
