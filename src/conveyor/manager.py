@@ -42,6 +42,10 @@ DEFAULT_PRIORITY = 5
 #: responsive to its caller's shutdown flag between waits.
 _MAX_WAIT_SLICE = 1.0
 
+_TASK_OPTIONS = frozenset(
+    {"type", "delay", "eta", "max_retries", "retry_backoff", "queue_timeout", "process_timeout"}
+)
+
 ErrorLike = BaseException | TaskError | Mapping[str, Any] | str | None
 
 
@@ -81,7 +85,9 @@ class QueueManager:
         kind = _check_backend(backend)
         _check_tuning(visibility_timeout, max_deliveries, max_priority, max_payload_bytes)
         if not isinstance(queue_name, str) or not queue_name or "{" in queue_name:
-            raise ConfigError(f"queue_name: must be a non-empty string without braces, got {queue_name!r}")
+            raise ConfigError(
+                f"queue_name: must be a non-empty string without braces, got {queue_name!r}"
+            )
         self.queue_name = queue_name
         self.visibility_timeout = float(visibility_timeout)
         self.max_deliveries = max_deliveries
@@ -103,9 +109,12 @@ class QueueManager:
         if kind is QueueBackend.SQLITE:
             from .backends import sqlite_path_from_url
 
-            return cls(kind, queue_name=queue_name, sqlite_path=sqlite_path_from_url(url), **options)
-        key = "redis_url" if kind is QueueBackend.REDIS else "rabbitmq_url"
-        return cls(kind, queue_name=queue_name, **{key: url}, **options)
+            return cls(
+                kind, queue_name=queue_name, sqlite_path=sqlite_path_from_url(url), **options
+            )
+        if kind is QueueBackend.REDIS:
+            return cls(kind, queue_name=queue_name, redis_url=url, **options)
+        return cls(kind, queue_name=queue_name, rabbitmq_url=url, **options)
 
     @classmethod
     def from_settings(cls, settings: Settings, queue_name: str | None = None) -> Self:
@@ -135,7 +144,7 @@ class QueueManager:
         data: Any,
         priority: int = DEFAULT_PRIORITY,
         *,
-        type: str | None = None,  # noqa: A002 - the contract's name for the pipeline
+        type: str | None = None,
         delay: float | None = None,
         eta: datetime | float | None = None,
         max_retries: int | None = None,
@@ -148,14 +157,26 @@ class QueueManager:
         Raises ``TaskValidationError``/``TaskTypeError`` (``ValueError``/``TypeError``)
         naming the bad field before anything is written.
         """
-        task = self._new_task(
-            task_id, data, priority, type, delay, eta, max_retries, retry_backoff,
-            queue_timeout, process_timeout,
-        )
+        options = {
+            "type": type,
+            "delay": delay,
+            "eta": eta,
+            "max_retries": max_retries,
+            "retry_backoff": retry_backoff,
+            "queue_timeout": queue_timeout,
+            "process_timeout": process_timeout,
+        }
+        task = self._new_task(task_id, data, priority, options)
         return self._backend.enqueue([task])[0]
 
-    def submit(self, data: Any, *, priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
-               **options: Any) -> str | None:
+    def submit(
+        self,
+        data: Any,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> str | None:
         """Enqueue one task and return its id (generated when omitted); None if a duplicate."""
         task_id = task_id if task_id is not None else uuid.uuid4().hex
         return task_id if self.push(task_id, data, priority, **options) else None
@@ -179,34 +200,35 @@ class QueueManager:
 
     def _new_task_from_item(self, item: Mapping[str, Any] | tuple[Any, ...]) -> NewTask:
         if isinstance(item, tuple):
-            return self._new_task(*item)
-        fields = dict(item)
-        return self._new_task(
-            fields.pop("task_id", None), fields.pop("data", None),
-            fields.pop("priority", DEFAULT_PRIORITY), fields.pop("type", None),
-            fields.pop("delay", None), fields.pop("eta", None), fields.pop("max_retries", None),
-            fields.pop("retry_backoff", None), fields.pop("queue_timeout", None),
-            fields.pop("process_timeout", None), unknown=fields,
-        )
+            if not 2 <= len(item) <= 3:
+                raise TypeError("must be a (task_id, data) or (task_id, data, priority) tuple")
+            return self._new_task(item[0], item[1], item[2] if len(item) == 3 else DEFAULT_PRIORITY)
+        options = dict(item)
+        task_id, data = options.pop("task_id", None), options.pop("data", None)
+        return self._new_task(task_id, data, options.pop("priority", DEFAULT_PRIORITY), options)
 
     def _new_task(
-        self, task_id: str | None, data: Any, priority: Any = DEFAULT_PRIORITY,
-        type_name: Any = None, delay: Any = None, eta: Any = None, max_retries: Any = None,
-        retry_backoff: Any = None, queue_timeout: Any = None, process_timeout: Any = None,
-        unknown: Mapping[str, Any] | None = None,
+        self, task_id: Any, data: Any, priority: Any, options: Mapping[str, Any] | None = None
     ) -> NewTask:
+        """Validate and encode one task; raises naming the first bad field."""
+        options = options or {}
+        unknown = set(options) - _TASK_OPTIONS
         if unknown:
             raise TypeError(f"{sorted(unknown)[0]}: unknown task option; see QueueManager.push")
         return NewTask(
             task_id=check_task_id(uuid.uuid4().hex if task_id is None else task_id),
             priority=check_priority(priority, self.max_priority),
             data_json=encode_json("data", data, self.max_payload_bytes),
-            type=check_type_name(type_name),
-            delay=_delay_from(delay, eta),
-            max_retries=check_optional_count("max_retries", max_retries),
-            retry_backoff=check_seconds("retry_backoff", retry_backoff),
-            queue_timeout=check_seconds("queue_timeout", queue_timeout, allow_zero=False),
-            process_timeout=check_seconds("process_timeout", process_timeout, allow_zero=False),
+            type=check_type_name(options.get("type")),
+            delay=_delay_from(options.get("delay"), options.get("eta")),
+            max_retries=check_optional_count("max_retries", options.get("max_retries")),
+            retry_backoff=check_seconds("retry_backoff", options.get("retry_backoff")),
+            queue_timeout=check_seconds(
+                "queue_timeout", options.get("queue_timeout"), allow_zero=False
+            ),
+            process_timeout=check_seconds(
+                "process_timeout", options.get("process_timeout"), allow_zero=False
+            ),
         )
 
     # -- consuming --------------------------------------------------------------------------
@@ -269,9 +291,17 @@ class QueueManager:
             )
         except (ValueError, TypeError) as exc:
             reason = f"malformed entry: {type(exc).__name__}: {exc}"
-            logger.warning("queue {} task {}: {}; dead-lettered", self.queue_name, claimed.task_id, reason)
-            self._backend.fail(claimed.task_id, None, "malformed", encode_json("error", {
-                "type": "MalformedTask", "message": reason, "traceback": None}))
+            logger.warning(
+                "queue {} task {}: {}; dead-lettered", self.queue_name, claimed.task_id, reason
+            )
+            self._backend.fail(
+                claimed.task_id,
+                None,
+                "malformed",
+                encode_json(
+                    "error", {"type": "MalformedTask", "message": reason, "traceback": None}
+                ),
+            )
             return None
 
     # -- settling ---------------------------------------------------------------------------
@@ -283,16 +313,25 @@ class QueueManager:
     def ack_and_reserve(self, message: Message, result: Any = None) -> tuple[bool, Message | None]:
         """Ack ``message`` and lease the next task in the same round trip (no blocking)."""
         acked, result_ = self._backend.ack_and_claim(
-            message.task_id, message.token, self._result_json(result),
-            self.visibility_timeout, self.max_deliveries,
+            message.task_id,
+            message.token,
+            self._result_json(result),
+            self.visibility_timeout,
+            self.max_deliveries,
         )
         next_message = self._first_message(result_, True)
         if next_message is None and result_.claimed is not None:
             next_message = self.reserve(timeout=0)
         return acked, next_message
 
-    def nack(self, message: Message, delay: float = 0, *, error: ErrorLike = None,
-             count_attempt: bool = True) -> bool:
+    def nack(
+        self,
+        message: Message,
+        delay: float = 0,
+        *,
+        error: ErrorLike = None,
+        count_attempt: bool = True,
+    ) -> bool:
         """Give a task back: ready again after ``delay`` seconds, at its priority.
 
         ``count_attempt=False`` returns the delivery too (a shutdown hand-back is not a try).
@@ -303,7 +342,9 @@ class QueueManager:
             message.task_id, message.token, seconds, _error_json(error), count_attempt
         )
 
-    def fail(self, message: Message | str, *, reason: str = "error", error: ErrorLike = None) -> bool:
+    def fail(
+        self, message: Message | str, *, reason: str = "error", error: ErrorLike = None
+    ) -> bool:
         """Dead-letter a task: status ``failed`` with ``reason``; kept for ``dead`` listing.
 
         With a Message, only while its lease is held; with a task id, whatever its state.
@@ -319,7 +360,11 @@ class QueueManager:
 
     def set_progress(self, message: Message, fraction: float, note: str | None = None) -> bool:
         """Record progress 0..1 of a leased task, visible in its record."""
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not 0 <= fraction <= 1
+        ):
             raise ValueError(f"fraction: must be a number between 0 and 1, got {fraction!r}")
         return self._backend.set_progress(message.task_id, message.token, float(fraction), note)
 
@@ -356,8 +401,9 @@ class QueueManager:
         """Re-drive a failed, timed-out or canceled task: pending again with attempts reset."""
         return self._backend.retry(check_task_id(task_id))
 
-    def list_tasks(self, status: TaskStatus | str | None = None, limit: int = 50,
-                   offset: int = 0) -> list[TaskRecord]:
+    def list_tasks(
+        self, status: TaskStatus | str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[TaskRecord]:
         """Records with ``status`` (all if None): pending in run order, others newest first."""
         wanted = None if status is None else TaskStatus(status).value
         if limit < 0 or offset < 0:
@@ -369,8 +415,11 @@ class QueueManager:
         """Counts per status, successes and failures in the last minute, mean run time."""
         done, failed, mean = self._backend.recent(60.0)
         return QueueStats(
-            queue=self.queue_name, counts=self._backend.counts(), done_last_minute=done,
-            failed_last_minute=failed, mean_run_seconds=mean,
+            queue=self.queue_name,
+            counts=self._backend.counts(),
+            done_last_minute=done,
+            failed_last_minute=failed,
+            mean_run_seconds=mean,
         )
 
     def ping(self) -> None:
@@ -384,12 +433,18 @@ class QueueManager:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"QueueManager({self.backend_kind.value}, queue={self.queue_name!r}, url={self.url!r})"
+        return (
+            f"QueueManager({self.backend_kind.value}, queue={self.queue_name!r}, url={self.url!r})"
+        )
 
 
 def _check_backend(backend: QueueBackend | str) -> QueueBackend:
@@ -397,23 +452,32 @@ def _check_backend(backend: QueueBackend | str) -> QueueBackend:
         return QueueBackend(backend)
     except ValueError:
         choices = ", ".join(kind.value for kind in QueueBackend)
-        raise ConfigError(f"backend: unknown backend {backend!r}; choose one of {choices}") from None
+        raise ConfigError(
+            f"backend: unknown backend {backend!r}; choose one of {choices}"
+        ) from None
 
 
-def _check_tuning(visibility_timeout: float, max_deliveries: int, max_priority: int,
-                  max_payload_bytes: int) -> None:
-    if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, int | float) \
-            or not 0 < visibility_timeout < math.inf:
+def _check_tuning(
+    visibility_timeout: float, max_deliveries: int, max_priority: int, max_payload_bytes: int
+) -> None:
+    if (
+        isinstance(visibility_timeout, bool)
+        or not isinstance(visibility_timeout, int | float)
+        or not 0 < visibility_timeout < math.inf
+    ):
         raise ConfigError(f"visibility_timeout: must be seconds > 0, got {visibility_timeout!r}")
-    for name, value, low, high in (("max_deliveries", max_deliveries, 1, 1000),
-                                   ("max_priority", max_priority, 1, 255),
-                                   ("max_payload_bytes", max_payload_bytes, 1, 512 * 1024 * 1024)):
+    for name, value, low, high in (
+        ("max_deliveries", max_deliveries, 1, 1000),
+        ("max_priority", max_priority, 1, 255),
+        ("max_payload_bytes", max_payload_bytes, 1, 512 * 1024 * 1024),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ConfigError(f"{name}: must be an integer {low}..{high}, got {value!r}")
 
 
-def _url_for(kind: QueueBackend, sqlite_path: str, redis_url: str | None,
-             rabbitmq_url: str | None) -> str:
+def _url_for(
+    kind: QueueBackend, sqlite_path: str, redis_url: str | None, rabbitmq_url: str | None
+) -> str:
     if kind is QueueBackend.SQLITE:
         return f"sqlite:///{sqlite_path}"
     if kind is QueueBackend.REDIS:
@@ -437,6 +501,7 @@ def _delay_from(delay: Any, eta: Any) -> float:
 def _error_json(error: ErrorLike) -> str | None:
     if error is None:
         return None
+    payload: dict[str, Any]
     if isinstance(error, BaseException):
         payload = {
             "type": type(error).__name__,
@@ -448,8 +513,11 @@ def _error_json(error: ErrorLike) -> str | None:
     elif isinstance(error, str):
         payload = {"type": "Error", "message": error, "traceback": None}
     else:
-        payload = {"type": str(error.get("type", "Error")), "message": str(error.get("message", "")),
-                   "traceback": error.get("traceback")}
+        payload = {
+            "type": str(error.get("type", "Error")),
+            "message": str(error.get("message", "")),
+            "traceback": error.get("traceback"),
+        }
     return encode_json("error", payload)
 
 

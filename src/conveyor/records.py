@@ -78,7 +78,7 @@ def _history(value: Any) -> list[TaskEvent]:
 
 def _status(value: Any) -> TaskStatus:
     try:
-        return TaskStatus(_text(value))
+        return TaskStatus(_text(value) or "")
     except ValueError:
         return TaskStatus.FAILED
 

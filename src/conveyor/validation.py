@@ -76,7 +76,12 @@ def check_seconds(field: str, value: object, *, allow_zero: bool = True) -> floa
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TaskTypeError(field, f"must be a number of seconds, got {type(value).__name__}")
     seconds = float(value)
-    if math.isnan(seconds) or math.isinf(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+    if (
+        math.isnan(seconds)
+        or math.isinf(seconds)
+        or seconds < 0
+        or (seconds == 0 and not allow_zero)
+    ):
         raise TaskValidationError(field, f"must be a finite number of seconds >= 0, got {value}")
     return seconds
 

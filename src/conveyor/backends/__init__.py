@@ -57,7 +57,8 @@ def open_backend(kind: QueueBackend, url: str, queue_name: str, options: dict[st
     if kind is QueueBackend.SQLITE:
         from .sqlite import SqliteBackend
 
-        return SqliteBackend(sqlite_path_from_url(url), queue_name, **options)
+        backend: Backend = SqliteBackend(sqlite_path_from_url(url), queue_name, **options)
+        return backend
     if kind is QueueBackend.REDIS:
         from .redis import RedisBackend
 

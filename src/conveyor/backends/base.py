@@ -139,7 +139,11 @@ class Backend(ABC):
         """Finish a claimed task as ``success``, storing its result."""
 
     def ack_and_claim(
-        self, task_id: str, token: str, result_json: str | None, lease_seconds: float,
+        self,
+        task_id: str,
+        token: str,
+        result_json: str | None,
+        lease_seconds: float,
         max_deliveries: int,
     ) -> tuple[bool, ClaimResult]:
         """Ack one task and claim the next; backends that can do both in one round trip do."""

@@ -46,22 +46,37 @@ def _load_script(name: str) -> str:
 class RedisBackend(Backend):
     """Tasks of one queue in Redis. See ``backends.base`` for each primitive's contract."""
 
-    def __init__(self, url: str, queue_name: str, *, connect_timeout: float = 5.0,
-                 result_ttl: float = 7 * 24 * 3600) -> None:
+    def __init__(
+        self,
+        url: str,
+        queue_name: str,
+        *,
+        connect_timeout: float = 5.0,
+        result_ttl: float = 7 * 24 * 3600,
+    ) -> None:
         self.safe_url = mask_url(url)
         self.queue_name = queue_name
         self._ttl = str(result_ttl)
         tag = f"conveyor:{{{queue_name}}}"
         self._prefix = f"{tag}:task:"
         self._keys = (
-            f"{tag}:pending", f"{tag}:delayed", f"{tag}:leases", self._prefix, f"{tag}:seq",
-            f"{tag}:wake", f"{tag}:done:success", f"{tag}:done:failed", f"{tag}:done:canceled",
+            f"{tag}:pending",
+            f"{tag}:delayed",
+            f"{tag}:leases",
+            self._prefix,
+            f"{tag}:seq",
+            f"{tag}:wake",
+            f"{tag}:done:success",
+            f"{tag}:done:failed",
+            f"{tag}:done:canceled",
             f"{tag}:done:timeout",
         )
         self._call_head = (len(self._keys), *self._keys, queue_name, self._ttl)
         try:
             self._client: redis.Redis = redis.Redis.from_url(
-                url, decode_responses=True, encoding_errors="surrogateescape",
+                url,
+                decode_responses=True,
+                encoding_errors="surrogateescape",
                 socket_connect_timeout=connect_timeout,
                 socket_timeout=_MAX_BLOCK + max(connect_timeout, 5.0),
                 health_check_interval=30,
@@ -118,12 +133,17 @@ class RedisBackend(Backend):
         if config.get("appendonly") != "yes":
             logger.warning(
                 "Redis at {} has appendonly=no: a restart loses queued tasks. Set "
-                "'appendonly yes' and 'appendfsync everysec' for production", self.safe_url)
+                "'appendonly yes' and 'appendfsync everysec' for production",
+                self.safe_url,
+            )
         policy = config.get("maxmemory-policy", "noeviction")
         if policy != "noeviction":
             logger.warning(
                 "Redis at {} has maxmemory-policy={}: under memory pressure it evicts keys, "
-                "tasks included. Set 'maxmemory-policy noeviction'", self.safe_url, policy)
+                "tasks included. Set 'maxmemory-policy noeviction'",
+                self.safe_url,
+                policy,
+            )
 
     @staticmethod
     def _claim_result(reply: list[Any]) -> ClaimResult:
@@ -131,12 +151,20 @@ class RedisBackend(Backend):
             hint = float(reply[1])
             return ClaimResult(None, None if hint < 0 else hint)
         _, task_id, token, attempts, priority, data, type_, retries, backoff, limit, created = reply
-        return ClaimResult(Claimed(
-            task_id=task_id, token=token, attempts=int(attempts), priority=priority,
-            data_json=data, type=type_ or None, max_retries=retries or None,
-            retry_backoff=backoff or None, process_timeout=limit or None,
-            created_at=created or None,
-        ))
+        return ClaimResult(
+            Claimed(
+                task_id=task_id,
+                token=token,
+                attempts=int(attempts),
+                priority=priority,
+                data_json=data,
+                type=type_ or None,
+                max_retries=retries or None,
+                retry_backoff=backoff or None,
+                process_timeout=limit or None,
+                created_at=created or None,
+            )
+        )
 
     # -- the primitives ---------------------------------------------------------------------
 
@@ -144,7 +172,11 @@ class RedisBackend(Backend):
         args: list[Any] = []
         for task in tasks:
             args += (
-                task.task_id, task.priority, task.data_json, task.type or "", task.delay,
+                task.task_id,
+                task.priority,
+                task.data_json,
+                task.type or "",
+                task.delay,
                 "" if task.max_retries is None else task.max_retries,
                 "" if task.retry_backoff is None else task.retry_backoff,
                 "" if task.queue_timeout is None else task.queue_timeout,
@@ -154,8 +186,7 @@ class RedisBackend(Backend):
 
     def claim(self, lease_seconds: float | None, max_deliveries: int) -> ClaimResult:
         lease = "" if lease_seconds is None else lease_seconds
-        return self._claim_result(
-            self._run("claim", lease, max_deliveries, uuid.uuid4().hex))
+        return self._claim_result(self._run("claim", lease, max_deliveries, uuid.uuid4().hex))
 
     def wait(self, timeout: float) -> None:
         with self._translate():
@@ -164,16 +195,34 @@ class RedisBackend(Backend):
     def ack(self, task_id: str, token: str, result_json: str | None) -> bool:
         return bool(self._run("ack", task_id, token, result_json or "", "0")[0])
 
-    def ack_and_claim(self, task_id: str, token: str, result_json: str | None,
-                      lease_seconds: float, max_deliveries: int) -> tuple[bool, ClaimResult]:
-        reply = self._run("ack", task_id, token, result_json or "", "1", lease_seconds,
-                          max_deliveries, uuid.uuid4().hex)
+    def ack_and_claim(
+        self,
+        task_id: str,
+        token: str,
+        result_json: str | None,
+        lease_seconds: float,
+        max_deliveries: int,
+    ) -> tuple[bool, ClaimResult]:
+        reply = self._run(
+            "ack",
+            task_id,
+            token,
+            result_json or "",
+            "1",
+            lease_seconds,
+            max_deliveries,
+            uuid.uuid4().hex,
+        )
         return bool(reply[0]), self._claim_result(reply[1])
 
-    def nack(self, task_id: str, token: str, delay: float, error_json: str | None,
-             count_attempt: bool) -> bool:
-        return bool(self._run("nack", task_id, token, delay, error_json or "",
-                              "1" if count_attempt else "0"))
+    def nack(
+        self, task_id: str, token: str, delay: float, error_json: str | None, count_attempt: bool
+    ) -> bool:
+        return bool(
+            self._run(
+                "nack", task_id, token, delay, error_json or "", "1" if count_attempt else "0"
+            )
+        )
 
     def fail(self, task_id: str, token: str | None, reason: str, error_json: str | None) -> bool:
         return bool(self._run("fail", task_id, token or "", reason, error_json or ""))
@@ -207,8 +256,8 @@ class RedisBackend(Backend):
         rows = []
         for task_id, reply in zip(ids, replies, strict=True):
             if isinstance(reply, Exception):  # not a hash: garbage someone wrote by hand
-                reply = {"status": "failed", "dead_reason": "malformed"}
-            if reply:
+                rows.append({"id": task_id, "status": "failed", "dead_reason": "malformed"})
+            elif reply:
                 rows.append({"id": task_id, **reply})
         return rows
 
@@ -226,12 +275,12 @@ class RedisBackend(Backend):
                     ids = self._client.zrange(key, offset, stop)
                 else:
                     ids = self._client.zrevrange(key, offset, stop)
-            return self._rows(ids)
+            return self._rows([str(task_id) for task_id in ids])
         rows = []
         for each in TaskStatus:
             rows += self.list(each.value, offset + limit, 0)
         rows.sort(key=lambda row: float(row.get("updated_at") or 0), reverse=True)
-        return rows[offset:offset + limit]
+        return rows[offset : offset + limit]
 
     def counts(self) -> dict[str, int]:
         pipe = self._client.pipeline(transaction=False)
@@ -254,8 +303,11 @@ class RedisBackend(Backend):
             for task_id in ids:
                 pipe.hmget(self._prefix + task_id, "started_at", "finished_at")
             times = pipe.execute(raise_on_error=False)
-        runs = [float(end) - float(start) for start, end in
-                (t for t in times if isinstance(t, list)) if start and end]
+        runs = [
+            float(end) - float(start)
+            for start, end in (t for t in times if isinstance(t, list))
+            if start and end
+        ]
         return int(done), int(failed), (sum(runs) / len(runs) if runs else None)
 
     def size(self) -> int:
@@ -285,4 +337,9 @@ class RedisBackend(Backend):
 
 
 # Finished statuses are the ones with a done index; kept here so a new status fails loudly.
-assert {status.value for status in FINISHED_STATUSES} == {"success", "failed", "canceled", "timeout"}
+assert {status.value for status in FINISHED_STATUSES} == {
+    "success",
+    "failed",
+    "canceled",
+    "timeout",
+}
