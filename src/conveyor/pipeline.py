@@ -1,0 +1,222 @@
+"""Pipelines: named, ordered steps that a worker runs for a task.
+
+A task's ``type`` picks the pipeline; each step receives a :class:`StepContext` with the
+task's data, the results of the steps before it, a ``progress`` callback and the
+``cancelled``/``shutting_down`` flags. Step results are checkpointed as each step finishes,
+so a retry resumes at the step that failed instead of redoing finished work.
+
+Steps must be module-level functions: the worker runs them in child processes and finds
+them by their qualified name, as Celery and RQ do.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import ConfigError, ConveyorError
+
+StepFunction = Callable[["StepContext"], Any]
+
+
+class PipelineError(ConveyorError):
+    """A task cannot run at all (unknown pipeline, invalid data): retrying will not help."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step: its function and its own limits (None: the pipeline's or the task's)."""
+
+    name: str
+    function: StepFunction
+    timeout: float | None = None
+    max_retries: int | None = None
+    retry_backoff: float | None = None
+
+
+class StepContext:
+    """What a running step sees. Created by the worker's child process for each step."""
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        data: Any,
+        results: Mapping[str, Any],
+        attempt: int,
+        queue: str,
+        step: str,
+        report_progress: Callable[[float, str | None], None] | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+        is_shutting_down: Callable[[], bool] | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.data = data
+        self.results = dict(results)
+        self.attempt = attempt
+        self.queue = queue
+        self.step = step
+        self._report = report_progress
+        self._is_cancelled = is_cancelled
+        self._is_shutting_down = is_shutting_down
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far the task is (0..1); visible in the task record within a moment."""
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"progress: fraction must be between 0 and 1, got {fraction!r}")
+        if self._report is not None:
+            self._report(float(fraction), message)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once someone canceled this task: stop early; the step's result is ignored."""
+        return self._is_cancelled() if self._is_cancelled else False
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once the worker was asked to stop: a long step may stop early and raise."""
+        return self._is_shutting_down() if self._is_shutting_down else False
+
+
+@dataclass
+class Pipeline:
+    """A named list of steps, with defaults that apply to every step.
+
+    ``schema`` (a pydantic model) validates a task's data before the first step; data that
+    fails it fails the task at once (it would fail every retry too).
+    """
+
+    name: str
+    max_retries: int | None = None
+    retry_backoff: float | None = None
+    timeout: float | None = None
+    schema: type[BaseModel] | None = None
+    steps: list[Step] = field(default_factory=list)
+
+    @overload
+    def step(self, function: StepFunction, /) -> StepFunction: ...
+
+    @overload
+    def step(
+        self,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        retry_backoff: float | None = None,
+    ) -> Callable[[StepFunction], StepFunction]: ...
+
+    def step(
+        self,
+        function: StepFunction | None = None,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        retry_backoff: float | None = None,
+    ) -> StepFunction | Callable[[StepFunction], StepFunction]:
+        """Register a step (``@pipeline.step`` or ``@pipeline.step(timeout=600)``).
+
+        Returns the function unchanged, so it stays importable by name.
+        """
+
+        def register(fn: StepFunction) -> StepFunction:
+            step_name = name or fn.__name__
+            if any(existing.name == step_name for existing in self.steps):
+                raise ConfigError(f"pipeline {self.name!r}: two steps named {step_name!r}")
+            self.steps.append(Step(step_name, fn, timeout, max_retries, retry_backoff))
+            return fn
+
+        return register(function) if function is not None else register
+
+    def validate_data(self, data: Any) -> None:
+        """Raise PipelineError('invalid_data') when the data does not fit ``schema``."""
+        if self.schema is None:
+            return
+        try:
+            self.schema.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "data"
+            raise PipelineError(
+                "invalid_data",
+                f"data does not fit pipeline {self.name!r}: {where}: {first['msg']} "
+                f"({exc.error_count()} error(s))",
+            ) from None
+
+    def step_named(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+
+class PipelineService:
+    """The pipelines one worker can run, found by a task's ``type``.
+
+    With exactly one pipeline, tasks need no ``type``; with several, an unknown or missing
+    type fails the task at once with reason ``unknown_pipeline``.
+    """
+
+    def __init__(self, pipelines: Iterable[Pipeline]) -> None:
+        self.pipelines: dict[str, Pipeline] = {}
+        for pipeline in pipelines:
+            if pipeline.name in self.pipelines:
+                raise ConfigError(f"pipelines: two pipelines named {pipeline.name!r}")
+            if not pipeline.steps:
+                raise ConfigError(f"pipeline {pipeline.name!r} has no steps")
+            self.pipelines[pipeline.name] = pipeline
+
+    @classmethod
+    def from_import_paths(cls, paths: Iterable[str]) -> PipelineService:
+        """Load pipelines named like ``examples.docs:pipeline`` or ``package.module``.
+
+        A module path collects every ``Pipeline`` defined at its top level (Celery's
+        ``include``); ``module:attribute`` picks one Pipeline or a PipelineService.
+        """
+        found: list[Pipeline] = []
+        for path in paths:
+            found.extend(_load(path))
+        if not found:
+            raise ConfigError(
+                "worker.pipelines: no pipeline found; list import paths such as "
+                "'examples.doc_pipeline:pipeline' in the config"
+            )
+        return cls(found)
+
+    def resolve(self, type_name: str | None) -> Pipeline:
+        """The pipeline for a task's type; raises PipelineError('unknown_pipeline')."""
+        if type_name is None and len(self.pipelines) == 1:
+            return next(iter(self.pipelines.values()))
+        if type_name is not None and type_name in self.pipelines:
+            return self.pipelines[type_name]
+        known = ", ".join(sorted(self.pipelines)) or "none"
+        raise PipelineError(
+            "unknown_pipeline",
+            f"no pipeline named {type_name!r} in this worker (it runs: {known}); "
+            "push with type= one of these, or add the pipeline to worker.pipelines",
+        )
+
+
+def _load(path: str) -> list[Pipeline]:
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"worker.pipelines: cannot import {module_name!r}: {exc}") from None
+    if not attribute:
+        return [value for value in vars(module).values() if isinstance(value, Pipeline)]
+    value = getattr(module, attribute, None)
+    if isinstance(value, Pipeline):
+        return [value]
+    if isinstance(value, PipelineService):
+        return list(value.pipelines.values())
+    raise ConfigError(f"worker.pipelines: {path!r} is not a Pipeline or PipelineService")

@@ -1,0 +1,323 @@
+"""Typed settings: ``config/*.yaml`` under environment overrides, validated once at start.
+
+Precedence, highest first: keyword arguments > environment > YAML file > defaults.
+Environment names use the ``CONVEYOR_`` prefix and ``__`` between levels
+(``CONVEYOR_QUEUE__NAME``, ``CONVEYOR_WORKER__CONCURRENCY``); ``CONVEYOR_URL`` names the
+backend by URL and beats every other backend setting; ``REDIS_URL`` and ``RABBITMQ_URL``
+are honoured because deployments (docker-compose, the seeds) already set them.
+
+Nothing is read at import: the environment and the file are read when a ``Settings`` is
+built, so tests and embedders control both. A bad value raises ``ConfigError`` naming the
+key path, the reason and where the value came from; a typo'd key is an error, never
+silently ignored. ``repr``/``str`` mask URL passwords so settings can be logged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from .backends import QueueBackend, backend_for_url
+from .errors import ConfigError
+from .urls import mask_url
+
+DEFAULT_CONFIG = Path("config/development.yaml")
+_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+#: The parsed YAML file for the ``Settings`` being built. pydantic-settings gives
+#: ``settings_customise_sources`` no per-call input, and a context variable keeps
+#: concurrent loads (threads, tasks) apart where a class attribute would not.
+_file_layer: ContextVar[Mapping[str, Any] | None] = ContextVar("conveyor_file_layer", default=None)
+
+
+def _check_scheme(url: str, kind: QueueBackend | None) -> str:
+    """Reject a URL whose scheme names no backend, or (with ``kind``) another backend."""
+    try:
+        found = backend_for_url(url)
+    except ConfigError as exc:
+        raise ValueError(str(exc).removeprefix("url: ")) from None
+    if kind is not None and found is not kind:
+        raise ValueError(f"this is a {found.value} URL, not a {kind.value} one")
+    return url
+
+
+def _split_list(value: Any) -> Any:
+    """Env values for lists may be JSON (``["a","b"]``) or comma-separated (``a,b``)."""
+    if not isinstance(value, str):
+        return value
+    if value.strip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON list ({exc}); or write a,b,c") from None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
+AnyUrl = Annotated[str, AfterValidator(partial(_check_scheme, kind=None))]
+RedisUrl = Annotated[str, AfterValidator(partial(_check_scheme, kind=QueueBackend.REDIS))]
+AmqpUrl = Annotated[str, AfterValidator(partial(_check_scheme, kind=QueueBackend.RABBITMQ))]
+
+
+class _Section(BaseModel):
+    """A settings section: unknown keys are errors, values are fixed once loaded."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True
+    )
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        return _masked(super().__repr_args__())
+
+
+class SqliteSettings(_Section):
+    path: str = Field(default="conveyor.db", min_length=1)
+
+
+class RedisSettings(_Section):
+    url: RedisUrl = "redis://localhost:6379/0"
+
+
+class RabbitMQSettings(_Section):
+    url: AmqpUrl = "amqp://guest:guest@localhost:5672/"
+
+
+class QueueSettings(_Section):
+    """Tuning passed to ``QueueManager`` (see its docstring for what each one means)."""
+
+    name: str = Field(default="default", min_length=1, pattern=r"^[^{}]+$")
+    visibility_timeout: float = Field(default=60.0, gt=0)
+    max_deliveries: int = Field(default=5, ge=1, le=1000)
+    max_priority: int = Field(default=10, ge=1, le=255)
+    max_payload_bytes: int = Field(default=1024 * 1024, gt=0, le=512 * 1024 * 1024)
+    result_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    """How a worker process runs; the recycling limits (None: no limit) end it cleanly."""
+
+    queues: StrList = Field(default_factory=lambda: ["default"], min_length=1)
+    concurrency: int = Field(default=1, ge=1)
+    max_shutdown_wait: float = Field(default=300.0, ge=0)
+    shutdown_mode: Literal["requeue", "fail"] = "requeue"
+    max_jobs: int | None = Field(default=None, ge=1)
+    max_time: float | None = Field(default=None, gt=0)
+    memory_mb: int | None = Field(default=None, ge=1)
+    pipelines: StrList = Field(default_factory=list)
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+
+
+class LoggingSettings(_Section):
+    """``json`` is ``json_lines`` in Python: a field named ``json`` shadows BaseModel.json."""
+
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    level: str = "INFO"
+    json_lines: bool = Field(default=False, alias="json")
+    file: str | None = None
+    rotation: str = "50 MB"
+    retention: str = "14 days"
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, level: str) -> str:
+        if level.upper() not in _LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LEVELS)}")
+        return level.upper()
+
+
+class Settings(BaseSettings):
+    """Everything a producer, worker or CLI needs; build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CONVEYOR_",
+        env_nested_delimiter="__",
+        env_ignore_empty=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    backend: QueueBackend = QueueBackend.SQLITE
+    url: AnyUrl | None = None
+    sqlite: SqliteSettings = Field(default_factory=SqliteSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    rabbitmq: RabbitMQSettings = Field(default_factory=RabbitMQSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _leases_outlive_heartbeats(self) -> Settings:
+        # The worker renews its leases on each heartbeat: a lease shorter than the beat
+        # would expire under a running task and hand it to a second worker.
+        if self.worker.heartbeat_interval >= self.queue.visibility_timeout:
+            raise ValueError(
+                f"worker.heartbeat_interval ({self.worker.heartbeat_interval:g}s) must be "
+                f"shorter than queue.visibility_timeout ({self.queue.visibility_timeout:g}s)"
+            )
+        return self
+
+    def backend_url(self) -> str:
+        """The URL to open: ``url`` when set, else the chosen backend's own URL."""
+        if self.url:
+            return self.url
+        if self.backend is QueueBackend.SQLITE:
+            return f"sqlite:///{self.sqlite.path}"
+        return self.redis.url if self.backend is QueueBackend.REDIS else self.rabbitmq.url
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        return _masked(super().__repr_args__())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The plain REDIS_URL/RABBITMQ_URL rank below CONVEYOR_*: the specific name wins.
+        aliases = {
+            section: {"url": os.environ[name]}
+            for section, name in (("redis", "REDIS_URL"), ("rabbitmq", "RABBITMQ_URL"))
+            if os.environ.get(name)
+        }
+        return (
+            init_settings,
+            env_settings,
+            InitSettingsSource(settings_cls, aliases),
+            InitSettingsSource(settings_cls, dict(_file_layer.get() or {})),
+        )
+
+
+def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read and validate settings; raises ``ConfigError`` naming the bad key and its source.
+
+    The file is ``config_path``, else ``$CONVEYOR_CONFIG``, else ``config/development.yaml``
+    if it exists in the current directory, else none (defaults and environment only).
+    ``overrides`` (e.g. ``url=...`` from a ``--url`` flag) beat everything else.
+    """
+    explicit = config_path if config_path is not None else os.environ.get("CONVEYOR_CONFIG")
+    path = Path(explicit) if explicit else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    text, data = _read_yaml(path) if path is not None else ("", {})
+    token = _file_layer.set(data)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [_describe(error, path, text, overrides) for error in exc.errors()]
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid settings{where}:\n  " + "\n  ".join(lines)) from None
+    except SettingsError as exc:  # an env value that should be JSON and is not
+        raise ConfigError(f"invalid settings in the environment: {exc}") from None
+    finally:
+        _file_layer.reset(token)
+
+
+def _read_yaml(path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {path}{line}: YAML syntax error: {problem}") from None
+    if data is None:
+        return text, {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: must be a mapping of sections, got {type(data).__name__}"
+        )
+    return text, data
+
+
+def _describe(error: Any, path: Path | None, text: str, overrides: Mapping[str, Any]) -> str:
+    """One line per error: key path, reason, the offending value (masked) and its origin."""
+    loc = [str(part) for part in error["loc"]]
+    reason = str(error["msg"]).removeprefix("Value error, ")
+    if not loc:  # a cross-field check; its message names the keys itself
+        return reason
+    if error["type"] == "extra_forbidden":
+        reason = "unknown setting" + _suggestion(loc)
+    elif not isinstance(error.get("input"), dict):
+        value = error.get("input")
+        reason += f" (got {mask_url(value) if isinstance(value, str) else value!r})"
+    return f"{'.'.join(loc)}: {reason} [{_origin(loc, path, text, overrides)}]"
+
+
+def _suggestion(loc: list[str]) -> str:
+    model: Any = Settings
+    for part in loc[:-1]:
+        model = model.model_fields[part].annotation
+    names = [info.alias or name for name, info in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"; {hint}known keys here: {', '.join(names)}"
+
+
+def _origin(loc: list[str], path: Path | None, text: str, overrides: Mapping[str, Any]) -> str:
+    """Where the value came from, in precedence order: argument, environment, file."""
+    if loc[0] in overrides:
+        return "from the arguments"
+    env = {name.upper() for name in os.environ}
+    names = ["CONVEYOR_" + "__".join(loc[:i]).upper() for i in range(len(loc), 0, -1)]
+    if loc[0] in ("redis", "rabbitmq") and loc[1:2] == ["url"]:
+        names.append(f"{loc[0].upper()}_URL")
+    for name in names:
+        if name in env:
+            return f"from environment variable {name}"
+    if path is None:
+        return "from the defaults"
+    line = _yaml_line(text, loc)
+    return f"from {path}" + (f", line {line}" if line else "")
+
+
+def _yaml_line(text: str, loc: list[str]) -> int | None:
+    """The 1-based line of the deepest key of ``loc`` found in the YAML text."""
+    node, line = yaml.compose(text), None
+    for part in loc:
+        if isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+        elif isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if getattr(k, "value", None) == part]
+            if not match:
+                break
+            key, node = match[0]
+            line = key.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _masked(args: Iterable[tuple[str | None, Any]]) -> Iterable[tuple[str | None, Any]]:
+    return [(k, mask_url(v) if k == "url" and isinstance(v, str) else v) for k, v in args]
