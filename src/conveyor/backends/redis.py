@@ -34,6 +34,8 @@ _INCLUDE = re.compile(r"^-- @include (\S+)$", re.MULTILINE)
 _MAX_BLOCK = 5.0
 #: Successes sampled for the mean run time in ``recent`` (keeps stats() cheap on busy queues).
 _RUNTIME_SAMPLE = 1000
+#: Servers already checked for persistence in this process: warn once, not per manager.
+_checked_servers: set[str] = set()
 
 
 def _load_script(name: str) -> str:
@@ -125,6 +127,9 @@ class RedisBackend(Backend):
 
     def _warn_if_unsafe(self) -> None:
         """Say at start when this server would lose acknowledged tasks (RELIABILITY.md)."""
+        if self.safe_url in _checked_servers:
+            return
+        _checked_servers.add(self.safe_url)
         try:
             config = self._client.config_get("appendonly")
             config.update(self._client.config_get("maxmemory-policy"))
