@@ -1,0 +1,588 @@
+"""SQLite backend: one WAL-mode file shared by every worker process on one host.
+
+Every change is a single ``BEGIN IMMEDIATE`` transaction, so two processes can never both
+claim a task and a crash mid-change leaves the previous state. The queue order lives in a
+partial index over pending rows, ``(queue, priority DESC, ready_at, seq)``, so a claim is
+one index seek however many tasks wait. ``ready_at`` is when the task became ready (push,
+due or re-queue time, read inside the write lock so it never goes backwards between
+transactions); ``seq`` is a database-wide counter that keeps FIFO for equal times.
+
+Decisions the contract leaves open:
+
+* ``queue_timeout`` counts from ``ready_at`` and only while the task has not started since it
+  became ready: a task returned by an expired lease keeps its place but is not timed out.
+* ``extend`` of an at-most-once task (``pull``, no lease) succeeds and leaves it unleased.
+* A row that cannot be read into a :class:`Claimed` (id NULL or not text, text that is not
+  UTF-8) is dead-lettered inside the claim with ``dead_reason`` ``malformed``.
+* ``list(None)`` returns pending rows first in claim order, then the rest newest first.
+* The backend's own dead-letters (poison, unreadable row) log the history event ``dead``
+  with the reason as note; ``fail`` logs ``failed``. Retention deletes success, canceled and
+  timeout rows older than ``result_ttl``; failed rows stay until purged.
+* WAL does not work on network filesystems: keep the file on a local disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from ..errors import BackendError, BrokerUnavailableError, ConfigError, ConveyorError
+from ..models import TaskStatus
+from .base import ROW_FIELDS, Backend, Claimed, ClaimResult, NewTask
+
+_SCHEMA_VERSION = 1
+_COLUMNS = (*ROW_FIELDS, "token", "lease_until", "ready_at", "seq")
+_FIELDS = ", ".join(ROW_FIELDS)
+_SCHEMA = (
+    # Few constraints on purpose: a damaged row must stay readable so it can be dead-lettered.
+    """CREATE TABLE IF NOT EXISTS tasks (
+        queue TEXT, id TEXT, type TEXT, priority INTEGER, data TEXT, status TEXT,
+        attempts INTEGER DEFAULT 0, expiries INTEGER DEFAULT 0, max_retries INTEGER,
+        retry_backoff REAL, queue_timeout REAL, process_timeout REAL, created_at REAL,
+        scheduled_for REAL, started_at REAL, finished_at REAL, updated_at REAL,
+        progress REAL DEFAULT 0, progress_message TEXT, result TEXT, error TEXT,
+        dead_reason TEXT, cancel_requested INTEGER DEFAULT 0, history TEXT DEFAULT '',
+        token TEXT, lease_until REAL, ready_at REAL, seq INTEGER,
+        PRIMARY KEY (queue, id))""",
+    """CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (queue, priority DESC, ready_at, seq)
+        WHERE status = 'pending'""",
+    """CREATE INDEX IF NOT EXISTS tasks_due ON tasks (queue, scheduled_for)
+        WHERE status = 'scheduled'""",
+    """CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (queue, lease_until)
+        WHERE status = 'processing'""",
+    "CREATE INDEX IF NOT EXISTS tasks_status ON tasks (queue, status, finished_at)",
+    "CREATE INDEX IF NOT EXISTS tasks_seq ON tasks (seq)",
+)
+
+
+def _history(event: str, attempt: str = "attempts", note: str | None = None) -> str:
+    """SQL that appends one JSON line to ``history``; arguments are SQL expressions."""
+    fields = f"'at', :now, 'event', {event}, 'attempt', {attempt}"
+    if note is not None:
+        fields += f", 'note', {note}"
+    return f"history = COALESCE(history, '') || json_object({fields}) || char(10)"
+
+
+_IS_MINE = "queue = :queue AND id = :id AND status = 'processing' AND token = :token"
+_SETTLED = "token = NULL, lease_until = NULL, updated_at = :now"
+_INSERT = f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 28)})"
+# "+status" keeps the planner on the primary key instead of scanning every live task.
+_LIVE_IDS = """SELECT id FROM tasks WHERE queue = ? AND +status IN ('scheduled', 'pending',
+    'processing') AND id IN (SELECT value FROM json_each(?))"""
+_NEXT_SEQ = "SELECT MAX(seq) FROM tasks WHERE seq BETWEEN 0 AND 9e18"  # skips damaged values
+_PROMOTE = """UPDATE tasks SET status = 'pending', ready_at = scheduled_for, updated_at = :now
+    WHERE rowid IN (SELECT rowid FROM tasks WHERE queue = :queue AND status = 'scheduled'
+    AND scheduled_for <= :now LIMIT 1000)"""
+_EXPIRED = """rowid IN (SELECT rowid FROM tasks WHERE queue = :queue AND status = 'processing'
+    AND lease_until < :now LIMIT 1000)"""
+_REAP_POISON = f"""UPDATE tasks SET status = 'failed', dead_reason = 'poison', {_SETTLED},
+    finished_at = :now, expiries = COALESCE(expiries, 0) + 1, {_history("'dead'", note="'poison'")},
+    error = json_object('type', 'PoisonTask', 'message', 'delivered ' || COALESCE(attempts, 0)
+        || ' times without an ack (lease expired each time); dead-lettered', 'traceback', NULL)
+    WHERE {_EXPIRED} AND COALESCE(expiries, 0) + 1 >= :max"""
+_REAP_RETURN = f"""UPDATE tasks SET status = 'pending', expiries = COALESCE(expiries, 0) + 1,
+    {_SETTLED}, {_history("'lease_expired'")} WHERE {_EXPIRED}"""
+_PICK = """SELECT rowid FROM tasks WHERE queue = ? AND status = 'pending'
+    ORDER BY priority DESC, ready_at, seq LIMIT 1"""
+_CLAIM_ROW = """SELECT id, priority, data, type, max_retries, retry_backoff, process_timeout,
+    created_at, attempts, queue_timeout, ready_at, started_at FROM tasks WHERE rowid = ?"""
+_RAW_TEXT = "SELECT CAST(id AS BLOB), CAST(data AS BLOB) FROM tasks WHERE rowid = ?"
+_TAKE = f"""UPDATE tasks SET status = 'processing', attempts = :attempt, token = :token,
+    lease_until = :lease, started_at = :now, updated_at = :now,
+    {_history("'reserved'", ":attempt")} WHERE rowid = :rowid"""
+_TIME_OUT = f"""UPDATE tasks SET status = 'timeout', finished_at = :now, {_SETTLED},
+    {_history("'timeout'")} WHERE rowid = :rowid"""
+_MALFORMED = f"""UPDATE tasks SET status = 'failed', dead_reason = 'malformed', finished_at = :now,
+    {_SETTLED}, {_history("'dead'", note="'malformed'")}, error = json_object('type',
+    'MalformedTask', 'message', 'stored row cannot be read (id missing or not UTF-8 text)',
+    'traceback', NULL) WHERE rowid = :rowid"""
+_NEXT_DUE = "SELECT MIN(scheduled_for) FROM tasks WHERE queue = ? AND status = 'scheduled'"
+_NEXT_EXPIRY = "SELECT MIN(lease_until) FROM tasks WHERE queue = ? AND status = 'processing'"
+_ACK = f"""UPDATE tasks SET status = 'success', result = :result, finished_at = :now,
+    progress = 1.0, {_SETTLED}, {_history("'succeeded'")} WHERE {_IS_MINE}"""
+_NACK = f"""UPDATE tasks SET status = :status, scheduled_for = :due, ready_at = :ready, seq = :seq,
+    attempts = attempts - :give_back, error = COALESCE(:error, error), {_SETTLED},
+    {_history(":event")} WHERE {_IS_MINE}"""
+_FAIL = f"""UPDATE tasks SET status = 'failed', dead_reason = :reason, error = COALESCE(:error,
+    error), finished_at = :now, {_SETTLED}, {_history("'failed'", note=":reason")}
+    WHERE queue = :queue AND id = :id"""
+_EXTEND = f"""UPDATE tasks SET lease_until = CASE WHEN lease_until IS NULL THEN NULL
+    ELSE :deadline END, updated_at = :now WHERE {_IS_MINE}"""
+_PROGRESS = f"""UPDATE tasks SET progress = :progress, progress_message = :message,
+    updated_at = :now WHERE {_IS_MINE}"""
+_CANCEL = f"""UPDATE tasks SET status = 'canceled', finished_at = :now, {_SETTLED},
+    {_history("'canceled'")} WHERE queue = :queue AND id = :id
+    AND status IN ('scheduled', 'pending')"""
+_CANCEL_RUNNING = f"""UPDATE tasks SET cancel_requested = 1, updated_at = :now,
+    {_history("'cancel_requested'")} WHERE queue = :queue AND id = :id AND status = 'processing'"""
+_RETRY = f"""UPDATE tasks SET status = 'pending', ready_at = :now, seq = :seq, attempts = 0,
+    expiries = 0, dead_reason = NULL, finished_at = NULL, scheduled_for = NULL,
+    cancel_requested = 0, progress = 0.0, progress_message = NULL, {_SETTLED},
+    {_history("'retried'", "0")} WHERE queue = :queue AND id = :id
+    AND status IN ('failed', 'timeout', 'canceled')"""
+_GET = f"SELECT {_FIELDS} FROM tasks WHERE queue = ? AND id = ?"
+_CLAIM_ORDER = "priority DESC, ready_at, seq"
+_NEWEST = "COALESCE(finished_at, updated_at) DESC, rowid DESC"
+_LIST_PENDING = f"""SELECT {_FIELDS} FROM tasks WHERE queue = ? AND status = 'pending'
+    ORDER BY {_CLAIM_ORDER} LIMIT ? OFFSET ?"""
+_LIST_STATUS = f"""SELECT {_FIELDS} FROM tasks WHERE queue = ? AND status = ?
+    ORDER BY {_NEWEST} LIMIT ? OFFSET ?"""
+_LIST_ALL = f"""SELECT {_FIELDS} FROM tasks WHERE queue = ? ORDER BY status = 'pending' DESC,
+    CASE WHEN status = 'pending' THEN priority END DESC,
+    CASE WHEN status = 'pending' THEN ready_at END, CASE WHEN status = 'pending' THEN seq END,
+    {_NEWEST} LIMIT ? OFFSET ?"""
+_COUNTS = "SELECT status, COUNT(*) FROM tasks WHERE queue = ? GROUP BY status"
+_RECENT = """SELECT COUNT(*) FILTER (WHERE status = 'success'),
+    COUNT(*) FILTER (WHERE status = 'failed'),
+    AVG(finished_at - started_at) FILTER (WHERE status = 'success' AND started_at IS NOT NULL)
+    FROM tasks WHERE queue = ? AND status IN ('success', 'failed') AND finished_at >= ?"""
+_SIZE = "SELECT COUNT(*) FROM tasks WHERE queue = ? AND status = 'pending'"
+_PURGE = "DELETE FROM tasks WHERE queue = ?"
+# Failed rows are the dead-letter list: retention never deletes them.
+_SWEEP = """DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE queue = ?
+    AND status IN ('success', 'canceled', 'timeout') AND finished_at < ? LIMIT 10000)"""
+
+_SYNC_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+_POLL_SECONDS = 0.005  # how often wait() looks at PRAGMA data_version
+_MAX_SKIPS = 500  # timed-out or malformed rows skipped per claim before yielding
+_SWEEP_CLAIMS, _SWEEP_SECONDS = 1000, 60.0
+
+# Commits by this connection do not change its own PRAGMA data_version, so pushes made in
+# this process also bump a counter per database file that wait() watches.
+_pushed = threading.Condition()
+_push_counts: dict[str, int] = {}
+
+
+def _notify_push(key: str) -> None:
+    with _pushed:
+        _push_counts[key] = _push_counts.get(key, 0) + 1
+        _pushed.notify_all()
+
+
+def _lenient_text(raw: bytes) -> str:
+    """Decode stored text without raising, so a damaged row never breaks get/list/claim."""
+    return raw.decode("utf-8", "replace")
+
+
+def _as_float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+class SqliteBackend(Backend):
+    """One queue in a SQLite file; safe for many processes on one host (not over NFS)."""
+
+    def __init__(
+        self,
+        path: str,
+        queue_name: str,
+        *,
+        busy_timeout: float = 10.0,
+        synchronous: str = "FULL",
+        result_ttl: float = 7 * 24 * 3600,
+    ) -> None:
+        if synchronous.upper() not in _SYNC_MODES:
+            raise ConfigError(f"synchronous: {synchronous!r} is not one of {sorted(_SYNC_MODES)}")
+        self.path, self.queue_name, self.safe_url = path, queue_name, f"sqlite:///{path}"
+        self._busy_timeout, self._result_ttl = busy_timeout, result_ttl
+        self._key = path if path == ":memory:" else os.path.realpath(path)
+        self._claims, self._swept = 0, float("-inf")
+        self._conn: sqlite3.Connection | None = self._open(synchronous.upper())
+        self._seen_version, self._seen_pushes = self._data_version(), self._push_count()
+
+    # -- connection and errors ----------------------------------------------------------------
+
+    def _open(self, synchronous: str) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            if os.path.isdir(self.path):
+                raise BrokerUnavailableError(
+                    f"SQLite path {self.path} is a directory; point sqlite_path at a file "
+                    f"such as {os.path.join(self.path, 'conveyor.db')}"
+                )
+            parent = os.path.dirname(os.path.abspath(self.path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise BrokerUnavailableError(
+                    f"cannot create directory {parent} for SQLite database {self.path}: "
+                    f"{exc.strerror}; create it or choose a writable sqlite_path"
+                ) from exc
+        with self._errors():
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None,
+                check_same_thread=False,
+            )  # fmt: skip
+            conn.text_factory = _lenient_text
+            try:
+                self._setup(conn, synchronous)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _setup(self, conn: sqlite3.Connection, synchronous: str) -> None:
+        """Switch to WAL and create the schema once, even when many processes start at once.
+
+        Changing the journal mode of a fresh file can report busy without waiting, so the
+        whole step is retried until ``busy_timeout``.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {synchronous}")
+                if conn.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+                    conn.execute("BEGIN IMMEDIATE")
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                    conn.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if _primary_code(exc) not in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise BackendError(f"the SQLite backend for {self.path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Translate sqlite3 errors into Conveyor's: nothing above a backend sees sqlite3."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+
+    def _translate(self, exc: sqlite3.Error) -> ConveyorError:
+        code, path = _primary_code(exc), self.path
+        if code in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            return BackendError(
+                f"{path} is not a SQLite database or is corrupt ({exc}); restore it from a "
+                "backup or point sqlite_path at a new file"
+            )
+        if code in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+            return BrokerUnavailableError(
+                f"SQLite database {path} stayed locked longer than busy_timeout "
+                f"({self._busy_timeout}s); another process holds a long transaction"
+            )
+        if code in ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH"):
+            return BrokerUnavailableError(
+                f"cannot open or write SQLite database {path} ({exc}); make the file and its "
+                "directory writable by this user (WAL also creates -wal and -shm files next "
+                "to it) and keep it on a local disk"
+            )
+        if code in ("SQLITE_IOERR", "SQLITE_FULL"):
+            return BrokerUnavailableError(f"disk error on SQLite database {path}: {exc}")
+        return BackendError(f"SQLite error on {path}: {exc}")
+
+    @contextmanager
+    def _write(self) -> Iterator[float]:
+        """One ``BEGIN IMMEDIATE`` transaction; yields the time read once the lock is held."""
+        with self._errors():
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield time.time()
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+
+    def _next_seq(self) -> int:
+        highest = self._db().execute(_NEXT_SEQ).fetchone()[0]
+        return int(highest or 0) + 1
+
+    def _data_version(self) -> int:
+        with self._errors():
+            return int(self._db().execute("PRAGMA data_version").fetchone()[0])
+
+    def _push_count(self) -> int:
+        with _pushed:
+            return _push_counts.get(self._key, 0)
+
+    # -- producing ----------------------------------------------------------------------------
+
+    def enqueue(self, tasks: Sequence[NewTask]) -> list[bool]:
+        if not tasks:
+            return []
+        stored: list[bool] = []
+        with self._write() as now:
+            db = self._db()
+            ids = json.dumps([task.task_id for task in tasks])
+            live = {row[0] for row in db.execute(_LIVE_IDS, (self.queue_name, ids))}
+            seq, rows = self._next_seq(), list[tuple[Any, ...]]()
+            for task in tasks:
+                stored.append(task.task_id not in live)
+                if stored[-1]:
+                    live.add(task.task_id)  # a second copy in the same batch is a duplicate
+                    rows.append(self._new_row(task, now, seq + len(rows)))
+            db.executemany(_INSERT, rows)
+        if rows:
+            _notify_push(self._key)
+        return stored
+
+    def _new_row(self, task: NewTask, now: float, seq: int) -> tuple[Any, ...]:
+        delayed = task.delay > 0
+        event = {"at": now, "event": "scheduled" if delayed else "pushed", "attempt": 0}
+        # The order of _COLUMNS: ROW_FIELDS, then token, lease_until, ready_at, seq.
+        return (
+            task.task_id, self.queue_name, task.type, task.priority, task.data_json,
+            "scheduled" if delayed else "pending", 0, 0, task.max_retries, task.retry_backoff,
+            task.queue_timeout, task.process_timeout, now, now + task.delay if delayed else None,
+            None, None, now, 0.0, None, None, None, None, 0,
+            json.dumps(event, separators=(",", ":")) + "\n",
+            None, None, None if delayed else now, seq,
+        )  # fmt: skip
+
+    # -- consuming ----------------------------------------------------------------------------
+
+    def claim(self, lease_seconds: float | None, max_deliveries: int) -> ClaimResult:
+        return self._claim_tx(None, lease_seconds, max_deliveries)[1]
+
+    def ack_and_claim(
+        self,
+        task_id: str,
+        token: str,
+        result_json: str | None,
+        lease_seconds: float,
+        max_deliveries: int,
+    ) -> tuple[bool, ClaimResult]:
+        """Ack and claim in one transaction: one fsync instead of two."""
+        return self._claim_tx((task_id, token, result_json), lease_seconds, max_deliveries)
+
+    def _claim_tx(
+        self, ack: tuple[str, str, str | None] | None, lease: float | None, max_deliveries: int
+    ) -> tuple[bool, ClaimResult]:
+        self._maybe_sweep()  # first: if it fails, nothing has been claimed yet
+        self._seen_pushes = self._push_count()
+        with self._write() as now:
+            acked = ack is not None and self._ack(now, *ack)
+            # Read inside the write lock: any later commit by another process changes it.
+            self._seen_version = int(self._db().execute("PRAGMA data_version").fetchone()[0])
+            return acked, self._claim(now, lease, max_deliveries)
+
+    def _claim(self, now: float, lease: float | None, max_deliveries: int) -> ClaimResult:
+        db = self._db()
+        params = {"queue": self.queue_name, "now": now, "max": max_deliveries}
+        for statement in (_PROMOTE, _REAP_POISON, _REAP_RETURN):
+            db.execute(statement, params)
+        for _ in range(_MAX_SKIPS):
+            row = db.execute(_PICK, (self.queue_name,)).fetchone()
+            if row is None:
+                return ClaimResult(None, self._wait_hint(now))
+            claimed = self._take(row[0], now, lease)
+            if claimed is not None:
+                return ClaimResult(claimed)
+        return ClaimResult(None, 0.0)  # many rows skipped: the caller claims again at once
+
+    def _take(self, rowid: int, now: float, lease: float | None) -> Claimed | None:
+        """Lease one pending row, or retire it (timeout, malformed) and return None."""
+        cursor = self._db().cursor()
+        cursor.row_factory = sqlite3.Row
+        row = cursor.execute(_CLAIM_ROW, (rowid,)).fetchone()
+        params: dict[str, Any] = {"rowid": rowid, "now": now}
+        if _timed_out(now, row["queue_timeout"], row["ready_at"], row["started_at"]):
+            cursor.execute(_TIME_OUT, params)
+            return None
+        if not isinstance(row["id"], str) or not self._is_utf8(rowid, row["id"], row["data"]):
+            cursor.execute(_MALFORMED, params)
+            return None
+        try:
+            attempt = int(row["attempts"] or 0) + 1
+        except (TypeError, ValueError, OverflowError):
+            attempt = 1
+        token = uuid.uuid4().hex
+        deadline = None if lease is None else now + lease
+        cursor.execute(_TAKE, {**params, "attempt": attempt, "token": token, "lease": deadline})
+        return Claimed(
+            task_id=row["id"], token=token, attempts=attempt, priority=row["priority"],
+            data_json=row["data"], type=None if row["type"] is None else str(row["type"]),
+            max_retries=row["max_retries"], retry_backoff=row["retry_backoff"],
+            process_timeout=row["process_timeout"], created_at=row["created_at"],
+        )  # fmt: skip
+
+    def _is_utf8(self, rowid: int, task_id: str, data: Any) -> bool:
+        """Reads replace bad bytes with U+FFFD; only then check the stored bytes themselves."""
+        if "\ufffd" not in task_id and not (isinstance(data, str) and "\ufffd" in data):
+            return True
+        try:
+            for raw in self._db().execute(_RAW_TEXT, (rowid,)).fetchone():
+                if isinstance(raw, bytes):
+                    raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    def _wait_hint(self, now: float) -> float | None:
+        db = self._db()
+        times = [_as_float(db.execute(sql, (self.queue_name,)).fetchone()[0])
+                 for sql in (_NEXT_DUE, _NEXT_EXPIRY)]  # fmt: skip
+        known = [t for t in times if t is not None]
+        return max(0.0, min(known) - now) if known else None
+
+    def _maybe_sweep(self) -> None:
+        """Delete old finished rows now and then; failed rows stay as the dead-letter list."""
+        self._claims += 1
+        if self._claims < _SWEEP_CLAIMS and time.monotonic() - self._swept < _SWEEP_SECONDS:
+            return
+        self._claims, self._swept = 0, time.monotonic()
+        with self._write() as now:
+            self._db().execute(_SWEEP, (self.queue_name, now - self._result_ttl))
+
+    def wait(self, timeout: float) -> None:
+        """Poll ``PRAGMA data_version`` (cheap: shared memory) every 5 ms; a push made in this
+        process wakes it at once through a condition variable."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                with _pushed:
+                    if _push_counts.get(self._key, 0) != self._seen_pushes:
+                        return
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    _pushed.wait(min(_POLL_SECONDS, remaining))
+                if self._data_version() != self._seen_version:
+                    return
+        finally:
+            self._seen_version, self._seen_pushes = self._data_version(), self._push_count()
+
+    # -- settling -----------------------------------------------------------------------------
+
+    def _ack(self, now: float, task_id: str, token: str, result_json: str | None) -> bool:
+        params = {"queue": self.queue_name, "id": task_id, "token": token, "now": now}
+        return self._db().execute(_ACK, {**params, "result": result_json}).rowcount == 1
+
+    def ack(self, task_id: str, token: str, result_json: str | None) -> bool:
+        with self._write() as now:
+            return self._ack(now, task_id, token, result_json)
+
+    def nack(
+        self, task_id: str, token: str, delay: float, error_json: str | None, count_attempt: bool
+    ) -> bool:
+        with self._write() as now:
+            later = delay > 0
+            event = ("retry_scheduled" if later else "requeued") if count_attempt else "interrupted"
+            changed = self._update(
+                _NACK, now, task_id, token=token, error=error_json, event=event,
+                status="scheduled" if later else "pending", due=now + delay if later else None,
+                ready=None if later else now, seq=self._next_seq(),
+                give_back=int(not count_attempt),
+            )  # fmt: skip
+        if changed:
+            _notify_push(self._key)
+        return changed
+
+    def fail(self, task_id: str, token: str | None, reason: str, error_json: str | None) -> bool:
+        sql = _FAIL if token is None else f"{_FAIL} AND status = 'processing' AND token = :token"
+        with self._write() as now:
+            return self._update(sql, now, task_id, token=token, reason=reason, error=error_json)
+
+    def extend(self, task_id: str, token: str, lease_seconds: float) -> bool:
+        with self._write() as now:
+            return self._update(_EXTEND, now, task_id, token=token, deadline=now + lease_seconds)
+
+    def set_progress(self, task_id: str, token: str, progress: float, message: str | None) -> bool:
+        with self._write() as now:
+            return self._update(
+                _PROGRESS, now, task_id, token=token, progress=progress, message=message
+            )
+
+    def cancel(self, task_id: str) -> bool:
+        with self._write() as now:
+            canceled = self._update(_CANCEL, now, task_id)
+            return canceled or self._update(_CANCEL_RUNNING, now, task_id)
+
+    def retry(self, task_id: str) -> bool:
+        with self._write() as now:
+            changed = self._update(_RETRY, now, task_id, seq=self._next_seq())
+        if changed:
+            _notify_push(self._key)
+        return changed
+
+    def _update(self, sql: str, now: float, task_id: str, **params: Any) -> bool:
+        params.update(queue=self.queue_name, id=task_id, now=now)
+        return self._db().execute(sql, params).rowcount > 0
+
+    # -- inspecting ---------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        with self._errors():
+            row = self._db().execute(_GET, (self.queue_name, task_id)).fetchone()
+        return None if row is None else dict(zip(ROW_FIELDS, row, strict=True))
+
+    def list(self, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+        with self._errors():
+            if status is None:
+                cursor = self._db().execute(_LIST_ALL, (self.queue_name, limit, offset))
+            elif status == TaskStatus.PENDING:
+                cursor = self._db().execute(_LIST_PENDING, (self.queue_name, limit, offset))
+            else:
+                cursor = self._db().execute(_LIST_STATUS, (self.queue_name, status, limit, offset))
+            return [dict(zip(ROW_FIELDS, row, strict=True)) for row in cursor]
+
+    def counts(self) -> dict[str, int]:
+        counts = {status.value: 0 for status in TaskStatus}
+        with self._errors():
+            for status, number in self._db().execute(_COUNTS, (self.queue_name,)):
+                if status in counts:
+                    counts[status] = number
+        return counts
+
+    def recent(self, seconds: float) -> tuple[int, int, float | None]:
+        with self._errors():
+            since = time.time() - seconds
+            done, failed, mean = self._db().execute(_RECENT, (self.queue_name, since)).fetchone()
+        return int(done), int(failed), _as_float(mean)
+
+    def size(self) -> int:
+        with self._errors():
+            return int(self._db().execute(_SIZE, (self.queue_name,)).fetchone()[0])
+
+    def purge(self) -> int:
+        with self._write():
+            ready = int(self._db().execute(_SIZE, (self.queue_name,)).fetchone()[0])
+            self._db().execute(_PURGE, (self.queue_name,))
+        return ready
+
+    def ping(self) -> None:
+        try:
+            with self._errors():
+                self._db().execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
+        except BackendError as exc:
+            raise BrokerUnavailableError(str(exc)) from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with suppress(sqlite3.Error):
+                conn.close()
+
+
+def _primary_code(exc: sqlite3.Error) -> str:
+    """``SQLITE_BUSY_SNAPSHOT`` -> ``SQLITE_BUSY``; empty for errors raised by the driver."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    return "_".join(name.split("_")[:2])
+
+
+def _timed_out(now: float, queue_timeout: Any, ready_at: Any, started_at: Any) -> bool:
+    """Has the task waited longer than ``queue_timeout`` without starting since it was ready?"""
+    limit, ready, started = _as_float(queue_timeout), _as_float(ready_at), _as_float(started_at)
+    if limit is None or ready is None or (started is not None and started >= ready):
+        return False
+    return now > ready + limit
