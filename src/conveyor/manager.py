@@ -98,6 +98,8 @@ class QueueManager:
         if kind is QueueBackend.REDIS:
             options["connect_timeout"] = connect_timeout
         self.backend_kind = kind
+        #: Stored as the ``worker`` of each task this manager claims (a TaskWorker sets it).
+        self.consumer_id = ""
         self._backend: Backend = _open_backend(kind, url, queue_name, options)
 
     # -- construction ---------------------------------------------------------------------
@@ -253,7 +255,7 @@ class QueueManager:
         wait_for = math.inf if timeout is None else check_seconds("timeout", timeout) or 0.0
         deadline = time.monotonic() + wait_for
         while True:
-            result = self._backend.claim(lease, self.max_deliveries)
+            result = self._backend.claim(lease, self.max_deliveries, consumer=self.consumer_id)
             message = self._first_message(result, lease is not None)
             if message is not None:
                 return message
@@ -286,6 +288,7 @@ class QueueManager:
                 retry_backoff=_optional_float(claimed.retry_backoff),
                 process_timeout=_optional_float(claimed.process_timeout),
                 created_at=_optional_float(claimed.created_at) or 0.0,
+                steps=_steps_from(claimed.steps_json),
                 token=claimed.token,
                 leased=leased,
             )
@@ -318,6 +321,7 @@ class QueueManager:
             self._result_json(result),
             self.visibility_timeout,
             self.max_deliveries,
+            consumer=self.consumer_id,
         )
         next_message = self._first_message(result_, True)
         if next_message is None and result_.claimed is not None:
@@ -352,6 +356,17 @@ class QueueManager:
         if isinstance(message, Message):
             return self._backend.fail(message.task_id, message.token, reason, _error_json(error))
         return self._backend.fail(check_task_id(message), None, reason, _error_json(error))
+
+    def settle_canceled(self, message: Message, *, error: ErrorLike = None) -> bool:
+        """Finish a running task whose cancel was asked as ``canceled`` (not dead-lettered)."""
+        return self._backend.fail(
+            message.task_id, message.token, "canceled", _error_json(error), status="canceled"
+        )
+
+    def checkpoint(self, message: Message, steps: Mapping[str, Any]) -> bool:
+        """Store finished steps' results so a retry of this task resumes after them."""
+        steps_json = encode_json("steps", dict(steps), self.max_payload_bytes)
+        return self._backend.checkpoint(message.task_id, message.token, steps_json)
 
     def extend(self, message: Message, seconds: float | None = None) -> bool:
         """Renew a lease for ``seconds`` (default ``visibility_timeout``) from now."""
@@ -421,6 +436,30 @@ class QueueManager:
             failed_last_minute=failed,
             mean_run_seconds=mean,
         )
+
+    # -- the worker registry ------------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, info: Mapping[str, Any], ttl: float) -> bool:
+        """Heartbeat: record a live worker for ``ttl`` seconds; True if it was asked to stop."""
+        return self._backend.register_worker(worker_id, encode_json("info", dict(info)), ttl)
+
+    def unregister_worker(self, worker_id: str) -> None:
+        """Forget a worker that exits cleanly."""
+        self._backend.unregister_worker(worker_id)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Live workers on this backend (any queue), as their heartbeats describe them."""
+        found = []
+        for info in self._backend.list_workers():
+            try:
+                found.append(json.loads(info))
+            except ValueError:
+                continue  # a damaged entry expires with its ttl
+        return found
+
+    def request_stop(self, worker_id: str | None = None) -> int:
+        """Ask one worker (or all) to shut down gracefully, across hosts; how many asked."""
+        return self._backend.request_stop(worker_id)
 
     def ping(self) -> None:
         """Raise ``BrokerUnavailableError`` unless the backend answers."""
@@ -527,6 +566,15 @@ def _strict_int(value: Any) -> int:
     if isinstance(number, bool) or not isinstance(number, int):
         raise TypeError(f"priority is {type(value).__name__} {value!r}, not an integer")
     return number
+
+
+def _steps_from(value: Any) -> dict[str, Any]:
+    if value is None or value == "":
+        return {}
+    steps = json.loads(value)
+    if not isinstance(steps, dict):
+        raise TypeError(f"steps is {type(steps).__name__}, not an object")
+    return steps
 
 
 def _optional_float(value: Any) -> float | None:

@@ -81,6 +81,8 @@ class TaskRecord(BaseModel):
     error: TaskError | None = None
     dead_reason: str | None = None
     cancel_requested: bool = False
+    steps: dict[str, Any] = Field(default_factory=dict)
+    worker: str | None = None
     history: list[TaskEvent] = Field(default_factory=list)
 
 
@@ -105,6 +107,7 @@ class Message(BaseModel):
     retry_backoff: float | None = None
     process_timeout: float | None = None
     created_at: float = 0.0
+    steps: dict[str, Any] = Field(default_factory=dict)
     token: str = ""
     leased: bool = True
 

@@ -76,6 +76,11 @@ def _history(value: Any) -> list[TaskEvent]:
     return events
 
 
+def _steps(value: Any) -> dict[str, Any]:
+    decoded = _json(value)
+    return decoded if isinstance(decoded, dict) else {}
+
+
 def _status(value: Any) -> TaskStatus:
     try:
         return TaskStatus(_text(value) or "")
@@ -109,5 +114,7 @@ def record_from_row(row: dict[str, Any], queue: str) -> TaskRecord:
         error=_error(row.get("error")),
         dead_reason=_text(row.get("dead_reason")),
         cancel_requested=bool(_int(row.get("cancel_requested"))),
+        steps=_steps(row.get("steps")),
+        worker=_text(row.get("worker")),
         history=_history(row.get("history")),
     )

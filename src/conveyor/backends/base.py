@@ -54,6 +54,8 @@ ROW_FIELDS = (
     "dead_reason",  # why it was dead-lettered: poison, error, malformed, missing, ...
     "cancel_requested",  # 1 when cancel was asked while processing
     "history",  # JSON lines, one {"at", "event", "attempt", "note"} object per line
+    "steps",  # JSON object: results of the pipeline steps finished so far (checkpoints)
+    "worker",  # id of the consumer that claimed it last, or None
 )
 
 
@@ -86,6 +88,7 @@ class Claimed:
     retry_backoff: Any = None
     process_timeout: Any = None
     created_at: Any = None
+    steps_json: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +120,12 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def claim(self, lease_seconds: float | None, max_deliveries: int) -> ClaimResult:
+    def claim(
+        self, lease_seconds: float | None, max_deliveries: int, *, consumer: str = ""
+    ) -> ClaimResult:
         """Atomically take the most urgent ready task, without blocking.
+
+        ``consumer`` (a worker id, may be empty) is stored in the record's ``worker`` field.
 
         First promotes due delayed tasks and reaps expired leases (bounded work per call).
         ``lease_seconds`` None means at-most-once (``pull``): the task is marked processing
@@ -145,10 +152,12 @@ class Backend(ABC):
         result_json: str | None,
         lease_seconds: float,
         max_deliveries: int,
+        *,
+        consumer: str = "",
     ) -> tuple[bool, ClaimResult]:
         """Ack one task and claim the next; backends that can do both in one round trip do."""
         acked = self.ack(task_id, token, result_json)
-        return acked, self.claim(lease_seconds, max_deliveries)
+        return acked, self.claim(lease_seconds, max_deliveries, consumer=consumer)
 
     @abstractmethod
     def nack(
@@ -160,12 +169,25 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def fail(self, task_id: str, token: str | None, reason: str, error_json: str | None) -> bool:
-        """Dead-letter a task: status ``failed`` with ``dead_reason``; it stays listable.
+    def fail(
+        self,
+        task_id: str,
+        token: str | None,
+        reason: str,
+        error_json: str | None,
+        *,
+        status: str = "failed",
+    ) -> bool:
+        """Finish a task that did not succeed: ``failed`` (dead-letter, kept until retried or
+        purged) with ``dead_reason``, or ``canceled`` (a running task that saw its cancel flag).
 
         ``token`` None fails the task whatever its state (used for malformed entries found
         by the manager right after a claim, and by operators).
         """
+
+    @abstractmethod
+    def checkpoint(self, task_id: str, token: str, steps_json: str) -> bool:
+        """Store the results of the steps finished so far, so a retry resumes after them."""
 
     @abstractmethod
     def extend(self, task_id: str, token: str, lease_seconds: float) -> bool:
@@ -209,6 +231,22 @@ class Backend(ABC):
     @abstractmethod
     def purge(self) -> int:
         """Delete every task of the queue, whatever its state; return how many were ready."""
+
+    @abstractmethod
+    def register_worker(self, worker_id: str, info_json: str, ttl: float) -> bool:
+        """Record a live worker for ``ttl`` seconds; True when it was asked to stop."""
+
+    @abstractmethod
+    def unregister_worker(self, worker_id: str) -> None:
+        """Remove a worker that exits cleanly (a crashed one expires after its ttl)."""
+
+    @abstractmethod
+    def list_workers(self) -> Sequence[str]:
+        """The info JSON of every live worker on this backend (any queue)."""
+
+    @abstractmethod
+    def request_stop(self, worker_id: str | None) -> int:
+        """Ask one worker, or every live one (None), to shut down gracefully; how many asked."""
 
     @abstractmethod
     def ping(self) -> None:

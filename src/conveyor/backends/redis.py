@@ -12,6 +12,7 @@ of a push without polling.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,13 @@ from ..models import FINISHED_STATUSES, TaskStatus
 from ..urls import mask_url
 from .base import Backend, Claimed, ClaimResult, NewTask
 
-_SCRIPTS = ("enqueue", "claim", "ack", "nack", "fail", "extend", "progress", "cancel", "retry")
+_SCRIPTS = (
+    "enqueue", "claim", "ack", "nack", "fail", "extend", "progress", "checkpoint", "cancel",
+    "retry",
+)  # fmt: skip
+#: The worker registry spans queues, so it lives outside any queue's hash tag.
+_WORKERS = "conveyor:workers"
+_STOP_ALL = "conveyor:workers:stop-all"
 _INCLUDE = re.compile(r"^-- @include (\S+)$", re.MULTILINE)
 #: Longest single BLPOP: the socket timeout below must stay above it.
 _MAX_BLOCK = 5.0
@@ -43,6 +50,18 @@ def _load_script(name: str) -> str:
     folder = resources.files("conveyor.backends") / "redis_lua"
     source = (folder / f"{name}.lua").read_text(encoding="utf-8")
     return _INCLUDE.sub(lambda match: (folder / match.group(1)).read_text(encoding="utf-8"), source)
+
+
+def _wire(value: Any) -> Any:
+    """Text as redis-py sends it, keeping ids that came back from Redis undamaged.
+
+    Replies are decoded with ``surrogateescape`` so a binary id someone wrote by hand
+    survives a round trip; the hiredis packer ignores ``encoding_errors``, so such text is
+    turned back into its original bytes here.
+    """
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "surrogateescape")
+    return value
 
 
 class RedisBackend(Backend):
@@ -72,6 +91,7 @@ class RedisBackend(Backend):
             f"{tag}:done:failed",
             f"{tag}:done:canceled",
             f"{tag}:done:timeout",
+            f"{tag}:pulled",
         )
         self._call_head = (len(self._keys), *self._keys, queue_name, self._ttl)
         try:
@@ -118,6 +138,7 @@ class RedisBackend(Backend):
 
     def _run(self, name: str, *args: Any) -> Any:
         """Call a script by SHA; after a server restart or SCRIPT FLUSH, load and retry once."""
+        args = tuple(_wire(arg) for arg in args)
         with self._translate():
             try:
                 return self._client.evalsha(self._sha[name], *self._call_head, *args)
@@ -155,7 +176,20 @@ class RedisBackend(Backend):
         if int(reply[0]) == 0:
             hint = float(reply[1])
             return ClaimResult(None, None if hint < 0 else hint)
-        _, task_id, token, attempts, priority, data, type_, retries, backoff, limit, created = reply
+        (
+            _,
+            task_id,
+            token,
+            attempts,
+            priority,
+            data,
+            type_,
+            retries,
+            backoff,
+            limit,
+            created,
+            steps,
+        ) = reply
         return ClaimResult(
             Claimed(
                 task_id=task_id,
@@ -168,6 +202,7 @@ class RedisBackend(Backend):
                 retry_backoff=backoff or None,
                 process_timeout=limit or None,
                 created_at=created or None,
+                steps_json=steps or None,
             )
         )
 
@@ -189,9 +224,12 @@ class RedisBackend(Backend):
             )
         return [bool(flag) for flag in self._run("enqueue", *args)]
 
-    def claim(self, lease_seconds: float | None, max_deliveries: int) -> ClaimResult:
+    def claim(
+        self, lease_seconds: float | None, max_deliveries: int, *, consumer: str = ""
+    ) -> ClaimResult:
         lease = "" if lease_seconds is None else lease_seconds
-        return self._claim_result(self._run("claim", lease, max_deliveries, uuid.uuid4().hex))
+        token = uuid.uuid4().hex
+        return self._claim_result(self._run("claim", lease, max_deliveries, token, consumer))
 
     def wait(self, timeout: float) -> None:
         with self._translate():
@@ -207,6 +245,8 @@ class RedisBackend(Backend):
         result_json: str | None,
         lease_seconds: float,
         max_deliveries: int,
+        *,
+        consumer: str = "",
     ) -> tuple[bool, ClaimResult]:
         reply = self._run(
             "ack",
@@ -217,6 +257,7 @@ class RedisBackend(Backend):
             lease_seconds,
             max_deliveries,
             uuid.uuid4().hex,
+            consumer,
         )
         return bool(reply[0]), self._claim_result(reply[1])
 
@@ -229,8 +270,19 @@ class RedisBackend(Backend):
             )
         )
 
-    def fail(self, task_id: str, token: str | None, reason: str, error_json: str | None) -> bool:
-        return bool(self._run("fail", task_id, token or "", reason, error_json or ""))
+    def fail(
+        self,
+        task_id: str,
+        token: str | None,
+        reason: str,
+        error_json: str | None,
+        *,
+        status: str = "failed",
+    ) -> bool:
+        return bool(self._run("fail", task_id, token or "", reason, error_json or "", status))
+
+    def checkpoint(self, task_id: str, token: str, steps_json: str) -> bool:
+        return bool(self._run("checkpoint", task_id, token, steps_json))
 
     def extend(self, task_id: str, token: str, lease_seconds: float) -> bool:
         return bool(self._run("extend", task_id, token, lease_seconds))
@@ -255,7 +307,7 @@ class RedisBackend(Backend):
     def _rows(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         pipe = self._client.pipeline(transaction=False)
         for task_id in ids:
-            pipe.hgetall(self._prefix + task_id)
+            pipe.hgetall(_wire(self._prefix + task_id))
         with self._translate():
             replies = pipe.execute(raise_on_error=False)
         rows = []
@@ -276,7 +328,12 @@ class RedisBackend(Backend):
         if status is not None:
             key, stop = self._index_key(status), offset + limit - 1
             with self._translate():
-                if status in ("pending", "scheduled", "processing"):
+                if status == "processing":  # leased first, then pulled (at-most-once) ones
+                    ids = self._client.zrange(key, 0, stop) + self._client.zrange(
+                        self._keys[10], 0, stop
+                    )
+                    ids = ids[offset : offset + limit]
+                elif status in ("pending", "scheduled"):
                     ids = self._client.zrange(key, offset, stop)
                 else:
                     ids = self._client.zrevrange(key, offset, stop)
@@ -291,9 +348,12 @@ class RedisBackend(Backend):
         pipe = self._client.pipeline(transaction=False)
         for status in TaskStatus:
             pipe.zcard(self._index_key(status.value))
+        pipe.zcard(self._keys[10])
         with self._translate():
-            replies = pipe.execute()
-        return {status.value: int(n) for status, n in zip(TaskStatus, replies, strict=True)}
+            *replies, pulled = pipe.execute()
+        counts = {status.value: int(n) for status, n in zip(TaskStatus, replies, strict=True)}
+        counts[TaskStatus.PROCESSING.value] += int(pulled)
+        return counts
 
     def recent(self, seconds: float) -> tuple[int, int, float | None]:
         with self._translate():
@@ -332,6 +392,48 @@ class RedisBackend(Backend):
             if batch:
                 self._client.unlink(*batch)
         return pending
+
+    # -- the worker registry ----------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, info_json: str, ttl: float) -> bool:
+        with self._translate():
+            now_s, now_us = self._client.time()
+            now = now_s + now_us / 1e6
+            pipe = self._client.pipeline(transaction=False)
+            pipe.set(f"{_WORKERS}:{worker_id}", info_json, px=int(ttl * 1000))
+            pipe.zadd(_WORKERS, {worker_id: now})
+            pipe.zremrangebyscore(_WORKERS, "-inf", now - ttl)
+            pipe.get(f"{_WORKERS}:{worker_id}:stop")
+            pipe.get(_STOP_ALL)
+            *_, stop_one, stop_all = pipe.execute()
+        started = float(json.loads(info_json).get("started_at", 0))
+        return stop_one is not None or (stop_all is not None and float(stop_all) >= started)
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._translate():
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zrem(_WORKERS, worker_id)
+            pipe.delete(f"{_WORKERS}:{worker_id}", f"{_WORKERS}:{worker_id}:stop")
+            pipe.execute()
+
+    def list_workers(self) -> Sequence[str]:
+        with self._translate():
+            ids = self._client.zrange(_WORKERS, 0, -1)
+            pipe = self._client.pipeline(transaction=False)
+            for worker_id in ids:
+                pipe.get(f"{_WORKERS}:{worker_id!s}")
+            return [str(info) for info in pipe.execute() if info]
+
+    def request_stop(self, worker_id: str | None) -> int:
+        with self._translate():
+            if worker_id is None:
+                now_s, now_us = self._client.time()
+                self._client.set(_STOP_ALL, now_s + now_us / 1e6, ex=24 * 3600)
+                return len(self.list_workers())
+            if not self._client.exists(f"{_WORKERS}:{worker_id}"):
+                return 0
+            self._client.set(f"{_WORKERS}:{worker_id}:stop", "1", ex=24 * 3600)
+            return 1
 
     def ping(self) -> None:
         with self._translate():

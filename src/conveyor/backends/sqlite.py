@@ -37,7 +37,7 @@ from ..errors import BackendError, BrokerUnavailableError, ConfigError, Conveyor
 from ..models import TaskStatus
 from .base import ROW_FIELDS, Backend, Claimed, ClaimResult, NewTask
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _COLUMNS = (*ROW_FIELDS, "token", "lease_until", "ready_at", "seq")
 _FIELDS = ", ".join(ROW_FIELDS)
 _SCHEMA = (
@@ -49,7 +49,7 @@ _SCHEMA = (
         scheduled_for REAL, started_at REAL, finished_at REAL, updated_at REAL,
         progress REAL DEFAULT 0, progress_message TEXT, result TEXT, error TEXT,
         dead_reason TEXT, cancel_requested INTEGER DEFAULT 0, history TEXT DEFAULT '',
-        token TEXT, lease_until REAL, ready_at REAL, seq INTEGER,
+        steps TEXT, worker TEXT, token TEXT, lease_until REAL, ready_at REAL, seq INTEGER,
         PRIMARY KEY (queue, id))""",
     """CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (queue, priority DESC, ready_at, seq)
         WHERE status = 'pending'""",
@@ -59,7 +59,14 @@ _SCHEMA = (
         WHERE status = 'processing'""",
     "CREATE INDEX IF NOT EXISTS tasks_status ON tasks (queue, status, finished_at)",
     "CREATE INDEX IF NOT EXISTS tasks_seq ON tasks (seq)",
+    # The worker registry spans queues: one row per live worker, refreshed by heartbeats.
+    """CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT, last_seen REAL,
+        expires_at REAL, stop_requested INTEGER DEFAULT 0)""",
 )
+#: Statements that bring a file made by an older version up to _SCHEMA_VERSION.
+_MIGRATIONS = {
+    2: ("ALTER TABLE tasks ADD COLUMN steps TEXT", "ALTER TABLE tasks ADD COLUMN worker TEXT")
+}
 
 
 def _history(event: str, attempt: str = "attempts", note: str | None = None) -> str:
@@ -72,7 +79,8 @@ def _history(event: str, attempt: str = "attempts", note: str | None = None) -> 
 
 _IS_MINE = "queue = :queue AND id = :id AND status = 'processing' AND token = :token"
 _SETTLED = "token = NULL, lease_until = NULL, updated_at = :now"
-_INSERT = f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 28)})"
+_PLACEHOLDERS = ", ".join("?" * len(_COLUMNS))
+_INSERT = f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) VALUES ({_PLACEHOLDERS})"
 # "+status" keeps the planner on the primary key instead of scanning every live task.
 _LIVE_IDS = """SELECT id FROM tasks WHERE queue = ? AND +status IN ('scheduled', 'pending',
     'processing') AND id IN (SELECT value FROM json_each(?))"""
@@ -87,15 +95,17 @@ _REAP_POISON = f"""UPDATE tasks SET status = 'failed', dead_reason = 'poison', {
     error = json_object('type', 'PoisonTask', 'message', 'delivered ' || COALESCE(attempts, 0)
         || ' times without an ack (lease expired each time); dead-lettered', 'traceback', NULL)
     WHERE {_EXPIRED} AND COALESCE(expiries, 0) + 1 >= :max"""
+_REAP_CANCELED = f"""UPDATE tasks SET status = 'canceled', finished_at = :now, {_SETTLED},
+    {_history("'canceled'")} WHERE {_EXPIRED} AND cancel_requested = 1"""
 _REAP_RETURN = f"""UPDATE tasks SET status = 'pending', expiries = COALESCE(expiries, 0) + 1,
     {_SETTLED}, {_history("'lease_expired'")} WHERE {_EXPIRED}"""
 _PICK = """SELECT rowid FROM tasks WHERE queue = ? AND status = 'pending'
     ORDER BY priority DESC, ready_at, seq LIMIT 1"""
 _CLAIM_ROW = """SELECT id, priority, data, type, max_retries, retry_backoff, process_timeout,
-    created_at, attempts, queue_timeout, ready_at, started_at FROM tasks WHERE rowid = ?"""
+    created_at, attempts, queue_timeout, ready_at, started_at, steps FROM tasks WHERE rowid = ?"""
 _RAW_TEXT = "SELECT CAST(id AS BLOB), CAST(data AS BLOB) FROM tasks WHERE rowid = ?"
 _TAKE = f"""UPDATE tasks SET status = 'processing', attempts = :attempt, token = :token,
-    lease_until = :lease, started_at = :now, updated_at = :now,
+    lease_until = :lease, started_at = :now, updated_at = :now, worker = :worker,
     {_history("'reserved'", ":attempt")} WHERE rowid = :rowid"""
 _TIME_OUT = f"""UPDATE tasks SET status = 'timeout', finished_at = :now, {_SETTLED},
     {_history("'timeout'")} WHERE rowid = :rowid"""
@@ -107,12 +117,23 @@ _NEXT_DUE = "SELECT MIN(scheduled_for) FROM tasks WHERE queue = ? AND status = '
 _NEXT_EXPIRY = "SELECT MIN(lease_until) FROM tasks WHERE queue = ? AND status = 'processing'"
 _ACK = f"""UPDATE tasks SET status = 'success', result = :result, finished_at = :now,
     progress = 1.0, {_SETTLED}, {_history("'succeeded'")} WHERE {_IS_MINE}"""
-_NACK = f"""UPDATE tasks SET status = :status, scheduled_for = :due, ready_at = :ready, seq = :seq,
+# A hand-back (give_back 1, no delay) keeps the task's place in line: it was first.
+_NACK = f"""UPDATE tasks SET status = :status, scheduled_for = :due,
+    ready_at = CASE WHEN :give_back = 1 AND :due IS NULL THEN ready_at ELSE :ready END,
+    seq = CASE WHEN :give_back = 1 AND :due IS NULL THEN seq ELSE :seq END,
     attempts = attempts - :give_back, error = COALESCE(:error, error), {_SETTLED},
-    {_history(":event")} WHERE {_IS_MINE}"""
-_FAIL = f"""UPDATE tasks SET status = 'failed', dead_reason = :reason, error = COALESCE(:error,
-    error), finished_at = :now, {_SETTLED}, {_history("'failed'", note=":reason")}
+    {_history(":event")} WHERE {_IS_MINE} AND cancel_requested IS NOT 1"""
+_NACK_CANCELED = f"""UPDATE tasks SET status = 'canceled', finished_at = :now,
+    error = COALESCE(:error, error), {_SETTLED}, {_history("'canceled'")}
+    WHERE {_IS_MINE} AND cancel_requested = 1"""
+_FAIL = f"""UPDATE tasks SET status = :status,
+    dead_reason = CASE WHEN :status = 'failed' THEN :reason END, error = COALESCE(:error, error),
+    finished_at = :now, {_SETTLED}, {_history(":status", note=":reason")}
     WHERE queue = :queue AND id = :id"""
+_CHECKPOINT = f"UPDATE tasks SET steps = :steps, updated_at = :now WHERE {_IS_MINE}"
+_HEARTBEAT = """INSERT INTO workers (id, info, last_seen, expires_at) VALUES (?, ?, ?, ?)
+    ON CONFLICT (id) DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen,
+    expires_at = excluded.expires_at RETURNING stop_requested"""
 _EXTEND = f"""UPDATE tasks SET lease_until = CASE WHEN lease_until IS NULL THEN NULL
     ELSE :deadline END, updated_at = :now WHERE {_IS_MINE}"""
 _PROGRESS = f"""UPDATE tasks SET progress = :progress, progress_message = :message,
@@ -146,8 +167,11 @@ _RECENT = """SELECT COUNT(*) FILTER (WHERE status = 'success'),
 _SIZE = "SELECT COUNT(*) FROM tasks WHERE queue = ? AND status = 'pending'"
 _PURGE = "DELETE FROM tasks WHERE queue = ?"
 # Failed rows are the dead-letter list: retention never deletes them.
-_SWEEP = """DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE queue = ?
-    AND status IN ('success', 'canceled', 'timeout') AND finished_at < ? LIMIT 10000)"""
+# Pulled tasks (processing, no lease) are consumed: forgotten after result_ttl too.
+_SWEEP = """DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE queue = :queue
+    AND status IN ('success', 'canceled', 'timeout') AND finished_at < :before LIMIT 10000)
+    OR rowid IN (SELECT rowid FROM tasks WHERE queue = :queue AND status = 'processing'
+    AND lease_until IS NULL AND started_at < :before LIMIT 10000)"""
 
 _SYNC_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 _POLL_SECONDS = 0.005  # how often wait() looks at PRAGMA data_version
@@ -183,7 +207,7 @@ class SqliteBackend(Backend):
         path: str,
         queue_name: str,
         *,
-        busy_timeout: float = 10.0,
+        busy_timeout: float = 30.0,
         synchronous: str = "FULL",
         result_ttl: float = 7 * 24 * 3600,
     ) -> None:
@@ -239,8 +263,12 @@ class SqliteBackend(Backend):
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
                 if conn.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
                     conn.execute("BEGIN IMMEDIATE")
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
                     for statement in _SCHEMA:
                         conn.execute(statement)
+                    for target in range(version + 1, _SCHEMA_VERSION + 1):
+                        for statement in _MIGRATIONS.get(target, ()) if version else ():
+                            conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
                     conn.execute("COMMIT")
                 return
@@ -345,14 +373,16 @@ class SqliteBackend(Backend):
             "scheduled" if delayed else "pending", 0, 0, task.max_retries, task.retry_backoff,
             task.queue_timeout, task.process_timeout, now, now + task.delay if delayed else None,
             None, None, now, 0.0, None, None, None, None, 0,
-            json.dumps(event, separators=(",", ":")) + "\n",
+            json.dumps(event, separators=(",", ":")) + "\n", None, None,
             None, None, None if delayed else now, seq,
         )  # fmt: skip
 
     # -- consuming ----------------------------------------------------------------------------
 
-    def claim(self, lease_seconds: float | None, max_deliveries: int) -> ClaimResult:
-        return self._claim_tx(None, lease_seconds, max_deliveries)[1]
+    def claim(
+        self, lease_seconds: float | None, max_deliveries: int, *, consumer: str = ""
+    ) -> ClaimResult:
+        return self._claim_tx(None, lease_seconds, max_deliveries, consumer)[1]
 
     def ack_and_claim(
         self,
@@ -361,12 +391,19 @@ class SqliteBackend(Backend):
         result_json: str | None,
         lease_seconds: float,
         max_deliveries: int,
+        *,
+        consumer: str = "",
     ) -> tuple[bool, ClaimResult]:
         """Ack and claim in one transaction: one fsync instead of two."""
-        return self._claim_tx((task_id, token, result_json), lease_seconds, max_deliveries)
+        ack = (task_id, token, result_json)
+        return self._claim_tx(ack, lease_seconds, max_deliveries, consumer)
 
     def _claim_tx(
-        self, ack: tuple[str, str, str | None] | None, lease: float | None, max_deliveries: int
+        self,
+        ack: tuple[str, str, str | None] | None,
+        lease: float | None,
+        max_deliveries: int,
+        consumer: str,
     ) -> tuple[bool, ClaimResult]:
         self._maybe_sweep()  # first: if it fails, nothing has been claimed yet
         self._seen_pushes = self._push_count()
@@ -374,23 +411,25 @@ class SqliteBackend(Backend):
             acked = ack is not None and self._ack(now, *ack)
             # Read inside the write lock: any later commit by another process changes it.
             self._seen_version = int(self._db().execute("PRAGMA data_version").fetchone()[0])
-            return acked, self._claim(now, lease, max_deliveries)
+            return acked, self._claim(now, lease, max_deliveries, consumer)
 
-    def _claim(self, now: float, lease: float | None, max_deliveries: int) -> ClaimResult:
+    def _claim(
+        self, now: float, lease: float | None, max_deliveries: int, consumer: str
+    ) -> ClaimResult:
         db = self._db()
         params = {"queue": self.queue_name, "now": now, "max": max_deliveries}
-        for statement in (_PROMOTE, _REAP_POISON, _REAP_RETURN):
+        for statement in (_PROMOTE, _REAP_CANCELED, _REAP_POISON, _REAP_RETURN):
             db.execute(statement, params)
         for _ in range(_MAX_SKIPS):
             row = db.execute(_PICK, (self.queue_name,)).fetchone()
             if row is None:
                 return ClaimResult(None, self._wait_hint(now))
-            claimed = self._take(row[0], now, lease)
+            claimed = self._take(row[0], now, lease, consumer)
             if claimed is not None:
                 return ClaimResult(claimed)
         return ClaimResult(None, 0.0)  # many rows skipped: the caller claims again at once
 
-    def _take(self, rowid: int, now: float, lease: float | None) -> Claimed | None:
+    def _take(self, rowid: int, now: float, lease: float | None, consumer: str) -> Claimed | None:
         """Lease one pending row, or retire it (timeout, malformed) and return None."""
         cursor = self._db().cursor()
         cursor.row_factory = sqlite3.Row
@@ -408,12 +447,16 @@ class SqliteBackend(Backend):
             attempt = 1
         token = uuid.uuid4().hex
         deadline = None if lease is None else now + lease
-        cursor.execute(_TAKE, {**params, "attempt": attempt, "token": token, "lease": deadline})
+        cursor.execute(
+            _TAKE,
+            {**params, "attempt": attempt, "token": token, "lease": deadline, "worker": consumer},
+        )
         return Claimed(
             task_id=row["id"], token=token, attempts=attempt, priority=row["priority"],
             data_json=row["data"], type=None if row["type"] is None else str(row["type"]),
             max_retries=row["max_retries"], retry_backoff=row["retry_backoff"],
             process_timeout=row["process_timeout"], created_at=row["created_at"],
+            steps_json=row["steps"],
         )  # fmt: skip
 
     def _is_utf8(self, rowid: int, task_id: str, data: Any) -> bool:
@@ -442,7 +485,7 @@ class SqliteBackend(Backend):
             return
         self._claims, self._swept = 0, time.monotonic()
         with self._write() as now:
-            self._db().execute(_SWEEP, (self.queue_name, now - self._result_ttl))
+            self._db().execute(_SWEEP, {"queue": self.queue_name, "before": now - self._result_ttl})
 
     def wait(self, timeout: float) -> None:
         """Poll ``PRAGMA data_version`` (cheap: shared memory) every 5 ms; a push made in this
@@ -484,14 +527,31 @@ class SqliteBackend(Backend):
                 ready=None if later else now, seq=self._next_seq(),
                 give_back=int(not count_attempt),
             )  # fmt: skip
+            changed = changed or self._update(
+                _NACK_CANCELED, now, task_id, token=token, error=error_json
+            )
         if changed:
             _notify_push(self._key)
         return changed
 
-    def fail(self, task_id: str, token: str | None, reason: str, error_json: str | None) -> bool:
+    def fail(
+        self,
+        task_id: str,
+        token: str | None,
+        reason: str,
+        error_json: str | None,
+        *,
+        status: str = "failed",
+    ) -> bool:
         sql = _FAIL if token is None else f"{_FAIL} AND status = 'processing' AND token = :token"
         with self._write() as now:
-            return self._update(sql, now, task_id, token=token, reason=reason, error=error_json)
+            return self._update(
+                sql, now, task_id, token=token, reason=reason, error=error_json, status=status
+            )
+
+    def checkpoint(self, task_id: str, token: str, steps_json: str) -> bool:
+        with self._write() as now:
+            return self._update(_CHECKPOINT, now, task_id, token=token, steps=steps_json)
 
     def extend(self, task_id: str, token: str, lease_seconds: float) -> bool:
         with self._write() as now:
@@ -559,6 +619,33 @@ class SqliteBackend(Backend):
             ready = int(self._db().execute(_SIZE, (self.queue_name,)).fetchone()[0])
             self._db().execute(_PURGE, (self.queue_name,))
         return ready
+
+    # -- the worker registry ------------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, info_json: str, ttl: float) -> bool:
+        with self._write() as now:
+            db = self._db()
+            db.execute("DELETE FROM workers WHERE expires_at < ?", (now,))
+            row = db.execute(_HEARTBEAT, (worker_id, info_json, now, now + ttl)).fetchone()
+        return bool(row and row[0])
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._write():
+            self._db().execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def list_workers(self) -> Sequence[str]:
+        with self._errors():
+            rows = self._db().execute(
+                "SELECT info FROM workers WHERE expires_at >= ? ORDER BY id", (time.time(),)
+            )
+            return [str(row[0]) for row in rows]
+
+    def request_stop(self, worker_id: str | None) -> int:
+        with self._write() as now:
+            sql = "UPDATE workers SET stop_requested = 1 WHERE expires_at >= ?"
+            if worker_id is None:
+                return int(self._db().execute(sql, (now,)).rowcount)
+            return int(self._db().execute(f"{sql} AND id = ?", (now, worker_id)).rowcount)
 
     def ping(self) -> None:
         try:

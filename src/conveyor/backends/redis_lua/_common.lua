@@ -13,6 +13,8 @@
 --   KEYS[8]  conveyor:{q}:done:failed    ZSET id -> finished time (the dead-letter list)
 --   KEYS[9]  conveyor:{q}:done:canceled  ZSET id -> finished time
 --   KEYS[10] conveyor:{q}:done:timeout   ZSET id -> finished time
+--   KEYS[11] conveyor:{q}:pulled         ZSET id -> pull time (at-most-once, no lease; kept
+--                                        result_ttl so seed-style consumers never leak)
 -- The per-task key is built from the KEYS[4] prefix, so it is in the same slot by design.
 
 local PRIORITY_BAND = 1099511627776 -- 2^40: room for 10^12 pushes per priority band
@@ -54,6 +56,7 @@ end
 local function finish(key, id, status, ttl)
   redis.call('HSET', key, 'status', status, 'finished_at', fmt(NOW), 'updated_at', fmt(NOW))
   redis.call('HDEL', key, 'token')
+  redis.call('ZREM', KEYS[11], id)
   redis.call('ZADD', DONE_KEY[status], NOW, id)
   if status == 'failed' then
     redis.call('PERSIST', key) -- the dead-letter list is kept until purged or retried
@@ -63,14 +66,27 @@ local function finish(key, id, status, ttl)
   end
 end
 
-local function dead_letter(key, id, reason, error_json)
+-- Finish a task that did not succeed: failed (dead-letter) or canceled while running.
+local function dead_letter(key, id, reason, error_json, status, ttl)
+  status = status or 'failed'
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[3], id)
-  redis.call('HSET', key, 'dead_reason', reason)
+  if status == 'failed' then redis.call('HSET', key, 'dead_reason', reason) end
   if error_json and error_json ~= '' then redis.call('HSET', key, 'error', error_json) end
-  finish(key, id, 'failed', 0)
-  append_event(key, 'dead', redis.call('HGET', key, 'attempts'), reason)
+  finish(key, id, status, ttl or 0)
+  append_event(key, status == 'failed' and 'dead' or status, redis.call('HGET', key, 'attempts'),
+    reason)
+end
+
+-- A task whose cancel was asked while it ran must not go back in line when it is handed
+-- back or its lease runs out: it ends as canceled there.
+local function cancel_if_asked(key, id, ttl)
+  if redis.call('HGET', key, 'cancel_requested') == '1' then
+    dead_letter(key, id, 'canceled', nil, 'canceled', ttl)
+    return true
+  end
+  return false
 end
 
 -- An id in a queue index with no readable task hash: record why it is dead, keep going.
@@ -117,7 +133,7 @@ local function promote_due(queue)
 end
 
 -- Leases past their deadline: the holder died or hung. Back in line, or poison.
-local function reap_expired(queue, max_deliveries)
+local function reap_expired(queue, max_deliveries, ttl)
   local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', NOW, 'LIMIT', 0, SCAN_LIMIT)
   for _, id in ipairs(expired) do
     local key = KEYS[4] .. id
@@ -128,7 +144,9 @@ local function reap_expired(queue, max_deliveries)
       local attempts = redis.call('HGET', key, 'attempts')
       redis.call('ZREM', KEYS[3], id)
       redis.call('HDEL', key, 'token')
-      if expiries >= max_deliveries then
+      if cancel_if_asked(key, id, ttl) then
+        -- canceled while it ran: it does not come back
+      elseif expiries >= max_deliveries then
         dead_letter(key, id, 'poison', cjson.encode({type = 'PoisonTask', message =
           'delivered ' .. expiries .. ' times without an ack (the lease expired each time)'}))
       else
@@ -156,13 +174,13 @@ local function wait_hint()
 end
 
 local CLAIMED_FIELDS = {'priority', 'data', 'type', 'max_retries', 'retry_backoff',
-  'process_timeout', 'created_at', 'queue_timeout', 'ready_at'}
+  'process_timeout', 'created_at', 'steps', 'queue_timeout', 'ready_at'}
 
 -- The claim itself: returns {1, id, token, attempts, priority, data, type, max_retries,
--- retry_backoff, process_timeout, created_at} or {0, wait_hint}.
-local function claim(queue, lease, max_deliveries, token, ttl)
+-- retry_backoff, process_timeout, created_at, steps} or {0, wait_hint}.
+local function claim(queue, lease, max_deliveries, token, ttl, consumer)
   promote_due(queue)
-  reap_expired(queue, max_deliveries)
+  reap_expired(queue, max_deliveries, ttl)
   for _ = 1, SCAN_LIMIT do
     local popped = redis.call('ZPOPMIN', KEYS[1])
     if not popped[1] then break end
@@ -171,23 +189,27 @@ local function claim(queue, lease, max_deliveries, token, ttl)
       dead_unreadable(id, queue, 'missing', 'pending id has no task record')
     else
       local f = redis.call('HMGET', key, unpack(CLAIMED_FIELDS))
-      local queue_timeout, ready_at = tonumber(f[8]), tonumber(f[9])
+      local queue_timeout, ready_at = tonumber(f[9]), tonumber(f[10])
       if queue_timeout and ready_at and NOW > ready_at + queue_timeout then
         finish(key, id, 'timeout', ttl)
         append_event(key, 'timeout', redis.call('HGET', key, 'attempts'), 'not started in time')
       else
         local attempts = redis.call('HINCRBY', key, 'attempts', 1)
         redis.call('HSET', key, 'status', 'processing', 'token', token, 'started_at', fmt(NOW),
-          'updated_at', fmt(NOW))
+          'updated_at', fmt(NOW), 'worker', consumer)
         if lease then
           redis.call('ZADD', KEYS[3], NOW + lease, id)
-        elseif ttl > 0 then
-          redis.call('EXPIRE', key, math.ceil(ttl)) -- pulled: consumed, never redelivered
+        else -- pulled: consumed, never redelivered; forgotten after result_ttl unless settled
+          redis.call('ZADD', KEYS[11], NOW, id)
+          if ttl > 0 then
+            redis.call('EXPIRE', key, math.ceil(ttl))
+            redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', NOW - ttl)
+          end
         end
         append_event(key, lease and 'reserved' or 'pulled', attempts)
         if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('DEL', KEYS[6]) end
         return {1, id, token, attempts, f[1] or '', f[2] or '', f[3] or '', f[4] or '',
-          f[5] or '', f[6] or '', f[7] or ''}
+          f[5] or '', f[6] or '', f[7] or '', f[8] or ''}
       end
     end
   end

@@ -2,7 +2,7 @@
 -- KEYS: the common layout (see _common.lua).
 -- ARGV[1] queue name, ARGV[2] result_ttl (s), ARGV[3] id, ARGV[4] token, ARGV[5] result
 -- JSON ('' = none), ARGV[6] '1' to claim next, ARGV[7] lease seconds, ARGV[8]
--- max_deliveries, ARGV[9] the next claim's token.
+-- max_deliveries, ARGV[9] the next claim's token, ARGV[10] the consumer's id.
 -- Returns {acked (0/1), claim result or nothing}: see claim.lua for the claim result.
 -- @include _common.lua
 
@@ -17,6 +17,7 @@ if readable(key) and held(key, token) then
   acked = 1
 end
 if ARGV[6] == '1' then
-  return {acked, claim(ARGV[1], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[2]))}
+  return {acked, claim(ARGV[1], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[2]),
+    ARGV[10])}
 end
 return {acked}

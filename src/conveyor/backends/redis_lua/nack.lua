@@ -10,8 +10,11 @@ local id, token, key = ARGV[3], ARGV[4], KEYS[4] .. ARGV[3]
 if not (readable(key) and held(key, token)) then return 0 end
 local delay, counted = tonumber(ARGV[5]) or 0, ARGV[7] == '1'
 redis.call('ZREM', KEYS[3], id)
+redis.call('ZREM', KEYS[11], id)
+redis.call('PERSIST', key)
 redis.call('HDEL', key, 'token')
 if ARGV[6] ~= '' then redis.call('HSET', key, 'error', ARGV[6]) end
+if cancel_if_asked(key, id, tonumber(ARGV[2])) then return 1 end
 local attempts = counted and redis.call('HGET', key, 'attempts')
   or redis.call('HINCRBY', key, 'attempts', -1)
 if delay > 0 then
