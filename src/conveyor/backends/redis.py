@@ -94,13 +94,17 @@ class RedisBackend(Backend):
             f"{tag}:pulled",
         )
         self._call_head = (len(self._keys), *self._keys, queue_name, self._ttl)
+        # A server that accepts but never answers must fail within about connect_timeout
+        # too; blocking waits stay a second shorter than this so they never trip it.
+        self._socket_timeout = max(2.0 * connect_timeout, 3.0)
+        self._max_block = min(_MAX_BLOCK, self._socket_timeout - 1.0)
         try:
             self._client: redis.Redis = redis.Redis.from_url(
                 url,
                 decode_responses=True,
                 encoding_errors="surrogateescape",
                 socket_connect_timeout=connect_timeout,
-                socket_timeout=_MAX_BLOCK + max(connect_timeout, 5.0),
+                socket_timeout=self._socket_timeout,
                 health_check_interval=30,
             )
         except ValueError as exc:
@@ -233,7 +237,7 @@ class RedisBackend(Backend):
 
     def wait(self, timeout: float) -> None:
         with self._translate():
-            self._client.blpop([self._keys[5]], timeout=min(max(timeout, 0.001), _MAX_BLOCK))
+            self._client.blpop([self._keys[5]], timeout=min(max(timeout, 0.001), self._max_block))
 
     def ack(self, task_id: str, token: str, result_json: str | None) -> bool:
         return bool(self._run("ack", task_id, token, result_json or "", "0")[0])

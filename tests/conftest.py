@@ -1,0 +1,286 @@
+"""Fixtures shared by the conformance suite: one set of tests, parametrized over backends.
+
+A backend joins the suite by adding one entry to :data:`BACKENDS` and one branch to
+:func:`_url_for`; every test that takes ``backend_url`` (directly or through ``make_queue``)
+then runs against it.
+
+A backend that needs a server skips on a laptop when the server does not answer, and fails
+when ``CI`` is ``"true"``: CI never passes by silently skipping a backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import queue as queue_module
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from conveyor import QueueManager
+
+T = TypeVar("T")
+
+HELPERS = Path(__file__).parent / "helpers"
+REDIS_URL = os.environ.get("CONVEYOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+#: The backends the conformance suite runs against: (name, marks).
+BACKENDS = {
+    "sqlite": (),
+    "redis": (pytest.mark.redis,),
+}
+
+
+def backend_params(*names: str) -> list[Any]:
+    """``pytest.param`` entries (with their marks) for the named backends, all by default."""
+    return [pytest.param(name, id=name, marks=BACKENDS[name]) for name in names or BACKENDS]
+
+
+def unavailable(reason: str) -> None:
+    """Skip on a laptop, fail in CI: a backend the suite cannot reach is never a pass."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: not skipping)")
+    pytest.skip(reason)
+
+
+def require_backend_module(name: str) -> None:
+    """Skip (fail in CI) when the backend's module has not been written yet."""
+    if importlib.util.find_spec(f"conveyor.backends.{name}") is None:
+        unavailable(f"conveyor.backends.{name} does not exist yet")
+
+
+def require_redis_server(url: str = REDIS_URL) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable(f"no Redis server answers at {url}: {exc}")
+    finally:
+        client.close()
+
+
+def _url_for(name: str, tmp_path: Path) -> str:
+    if name == "sqlite":
+        return f"sqlite:///{tmp_path}/q.db"
+    if name == "redis":
+        return REDIS_URL
+    raise AssertionError(f"no URL known for backend {name!r}")
+
+
+@pytest.fixture(params=backend_params())
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """The backend under test; a test module may parametrize it directly to narrow the set."""
+    return str(request.param)
+
+
+@pytest.fixture
+def backend_url(backend_name: str, tmp_path: Path) -> str:
+    """A URL for the backend under test, checked to be usable (or skipped / failed)."""
+    require_backend_module(backend_name)
+    if backend_name == "redis":
+        require_redis_server()
+    return _url_for(backend_name, tmp_path)
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_queue(backend_url: str, queue_name: str) -> Iterator[Callable[..., QueueManager]]:
+    """Factory: ``make_queue(**options)`` opens another manager on the test's queue.
+
+    Every manager it made is cleared and closed at teardown, so the shared Redis is left
+    clean; on Redis any key of the queue that ``clear()`` left behind is deleted too.
+    """
+    made: list[QueueManager] = []
+
+    def factory(**options: Any) -> QueueManager:
+        options.setdefault("queue_name", queue_name)
+        manager = QueueManager.from_url(backend_url, **options)
+        made.append(manager)
+        return manager
+
+    yield factory
+    for manager in made:
+        with contextlib.suppress(Exception):
+            manager.clear()
+        with contextlib.suppress(Exception):
+            manager.close()
+    if backend_url.startswith("redis"):
+        _delete_redis_keys(backend_url, queue_name)
+
+
+def _delete_redis_keys(url: str, queue_name: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"conveyor:{{{queue_name}}}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def queue(make_queue: Callable[..., QueueManager]) -> QueueManager:
+    """A manager with default options on the test's queue."""
+    return make_queue()
+
+
+# -- polling --------------------------------------------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.02,
+    message: str | Callable[[], str] = "condition",
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; return that value.
+
+    Raises AssertionError naming ``message`` after ``timeout`` seconds. This is the only way
+    tests wait for something to happen: never a bare sleep as synchronisation.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {text}")
+        time.sleep(interval)
+
+
+def sleep_until(wall_clock: float) -> None:
+    """Let time pass until ``time.time()`` reaches ``wall_clock`` (for lease/delay expiry)."""
+    remaining = wall_clock - time.time()
+    if remaining > 0:
+        time.sleep(remaining)
+
+
+# -- helper subprocesses --------------------------------------------------------------------
+
+
+class Helper:
+    """A helper script from ``tests/helpers`` running in its own process.
+
+    stdout is read line by line on a thread so the test can wait for a line with a deadline;
+    stderr goes to a file that is shown when an expectation fails.
+    """
+
+    def __init__(self, script: str, args: list[str], log_dir: Path) -> None:
+        self.name = f"{script}-{uuid.uuid4().hex[:6]}"
+        self.stderr_path = log_dir / f"{self.name}.stderr"
+        self._stderr = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HELPERS / script), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            bufsize=1,
+        )
+        self.lines: queue_module.Queue[str | None] = queue_module.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text(errors="replace")[-3000:]
+
+    def expect(self, prefix: str, timeout: float = 15.0) -> str:
+        """Wait for the next stdout line starting with ``prefix``; return its remainder."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(remaining, 0.001))
+            except queue_module.Empty:
+                line = ""
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"{self.name}: no line {prefix!r} within {timeout}s; stderr:\n"
+                        f"{self.stderr()}"
+                    ) from None
+                continue
+            if line is None:
+                raise AssertionError(
+                    f"{self.name} exited ({self.proc.wait()}) before printing {prefix!r}; "
+                    f"stderr:\n{self.stderr()}"
+                )
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.name} still running after {timeout}s; stderr:\n{self.stderr()}"
+            ) from None
+
+    def stop(self) -> None:
+        """Kill the process if it still runs (SIGCONT first in case it was stopped), reap it."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+                os.kill(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(Exception):
+                if stream is not None:
+                    stream.close()
+        self._stderr.close()
+
+
+@pytest.fixture
+def spawn_helper(tmp_path: Path) -> Iterator[Callable[..., Helper]]:
+    """Factory: ``spawn_helper("consumer.py", "--url", url, ...)``; all are reaped at teardown."""
+    started: list[Helper] = []
+
+    def factory(script: str, *args: str) -> Helper:
+        helper = Helper(script, list(args), tmp_path)
+        started.append(helper)
+        return helper
+
+    yield factory
+    for helper in started:
+        helper.stop()
