@@ -1,7 +1,7 @@
-"""Entry point the seed documents: ``python worker.py``.
+"""``python worker.py``: the daemon the seed documents, configured by config/*.yaml and env.
 
-The pipeline-running daemon (TaskWorker) is its own issue; until it lands this script
-checks the configured backend and reports its queue, so deployments can be wired up now.
+Equivalent to ``conveyor worker``. It runs until SIGTERM/SIGINT (drains running tasks up to
+``worker.max_shutdown_wait``), ``conveyor stop``, or a recycling limit, then exits 0.
 """
 
 from __future__ import annotations
@@ -9,25 +9,21 @@ from __future__ import annotations
 import sys
 
 try:
-    from conveyor import ConveyorError, QueueManager
+    from conveyor.errors import ConfigError
     from conveyor.settings import load_settings
+    from conveyor.worker.bootstrap import run_worker
 except ImportError:
     sys.exit("conveyor is not installed: run `make run` (or `pip install -e .`) first")
 
 
 def main() -> int:
-    """Open the configured queue and print its state; exit 2 with one line on a bad setup."""
+    """Load settings (CONVEYOR_CONFIG or config/development.yaml) and run the worker."""
     try:
         settings = load_settings()
-        with QueueManager.from_settings(settings) as queue:
-            queue.ping()
-            stats = queue.stats()
-    except ConveyorError as exc:
+    except ConfigError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
         return 2
-    print(f"queue {stats.queue!r} at {queue.url}: {stats.counts}")
-    print("the TaskWorker daemon is not part of this version yet; see README.md")
-    return 0
+    return run_worker(settings)
 
 
 if __name__ == "__main__":

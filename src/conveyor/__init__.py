@@ -16,6 +16,8 @@ from .errors import (
 )
 from .manager import QueueManager, QueueStats
 from .models import Message, TaskError, TaskEvent, TaskRecord, TaskStatus
+from .pipeline import Pipeline, PipelineError, PipelineService, StepContext
+from .worker import RetryDefaults, TaskWorker, WorkerOptions
 
 __all__ = [
     "BackendError",
@@ -23,9 +25,14 @@ __all__ = [
     "ConfigError",
     "ConveyorError",
     "Message",
+    "Pipeline",
+    "PipelineError",
+    "PipelineService",
     "QueueBackend",
     "QueueManager",
     "QueueStats",
+    "RetryDefaults",
+    "StepContext",
     "TaskError",
     "TaskEvent",
     "TaskNotFoundError",
@@ -33,4 +40,6 @@ __all__ = [
     "TaskStatus",
     "TaskTypeError",
     "TaskValidationError",
+    "TaskWorker",
+    "WorkerOptions",
 ]

@@ -131,6 +131,9 @@ class WorkerSettings(_Section):
     memory_mb: int | None = Field(default=None, ge=1)
     pipelines: StrList = Field(default_factory=list)
     heartbeat_interval: float = Field(default=5.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    retry_backoff: float = Field(default=2.0, ge=0)
+    max_backoff: float = Field(default=600.0, ge=0)
 
 
 class LoggingSettings(_Section):

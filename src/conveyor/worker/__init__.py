@@ -1,0 +1,7 @@
+"""The worker daemon: ``TaskWorker`` and its options."""
+
+from .options import WorkerOptions
+from .policy import RetryDefaults
+from .taskworker import TaskWorker
+
+__all__ = ["RetryDefaults", "TaskWorker", "WorkerOptions"]

@@ -1,0 +1,146 @@
+"""The child process that runs pipeline steps, one task at a time.
+
+The worker keeps ``concurrency`` of these alive and talks to each over a pipe with JSON
+(no pickle): a step that crashes, leaks or hangs takes down only its child, which the
+worker kills and replaces. The child never touches the broker; the parent owns every
+connection, so leases and heartbeats keep flowing whatever a step does.
+
+Protocol (one JSON object per message):
+  parent -> child  {"op": "run", "task_id", "data", "attempt", "queue", "type", "steps"}
+                   {"op": "stop"}
+  child -> parent  {"op": "progress", "fraction", "message"}
+                   {"op": "step", "name", "result"}       an intermediate step finished
+                   {"op": "done", "result", "steps"}      the last step finished
+                   {"op": "error", "reason", "type", "message", "traceback", "step"}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import signal
+import time
+import traceback
+from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
+from typing import Any
+
+from ..pipeline import Pipeline, PipelineError, PipelineService, StepContext
+
+#: Progress is sent at most this often per task, so a chatty step cannot flood the pipe.
+_PROGRESS_INTERVAL = 0.2
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the worker dies, so no orphan keeps running a step."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def child_main(
+    conn: Connection,
+    service: PipelineService,
+    cancel_flag: Synchronized[int],
+    shutdown_flag: Synchronized[int],
+) -> None:
+    """Serve ``run`` requests until ``stop`` or until the parent goes away."""
+    # The terminal's Ctrl+C and supervisor's group TERM reach every process in the group:
+    # only the worker decides when a running step must end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    runner = _Runner(conn, service, cancel_flag, shutdown_flag)
+    while True:
+        try:
+            request = json.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        if request.get("op") != "run":
+            return
+        conn.send_bytes(json.dumps(runner.run(request), default=str).encode())
+
+
+class _Runner:
+    def __init__(
+        self,
+        conn: Connection,
+        service: PipelineService,
+        cancel_flag: Synchronized[int],
+        shutdown_flag: Synchronized[int],
+    ) -> None:
+        self.conn = conn
+        self.service = service
+        self.cancel_flag = cancel_flag
+        self.shutdown_flag = shutdown_flag
+        self._last_progress = 0.0
+
+    def run(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run the task's remaining steps; the reply is ``done`` or ``error``."""
+        step_name: str | None = None
+        try:
+            pipeline = self.service.resolve(request.get("type"))
+            pipeline.validate_data(request["data"])
+            results: dict[str, Any] = dict(request.get("steps") or {})
+            for step in pipeline.steps:
+                if step.name in results:
+                    continue  # finished in an earlier attempt: resume after it
+                if self.cancel_flag.value:
+                    return _error("canceled", "TaskCanceled", "canceled before step " + step.name)
+                step_name = step.name
+                result = step.function(self._context(request, results, step.name))
+                results[step.name] = _json_safe(result, step.name)
+                if step is not pipeline.steps[-1]:
+                    self._send({"op": "step", "name": step.name, "result": results[step.name]})
+            return {"op": "done", "result": results.get(_last(pipeline)), "steps": results}
+        except PipelineError as exc:
+            return _error(exc.reason, type(exc).__name__, str(exc))
+        except Exception as exc:  # a step's failure is data for the retry policy
+            reply = _error("error", type(exc).__name__, str(exc), traceback.format_exc())
+            reply["step"] = step_name
+            return reply
+
+    def _context(self, request: dict[str, Any], results: dict[str, Any], step: str) -> StepContext:
+        return StepContext(
+            task_id=request["task_id"],
+            data=request["data"],
+            results=results,
+            attempt=int(request.get("attempt", 1)),
+            queue=request.get("queue", ""),
+            step=step,
+            report_progress=self._progress,
+            is_cancelled=lambda: bool(self.cancel_flag.value),
+            is_shutting_down=lambda: bool(self.shutdown_flag.value),
+        )
+
+    def _progress(self, fraction: float, message: str | None) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < _PROGRESS_INTERVAL and fraction < 1:
+            return
+        self._last_progress = now
+        self._send({"op": "progress", "fraction": fraction, "message": message})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self.conn.send_bytes(json.dumps(message).encode())
+
+
+def _last(pipeline: Pipeline) -> str:
+    return pipeline.steps[-1].name
+
+
+def _json_safe(result: Any, step: str) -> Any:
+    """A step's result is stored as JSON: refuse what would not survive the trip."""
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"step {step!r} returned {type(result).__name__}, which is not JSON-serializable "
+            f"({exc}); return dicts, lists, strings and numbers"
+        ) from None
+    return result
+
+
+def _error(reason: str, type_: str, message: str, trace: str | None = None) -> dict[str, Any]:
+    return {"op": "error", "reason": reason, "type": type_, "message": message, "traceback": trace}

@@ -1,0 +1,26 @@
+"""Worker tuning that is not part of the seed's constructor (a settings object, not 16 kwargs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .policy import RetryDefaults
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """Recycling limits (None: no limit), shutdown mode, heartbeats and retry defaults."""
+
+    shutdown_mode: Literal["requeue", "fail"] = "requeue"
+    max_jobs: int | None = None
+    max_time: float | None = None
+    memory_mb: float | None = None
+    heartbeat_interval: float = 5.0
+    idle_block: float = 1.0  # longest blocking reserve: bounds how late a signal is seen
+    worker_id: str | None = None
+    retry: RetryDefaults = field(default_factory=RetryDefaults)
+
+    def renew_interval(self, visibility_timeout: float) -> float:
+        """Renew a lease three times per visibility window, so one slow round trip is safe."""
+        return max(min(visibility_timeout / 3, self.heartbeat_interval), 0.05)

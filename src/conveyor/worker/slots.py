@@ -1,0 +1,121 @@
+"""A slot: one child process and the task it runs, as the worker's main loop sees them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
+from typing import Any
+
+from ..manager import QueueManager
+from ..models import Message
+from ..pipeline import Pipeline, PipelineError, PipelineService
+from .child import child_main
+
+
+@dataclass
+class RunningTask:
+    """A task handed to a child: what the main loop needs to renew, time and settle it."""
+
+    message: Message
+    queue: QueueManager
+    pipeline: Pipeline | None
+    steps: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+    step_started: float = field(default_factory=time.monotonic)
+    renewed: float = field(default_factory=time.monotonic)
+    cancel_checked: float = field(default_factory=time.monotonic)
+
+    def current_step(self) -> str | None:
+        """The first step without a stored result: the one the child is running now."""
+        if self.pipeline is None:
+            return None
+        for step in self.pipeline.steps:
+            if step.name not in self.steps:
+                return step.name
+        return None
+
+    def deadline(self) -> float | None:
+        """Monotonic time the run must end by: the task's or the current step's hard limit."""
+        limits: list[float] = []
+        whole = self.message.process_timeout
+        if whole is None and self.pipeline is not None:
+            whole = self.pipeline.timeout
+        if whole is not None:
+            limits.append(self.started + whole)
+        name = self.current_step()
+        if name is not None and self.pipeline is not None:
+            step_limit = self.pipeline.step_named(name).timeout
+            if step_limit is not None:
+                limits.append(self.step_started + step_limit)
+        return min(limits) if limits else None
+
+
+class Slot:
+    """One child process. Replaced whenever it dies or is killed for a time limit."""
+
+    def __init__(self, index: int, context: BaseContext, service: PipelineService,
+                 shutdown_flag: Synchronized[int]) -> None:  # fmt: skip
+        self.index = index
+        self._context = context
+        self._service = service
+        self._shutdown_flag = shutdown_flag
+        self.cancel_flag: Synchronized[int] = context.Value("b", 0)
+        self.task: RunningTask | None = None
+        self.conn: Connection
+        self.process: BaseProcess
+        self.spawn()
+
+    def spawn(self) -> None:
+        parent_end, child_end = multiprocessing.Pipe(duplex=True)
+        self.process = self._context.Process(  # type: ignore[attr-defined]
+            target=child_main,
+            args=(child_end, self._service, self.cancel_flag, self._shutdown_flag),
+            name=f"conveyor-child-{self.index}",
+            daemon=True,
+        )
+        self.process.start()
+        child_end.close()
+        self.conn = parent_end
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None
+
+    def start(self, message: Message, queue: QueueManager, service: PipelineService) -> None:
+        """Hand a task to the child; it starts at the first step without a stored result."""
+        try:
+            pipeline: Pipeline | None = service.resolve(message.type)
+        except PipelineError:
+            pipeline = None  # the child reports the unknown pipeline as the task's failure
+        self.cancel_flag.value = 0
+        self.task = RunningTask(message, queue, pipeline, dict(message.steps))
+        request = {
+            "op": "run", "task_id": message.task_id, "data": message.data,
+            "attempt": message.attempts, "queue": message.queue, "type": message.type,
+            "steps": message.steps,
+        }  # fmt: skip
+        self.conn.send_bytes(json.dumps(request).encode())
+
+    def kill(self) -> None:
+        """SIGKILL the child (a hung or over-limit step) and start a fresh one."""
+        self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+        self.spawn()
+
+    def stop(self, timeout: float) -> None:
+        """Ask an idle child to exit; kill it if it does not."""
+        with contextlib.suppress(OSError):
+            self.conn.send_bytes(b'{"op": "stop"}')
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout)
+        self.conn.close()
