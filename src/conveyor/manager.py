@@ -437,6 +437,10 @@ class QueueManager:
             mean_run_seconds=mean,
         )
 
+    def known_queues(self) -> list[str]:
+        """Every queue on this backend (for ``conveyor queues`` and status of all queues)."""
+        return list(self._backend.known_queues())
+
     # -- the worker registry ------------------------------------------------------------------
 
     def register_worker(self, worker_id: str, info: Mapping[str, Any], ttl: float) -> bool:

@@ -233,6 +233,10 @@ class Backend(ABC):
         """Delete every task of the queue, whatever its state; return how many were ready."""
 
     @abstractmethod
+    def known_queues(self) -> Sequence[str]:
+        """Names of the queues that hold tasks or were opened on this backend, sorted."""
+
+    @abstractmethod
     def register_worker(self, worker_id: str, info_json: str, ttl: float) -> bool:
         """Record a live worker for ``ttl`` seconds; True when it was asked to stop."""
 

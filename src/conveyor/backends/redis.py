@@ -36,6 +36,8 @@ _SCRIPTS = (
 #: The worker registry spans queues, so it lives outside any queue's hash tag.
 _WORKERS = "conveyor:workers"
 _STOP_ALL = "conveyor:workers:stop-all"
+#: Names of the queues opened on this server, for ``conveyor queues`` (outside any hash tag).
+_QUEUES = "conveyor:queues"
 _INCLUDE = re.compile(r"^-- @include (\S+)$", re.MULTILINE)
 #: Longest single BLPOP: the socket timeout below must stay above it.
 _MAX_BLOCK = 5.0
@@ -114,6 +116,7 @@ class RedisBackend(Backend):
         with self._translate():
             self._client.ping()
             self._load_scripts()
+            self._client.sadd(_QUEUES, queue_name)
         self._warn_if_unsafe()
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -395,7 +398,12 @@ class RedisBackend(Backend):
                     batch.clear()
             if batch:
                 self._client.unlink(*batch)
+            self._client.srem(_QUEUES, self.queue_name)
         return pending
+
+    def known_queues(self) -> Sequence[str]:
+        with self._translate():
+            return sorted(str(name) for name in self._client.smembers(_QUEUES))
 
     # -- the worker registry ----------------------------------------------------------------
 

@@ -620,6 +620,12 @@ class SqliteBackend(Backend):
             self._db().execute(_PURGE, (self.queue_name,))
         return ready
 
+    def known_queues(self) -> Sequence[str]:
+        with self._errors():
+            rows = self._db().execute("SELECT DISTINCT queue FROM tasks ORDER BY queue")
+            names = {str(row[0]) for row in rows if row[0] is not None}
+        return sorted(names | {self.queue_name})
+
     # -- the worker registry ------------------------------------------------------------------
 
     def register_worker(self, worker_id: str, info_json: str, ttl: float) -> bool:
