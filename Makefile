@@ -12,20 +12,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)  ## the quick-start demo on the embedded SQLite default
-	$(BIN)/python scripts/test_queue.py
+run: $(STAMP)  ## the quick-start demo: the worker runs example pipelines on embedded SQLite
+	$(BIN)/python scripts/demo.py
 
 smoke: $(STAMP)
 	$(BIN)/python scripts/test_queue.py $(URL)
 
 test: $(STAMP)  ## the whole suite: lint, types, tests against real Redis
-	$(BIN)/python -m ruff check src tests scripts worker.py
-	$(BIN)/python -m ruff format --check src tests scripts worker.py
+	$(BIN)/python -m ruff check src tests scripts examples worker.py
+	$(BIN)/python -m ruff format --check src tests scripts examples worker.py
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check src tests scripts worker.py
+	$(BIN)/python -m ruff check src tests scripts examples worker.py
 	$(BIN)/python -m mypy
 
 bench: $(STAMP)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 from loguru import logger
 
@@ -36,6 +38,10 @@ def options_from(settings: Settings) -> WorkerOptions:
 def run_worker(settings: Settings) -> int:
     """Run until stopped; 0 after a clean stop, 2 when the setup is wrong (one clear line)."""
     configure_logging(settings.logging)
+    # Pipelines are named by import path relative to the project, as Celery's `include`;
+    # a console script (`conveyor worker`) does not put the working directory on sys.path.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     queues: list[QueueManager] = []
     try:
         service = PipelineService.from_import_paths(settings.worker.pipelines)

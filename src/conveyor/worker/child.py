@@ -91,6 +91,8 @@ class _Runner:
                     return _error("canceled", "TaskCanceled", "canceled before step " + step.name)
                 step_name = step.name
                 result = step.function(self._context(request, results, step.name))
+                if self.cancel_flag.value:  # the contract: a canceled step's result is ignored
+                    return _error("canceled", "TaskCanceled", "canceled during step " + step.name)
                 results[step.name] = _json_safe(result, step.name)
                 if step is not pipeline.steps[-1]:
                     self._send({"op": "step", "name": step.name, "result": results[step.name]})

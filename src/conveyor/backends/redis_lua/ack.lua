@@ -12,6 +12,7 @@ if readable(key) and held(key, token) then
   redis.call('ZREM', KEYS[3], id)
   if ARGV[5] ~= '' then redis.call('HSET', key, 'result', ARGV[5]) end
   redis.call('HSET', key, 'progress', 1)
+  redis.call('HDEL', key, 'progress_message') -- an earlier step's note would mislead
   finish(key, id, 'success', tonumber(ARGV[2]))
   append_event(key, 'succeeded', redis.call('HGET', key, 'attempts'))
   acked = 1
