@@ -186,7 +186,8 @@ def test_old_token_cannot_settle_after_a_reclaim(backend: SqliteBackend) -> None
     row = backend.get("a")
     assert row is not None
     assert (row["status"], row["result"], row["progress"]) == ("success", '{"ok": true}', 1.0)
-    assert row["progress_message"] == "halfway" and events(backend, "a")[-1] == "succeeded"
+    # Success clears the last step's note: "halfway" next to progress 1.0 would mislead.
+    assert row["progress_message"] is None and events(backend, "a")[-1] == "succeeded"
 
 
 # -- settling ---------------------------------------------------------------------------------

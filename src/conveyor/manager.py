@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from .backends import Backend, Claimed, ClaimResult, NewTask, QueueBackend, backend_for_url
 from .backends import open_backend as _open_backend
 from .errors import ConfigError, TaskNotFoundError, TaskTypeError, TaskValidationError
-from .models import Message, TaskError, TaskRecord, TaskStatus
+from .models import FINISHED_STATUSES, Message, TaskError, TaskRecord, TaskStatus
 from .records import record_from_row
 from .validation import (
     check_optional_count,
@@ -190,6 +190,17 @@ class QueueManager:
         names (``task_id``, ``data``, ``priority``, ``type``, ``delay``...). Every item is
         validated before any is written: one bad item rejects the batch, naming its index.
         """
+        batch = self._validated(tasks)
+        return self._backend.enqueue(batch) if batch else []
+
+    def check_many(self, tasks: Iterable[Mapping[str, Any] | tuple[Any, ...]]) -> int:
+        """Validate items as ``push_many`` would, writing nothing; returns how many.
+
+        Lets a bulk push from a file reject a bad line before the first batch is written.
+        """
+        return len(self._validated(tasks))
+
+    def _validated(self, tasks: Iterable[Mapping[str, Any] | tuple[Any, ...]]) -> list[NewTask]:
         batch: list[NewTask] = []
         for index, item in enumerate(tasks):
             try:
@@ -198,7 +209,7 @@ class QueueManager:
                 raise type(exc)(f"tasks[{index}].{exc.field}", exc.reason) from None
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"tasks[{index}].{exc}") from None
-        return self._backend.enqueue(batch) if batch else []
+        return batch
 
     def _new_task_from_item(self, item: Mapping[str, Any] | tuple[Any, ...]) -> NewTask:
         if isinstance(item, tuple):
@@ -415,6 +426,23 @@ class QueueManager:
     def retry(self, task_id: str) -> bool:
         """Re-drive a failed, timed-out or canceled task: pending again with attempts reset."""
         return self._backend.retry(check_task_id(task_id))
+
+    def delete_finished(
+        self, status: TaskStatus | str = TaskStatus.FAILED, limit: int = 1000
+    ) -> int:
+        """Delete up to ``limit`` finished records with ``status``, oldest first; how many.
+
+        ``failed`` purges the dead-letter list. Bounded per call: repeat until it returns 0.
+        """
+        wanted = TaskStatus(status)
+        if wanted not in FINISHED_STATUSES:
+            raise ValueError(
+                f"status: only finished tasks can be deleted (success, failed, canceled, "
+                f"timeout), got {wanted.value!r}"
+            )
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit: must be an integer >= 1, got {limit!r}")
+        return self._backend.purge_finished(wanted.value, limit)
 
     def list_tasks(
         self, status: TaskStatus | str | None = None, limit: int = 50, offset: int = 0

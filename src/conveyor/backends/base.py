@@ -233,6 +233,14 @@ class Backend(ABC):
         """Delete every task of the queue, whatever its state; return how many were ready."""
 
     @abstractmethod
+    def purge_finished(self, status: str, limit: int) -> int:
+        """Delete up to ``limit`` records with a finished ``status``, oldest first; how many.
+
+        Bounded work per call so a long dead-letter list is purged in steps (and can show
+        progress); the caller repeats until it returns 0.
+        """
+
+    @abstractmethod
     def known_queues(self) -> Sequence[str]:
         """Names of the queues that hold tasks or were opened on this backend, sorted."""
 

@@ -31,7 +31,7 @@ from .base import Backend, Claimed, ClaimResult, NewTask
 
 _SCRIPTS = (
     "enqueue", "claim", "ack", "nack", "fail", "extend", "progress", "checkpoint", "cancel",
-    "retry",
+    "retry", "purge",
 )  # fmt: skip
 #: The worker registry spans queues, so it lives outside any queue's hash tag.
 _WORKERS = "conveyor:workers"
@@ -302,6 +302,9 @@ class RedisBackend(Backend):
 
     def retry(self, task_id: str) -> bool:
         return bool(self._run("retry", task_id))
+
+    def purge_finished(self, status: str, limit: int) -> int:
+        return int(self._run("purge", status, limit))
 
     # -- reading ----------------------------------------------------------------------------
 

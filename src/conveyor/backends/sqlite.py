@@ -116,7 +116,8 @@ _MALFORMED = f"""UPDATE tasks SET status = 'failed', dead_reason = 'malformed', 
 _NEXT_DUE = "SELECT MIN(scheduled_for) FROM tasks WHERE queue = ? AND status = 'scheduled'"
 _NEXT_EXPIRY = "SELECT MIN(lease_until) FROM tasks WHERE queue = ? AND status = 'processing'"
 _ACK = f"""UPDATE tasks SET status = 'success', result = :result, finished_at = :now,
-    progress = 1.0, {_SETTLED}, {_history("'succeeded'")} WHERE {_IS_MINE}"""
+    progress = 1.0, progress_message = NULL, {_SETTLED}, {_history("'succeeded'")}
+    WHERE {_IS_MINE}"""
 # A hand-back (give_back 1, no delay) keeps the task's place in line: it was first.
 _NACK = f"""UPDATE tasks SET status = :status, scheduled_for = :due,
     ready_at = CASE WHEN :give_back = 1 AND :due IS NULL THEN ready_at ELSE :ready END,
@@ -166,6 +167,8 @@ _RECENT = """SELECT COUNT(*) FILTER (WHERE status = 'success'),
     FROM tasks WHERE queue = ? AND status IN ('success', 'failed') AND finished_at >= ?"""
 _SIZE = "SELECT COUNT(*) FROM tasks WHERE queue = ? AND status = 'pending'"
 _PURGE = "DELETE FROM tasks WHERE queue = ?"
+_PURGE_STATUS = """DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE queue = ?
+    AND status = ? ORDER BY finished_at LIMIT ?)"""
 # Failed rows are the dead-letter list: retention never deletes them.
 # Pulled tasks (processing, no lease) are consumed: forgotten after result_ttl too.
 _SWEEP = """DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE queue = :queue
@@ -619,6 +622,11 @@ class SqliteBackend(Backend):
             ready = int(self._db().execute(_SIZE, (self.queue_name,)).fetchone()[0])
             self._db().execute(_PURGE, (self.queue_name,))
         return ready
+
+    def purge_finished(self, status: str, limit: int) -> int:
+        with self._write():
+            cursor = self._db().execute(_PURGE_STATUS, (self.queue_name, status, limit))
+        return int(cursor.rowcount)
 
     def known_queues(self) -> Sequence[str]:
         with self._errors():

@@ -1,0 +1,254 @@
+"""``conveyor doctor`` flags each misconfiguration, built for real.
+
+Redis servers are our own (``redis-server`` on a free port, started with the flags under
+test, killed at teardown); supervisor and compose files are written to a temp dir; a
+running supervisord is asked over XML-RPC. Exit codes: 0 when nothing is wrong, 1 when a
+problem is found -- an unreachable backend included (it is a finding, not a usage error).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import unavailable
+from conveyor.cli import main
+from conveyor.doctor.deployment import parse_duration
+from helpers.private_redis import PrivateRedis, free_port
+from helpers.supervision import ROOT, Supervisord, supervisord_installed
+
+PRODUCTION = ROOT / "config" / "production.yaml"
+
+Doctor = Callable[..., tuple[int, list[dict[str, str]], str]]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
+    """Factory: ``redis_server("--appendonly", "yes")`` starts one; all are killed after."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not installed")
+    started: list[PrivateRedis] = []
+
+    def start(*args: str) -> PrivateRedis:
+        server = PrivateRedis(tmp_path / f"redis{len(started)}", *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def doctor(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Doctor:
+    """Run ``conveyor doctor ARGS --json``; returns (exit code, findings, text of a 2nd run)."""
+    monkeypatch.chdir(tmp_path)  # no default config/, supervisor/ or compose file here
+    monkeypatch.delenv("CONVEYOR_CONFIG", raising=False)
+
+    def run(*args: str) -> tuple[int, list[dict[str, str]], str]:
+        code = main(["doctor", *args, "--json"])
+        findings = json.loads(capsys.readouterr().out)["findings"]
+        assert main(["doctor", *args]) == code
+        return code, findings, capsys.readouterr().out
+
+    return run
+
+
+def by_check(findings: list[dict[str, str]], check: str) -> list[dict[str, str]]:
+    return [finding for finding in findings if finding["check"] == check]
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/doctor.db"
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+
+def test_redis_without_persistence_is_flagged(
+    redis_server: Callable[..., PrivateRedis], doctor: Doctor
+) -> None:
+    server = redis_server("--appendonly", "no")
+    code, findings, text = doctor("--url", server.url)
+    assert code == 1
+    (persistence,) = by_check(findings, "redis persistence")
+    assert persistence["status"] == "problem"
+    assert "appendonly is no" in persistence["message"]
+    assert "appendonly yes" in (persistence["fix"] or "")
+    assert by_check(findings, "redis eviction")[0]["status"] == "ok"
+    assert "PROBLEM" in text and "fix: " in text and "1 problem(s) found" in text
+
+
+def test_an_evicting_redis_is_flagged(
+    redis_server: Callable[..., PrivateRedis], doctor: Doctor
+) -> None:
+    server = redis_server("--appendonly", "yes", "--maxmemory-policy", "allkeys-lru")
+    code, findings, _ = doctor("--url", server.url)
+    assert code == 1
+    assert by_check(findings, "redis persistence")[0]["status"] == "ok"
+    (eviction,) = by_check(findings, "redis eviction")
+    assert eviction["status"] == "problem"
+    assert "allkeys-lru" in eviction["message"] and "noeviction" in (eviction["fix"] or "")
+
+
+def test_a_persistent_noeviction_redis_is_clean(
+    redis_server: Callable[..., PrivateRedis], doctor: Doctor
+) -> None:
+    server = redis_server("--appendonly", "yes", "--appendfsync", "everysec")
+    code, findings, text = doctor("--url", server.url)
+    assert code == 0, findings
+    assert {f["status"] for f in findings} <= {"ok", "skipped"}
+    assert "no problems found" in text
+    assert by_check(findings, "rabbitmq timeout")[0]["status"] == "skipped"
+
+
+def test_redis_with_config_disabled_says_it_could_not_check(
+    redis_server: Callable[..., PrivateRedis], doctor: Doctor
+) -> None:
+    server = redis_server("--rename-command", "CONFIG", "")
+    code, findings, _ = doctor("--url", server.url)
+    assert code == 0
+    (persistence,) = by_check(findings, "redis persistence")
+    assert persistence["status"] == "unchecked"
+    assert "could not read" in persistence["message"]
+
+
+def test_a_backend_that_does_not_answer_is_a_problem(doctor: Doctor) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    code, findings, text = doctor("--url", url)
+    assert code == 1
+    (backend,) = by_check(findings, "backend")
+    assert backend["status"] == "problem"
+    assert "does not answer" in backend["message"]
+    assert "hunter2" not in text and "***" in text
+    assert not by_check(findings, "redis persistence")  # nothing more to ask a dead server
+
+
+# -- supervisor -------------------------------------------------------------------------------
+
+
+def write_program(path: Path, *lines: str) -> Path:
+    path.write_text(
+        "[program:conveyor-worker]\n"
+        "command=/srv/app/.venv/bin/python /srv/app/worker.py ; the worker\n"
+        "process_name=%(program_name)s_%(process_num)02d\nnumprocs=3\n" + "\n".join(lines) + "\n"
+    )
+    return path
+
+
+def test_a_supervisor_stopwaitsecs_shorter_than_the_drain_is_flagged(
+    doctor: Doctor, tmp_path: Path
+) -> None:
+    short = write_program(
+        tmp_path / "short.conf",
+        "stopwaitsecs=5",
+        f'environment=CONVEYOR_CONFIG="{PRODUCTION}",PYTHONUNBUFFERED="1"',
+    )
+    code, findings, _ = doctor("--url", sqlite_url(tmp_path), "--supervisor-conf", str(short))
+    assert code == 1
+    (finding,) = by_check(findings, "supervisor")
+    assert finding["status"] == "problem"
+    assert "stopwaitsecs is 5s" in finding["message"] and "300s" in finding["message"]
+    assert str(PRODUCTION) in finding["message"]  # the wait of the config the program uses
+    assert "at least 330s" in (finding["fix"] or "")
+
+    default = write_program(tmp_path / "default.conf")  # no stopwaitsecs: supervisor's 10 s
+    code, findings, _ = doctor(
+        "--url", sqlite_url(tmp_path), "--config", str(PRODUCTION), "--supervisor-conf",
+        str(default),
+    )  # fmt: skip
+    assert code == 1
+    assert "stopwaitsecs is 10s" in by_check(findings, "supervisor")[0]["message"]
+
+    killing = write_program(tmp_path / "kill.conf", "stopwaitsecs=400", "stopsignal=KILL")
+    code, findings, _ = doctor(
+        "--url", sqlite_url(tmp_path), "--config", str(PRODUCTION), "--supervisor-conf",
+        str(killing),
+    )  # fmt: skip
+    assert code == 1
+    statuses = [(f["status"], f["message"]) for f in by_check(findings, "supervisor")]
+    assert statuses[0][0] == "ok" and statuses[1][0] == "problem" and "KILL" in statuses[1][1]
+
+
+def test_the_shipped_supervisor_and_compose_files_pass(doctor: Doctor, tmp_path: Path) -> None:
+    code, findings, _ = doctor(
+        "--url", sqlite_url(tmp_path), "--supervisor-conf",
+        str(ROOT / "supervisor/conveyor-worker.conf"), "--compose",
+        str(ROOT / "docker-compose.yml"),
+    )  # fmt: skip
+    assert code == 0, findings
+    checks = {f["check"]: f for f in findings}
+    assert checks["supervisor"]["status"] == "ok" and "330s" in checks["supervisor"]["message"]
+    assert checks["compose"]["status"] == "ok" and "production.yaml" in checks["compose"]["message"]
+    assert checks["compose redis"]["status"] == "ok"
+
+
+def test_a_running_supervisord_is_checked_over_xml_rpc(doctor: Doctor, tmp_path: Path) -> None:
+    if not supervisord_installed():
+        unavailable("supervisord is not installed: pip install -e '.[dev]'")
+    program = {
+        "command": f"{sys.executable} {ROOT / 'worker.py'}",
+        "autostart": "false",  # only its settings matter: nothing needs to run
+        "stopwaitsecs": "5",
+    }
+    supervisord = Supervisord(tmp_path / "sv", {"conveyor-worker": program}, {})
+    try:
+        args = ("--url", sqlite_url(tmp_path), "--config", str(PRODUCTION))
+        code, findings, _ = doctor(*args, "--supervisor-url", supervisord.url)
+        assert code == 1
+        (finding,) = by_check(findings, "supervisord")
+        assert finding["status"] == "problem" and "stopwaitsecs is 5s" in finding["message"]
+    finally:
+        supervisord.stop()
+    code, findings, _ = doctor(*args, "--supervisor-url", supervisord.url)  # now gone
+    assert code == 1
+    assert "cannot ask supervisord" in by_check(findings, "supervisord")[0]["message"]
+
+
+# -- docker-compose ---------------------------------------------------------------------------
+
+
+def test_a_compose_grace_period_shorter_than_the_drain_is_flagged(
+    doctor: Doctor, tmp_path: Path
+) -> None:
+    compose = tmp_path / "compose.yml"
+    compose.write_text(
+        "services:\n"
+        "  redis:\n    image: redis:7\n    command: redis-server\n"
+        "  worker:\n    build: .\n    command: [conveyor, worker]\n"
+        "    stop_grace_period: 10s\n"
+        f"    environment:\n      CONVEYOR_CONFIG: {PRODUCTION}\n"
+    )
+    code, findings, _ = doctor("--url", sqlite_url(tmp_path), "--compose", str(compose))
+    assert code == 1
+    (grace,) = by_check(findings, "compose")
+    assert grace["status"] == "problem"
+    assert "stop_grace_period is 10s" in grace["message"] and "300s" in grace["message"]
+    (redis_service,) = by_check(findings, "compose redis")
+    assert redis_service["status"] == "problem" and "appendonly" in redis_service["message"]
+
+    compose.write_text(
+        "services:\n  worker:\n    image: conveyor\n    stop_grace_period: 1m\n"
+        "    environment: [CONVEYOR_WORKER__MAX_SHUTDOWN_WAIT=90]\n"
+    )
+    code, findings, _ = doctor("--url", sqlite_url(tmp_path), "--compose", str(compose))
+    assert code == 1
+    assert "90s" in by_check(findings, "compose")[0]["message"]
+
+
+def test_durations_as_compose_writes_them() -> None:
+    assert parse_duration("330s") == 330
+    assert parse_duration("5m30s") == 330
+    assert parse_duration("1h") == 3600
+    assert parse_duration("1.5m") == 90
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration(45) == 45
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("five minutes")
