@@ -227,9 +227,14 @@ class TaskWorker:
         message, queue = task.message, task.queue
         details = {key: error.get(key) for key in ("type", "message", "traceback")}
         log = self._log(message)
-        if reason == "canceled":
+        if reason == "canceled" or slot.cancel_flag.value:
+            # A step that raised because it saw ctx.cancelled was canceled, not broken.
             queue.settle_canceled(message, error=details)
-            log.info("canceled between steps")
+            log.info("canceled")
+        elif self.stop_reason is not None and reason == "error":
+            # A step that stopped early because it saw ctx.shutting_down: that is the
+            # shutdown's doing, so the task is handed back (or failed) as the mode says.
+            self._hand_back(message, queue)
         elif should_retry(message, task.pipeline, step, reason, self.options.retry):
             delay = backoff_seconds(message, task.pipeline, step, self.options.retry)
             queue.nack(message, delay=delay, error=details)
@@ -242,8 +247,10 @@ class TaskWorker:
         self._check_limits()
 
     def _child_died(self, slot: Slot) -> None:
+        # The pipe can close before the exit status is known: reap the child first.
+        slot.process.join(5)
         code = slot.process.exitcode
-        slot.kill()  # reap it and start a fresh child
+        slot.kill()  # start a fresh child
         error = {
             "type": "WorkerCrashed",
             "message": f"the step's process died (exit code {code}); a new one was started",
@@ -260,17 +267,17 @@ class TaskWorker:
             slot.process.kill()
             slot.process.join(5)
             slot.task = None
-            if self.options.shutdown_mode == "fail":
-                error = {
-                    "type": "WorkerShutdown",
-                    "message": "the worker shut down",
-                    "traceback": None,
-                }
-                task.queue.fail(task.message, reason="shutdown", error=error)
-                self._log(task.message).warning("failed: shutdown")
-            else:
-                task.queue.nack(task.message, count_attempt=False)
-                self._log(task.message).warning("interrupted: handed back to the queue")
+            self._hand_back(task.message, task.queue)
+
+    def _hand_back(self, message: Message, queue: QueueManager) -> None:
+        """A task the shutdown interrupted: back in line without using a retry, or failed."""
+        if self.options.shutdown_mode == "fail":
+            error = {"type": "WorkerShutdown", "message": "the worker shut down", "traceback": None}
+            queue.fail(message, reason="shutdown", error=error)
+            self._log(message).warning("failed: shutdown")
+        else:
+            queue.nack(message, count_attempt=False)
+            self._log(message).warning("interrupted: handed back to the queue")
 
     # -- upkeep ----------------------------------------------------------------------------
 

@@ -67,7 +67,9 @@ local function finish(key, id, status, ttl)
 end
 
 -- Finish a task that did not succeed: failed (dead-letter) or canceled while running.
-local function dead_letter(key, id, reason, error_json, status, ttl)
+-- The history event is `dead` when the backend itself gives up on a task (poison,
+-- malformed) unless the caller names another (`failed` for an explicit fail()).
+local function dead_letter(key, id, reason, error_json, status, ttl, event)
   status = status or 'failed'
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
@@ -75,8 +77,8 @@ local function dead_letter(key, id, reason, error_json, status, ttl)
   if status == 'failed' then redis.call('HSET', key, 'dead_reason', reason) end
   if error_json and error_json ~= '' then redis.call('HSET', key, 'error', error_json) end
   finish(key, id, status, ttl or 0)
-  append_event(key, status == 'failed' and 'dead' or status, redis.call('HGET', key, 'attempts'),
-    reason)
+  append_event(key, event or (status == 'failed' and 'dead' or status),
+    redis.call('HGET', key, 'attempts'), reason)
 end
 
 -- A task whose cancel was asked while it ran must not go back in line when it is handed

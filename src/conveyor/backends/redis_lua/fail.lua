@@ -9,5 +9,5 @@
 local id, token, key = ARGV[3], ARGV[4], KEYS[4] .. ARGV[3]
 if not readable(key) then return 0 end
 if token ~= '' and not held(key, token) then return 0 end
-dead_letter(key, id, ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[2]))
+dead_letter(key, id, ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[2]), ARGV[7])
 return 1
