@@ -672,3 +672,33 @@ def test_python_worker_py_runs_from_a_config_file_and_exits_0_on_sigterm(
 
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0, proc.stderr()
+
+
+# -- several queues per worker ------------------------------------------------------------------
+
+
+def test_several_queues_are_served_in_strict_priority_order(
+    queue: QueueManager,
+    make_queue: MakeQueue,
+    start_worker: StartWorker,
+    queue_name: str,
+    tmp_path: Path,
+) -> None:
+    """`-Q high,low`: every task of the first queue runs before any of the second, whatever
+    the tasks' own priorities; the second queue is still served once the first is empty."""
+    low = make_queue(queue_name=f"{queue_name}-low")
+    data = {"dir": str(tmp_path)}
+    for i in range(5):
+        assert low.push(f"low{i}", {**data, "priority": 10}, 10, type="ordered")
+        assert queue.push(f"high{i}", {**data, "priority": 0}, 0, type="ordered")
+    order_log = tmp_path / "order.log"
+    start_worker(queue=f"{queue_name},{queue_name}-low")
+
+    def started() -> list[str]:
+        return order_log.read_text().split() if order_log.exists() else []
+
+    wait_until(lambda: len(started()) >= 20, 30, message=lambda: f"10 starts: {started()}")
+    order = started()[::2]
+    assert order == [f"high{i}" for i in range(5)] + [f"low{i}" for i in range(5)], order
+    assert low.push("late-low", {**data, "priority": 3}, 3, type="ordered")
+    wait_until(lambda: "late-low" in started(), 10, message="the second queue still served")
