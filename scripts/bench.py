@@ -5,7 +5,9 @@ A measurement, not a test: it asserts nothing about speed. Usage::
     python scripts/bench.py                                  # SQLite in a temp dir
     python scripts/bench.py --url redis://127.0.0.1:6379/0 --n 20000 --json
 
-It uses a fresh queue (``bench-<random>``) and clears it at the end. Throughputs are for
+It uses a fresh queue (``bench-<random>``) and clears it at the end. An ``amqp://`` URL
+without ``task_store=`` gets a temporary SQLite task store (pass
+``?task_store=redis://...`` to measure RabbitMQ over a Redis store). Throughputs are for
 one client in one thread. Wake-up latency is from just before ``push()`` to the return of
 a ``reserve(timeout=5)`` that was already blocked, measured with ``time.perf_counter`` in
 one process (the consumer is a thread with its own manager: managers are not
@@ -221,18 +223,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def with_task_store(url: str, workdir: Path) -> str:
+    """RabbitMQ keeps no task state: an amqp:// URL without ``task_store`` gets a temporary
+    SQLite task store here (instead of ``conveyor-rabbitmq.db`` in the working directory)."""
+    if url.startswith(("amqp://", "amqps://")) and "task_store=" not in url:
+        return f"{url}{'&' if '?' in url else '?'}task_store=sqlite:///{workdir}/tasks.db"
+    return url
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    workdir = None if args.url else Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
-    url = args.url or f"sqlite:///{workdir}/bench.db"
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
+    url = with_task_store(args.url, workdir) if args.url else f"sqlite:///{workdir}/bench.db"
     try:
         rows = run_all(url, args.n, args.batch, args.samples)
     except (BrokerUnavailableError, ConfigError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     finally:
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     out = sys.stderr if args.json else sys.stdout
     print(
         f"conveyor bench: {mask_url(url)}  n={args.n} batch={args.batch}  "

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -168,9 +170,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--samples", type=int, default=200)
     args = parser.parse_args(argv)
-    for key, metric, value, unit in run_worker_bench(args.url, args.n, args.samples):
-        print(f"{metric:<55} {value:>10.2f} {unit}  ({key})")
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-bench-worker-"))
+    try:
+        url = with_task_store(args.url, workdir)
+        for key, metric, value, unit in run_worker_bench(url, args.n, args.samples):
+            print(f"{metric:<55} {value:>10.2f} {unit}  ({key})")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def with_task_store(url: str, workdir: Path) -> str:
+    """RabbitMQ keeps no task state: an amqp:// URL without ``task_store`` gets a temporary
+    SQLite task store, shared with the worker subprocess through the URL."""
+    if url.startswith(("amqp://", "amqps://")) and "task_store=" not in url:
+        return f"{url}{'&' if '?' in url else '?'}task_store=sqlite:///{workdir}/tasks.db"
+    return url
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Usage::
     python scripts/test_queue.py redis://localhost:6379/0
     python scripts/test_queue.py amqp://guest:guest@localhost:5672/
 
-Each step prints one ✅/❌ line. It uses its own queue (``smoke-<random>``) and clears it at
+An ``amqp://`` URL without ``task_store=`` gets a temporary SQLite task store. Each step
+prints one ✅/❌ line. It uses its own queue (``smoke-<random>``) and clears it at
 the end, so it is safe against a shared broker. Exit code: 0 all passed, 1 a step failed,
 2 the broker is unreachable or the URL is wrong (one line, no traceback).
 """
@@ -139,12 +140,20 @@ def run(queue: QueueManager) -> bool:
     return passed
 
 
+def with_task_store(url: str, workdir: Path) -> str:
+    """RabbitMQ keeps no task state: an amqp:// URL without ``task_store`` gets a temporary
+    SQLite task store here (instead of ``conveyor-rabbitmq.db`` in the working directory)."""
+    if url.startswith(("amqp://", "amqps://")) and "task_store=" not in url:
+        return f"{url}{'&' if '?' in url else '?'}task_store=sqlite:///{workdir}/tasks.db"
+    return url
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1 or (argv and argv[0] in ("-h", "--help")):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    workdir = None if argv else Path(tempfile.mkdtemp(prefix="conveyor-smoke-"))
-    url = argv[0] if argv else f"sqlite:///{workdir}/conveyor-smoke.db"
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-smoke-"))
+    url = with_task_store(argv[0], workdir) if argv else f"sqlite:///{workdir}/conveyor-smoke.db"
     queue_name = f"smoke-{uuid.uuid4().hex[:8]}"
     try:
         with QueueManager.from_url(url, queue_name=queue_name) as queue:
@@ -157,8 +166,7 @@ def main(argv: list[str]) -> int:
         print(f"❌ {exc}", file=sys.stderr)
         return 2
     finally:
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     print("all steps passed" if passed else "some steps FAILED")
     return 0 if passed else 1
 

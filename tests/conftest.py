@@ -32,12 +32,19 @@ T = TypeVar("T")
 
 HELPERS = Path(__file__).parent / "helpers"
 REDIS_URL = os.environ.get("CONVEYOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+#: The broker for the RabbitMQ backend; each test adds its own task store to the URL. A short
+#: heartbeat makes a paused (SIGSTOP) consumer lose its connection, and so its deliveries,
+#: within seconds, and proves heartbeats keep flowing while the test process is busy.
+RABBITMQ_URL = os.environ.get(
+    "CONVEYOR_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/?heartbeat=2"
+)
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 #: The backends the conformance suite runs against: (name, marks).
 BACKENDS = {
     "sqlite": (),
     "redis": (pytest.mark.redis,),
+    "rabbitmq": (pytest.mark.rabbitmq,),
 }
 
 
@@ -71,11 +78,78 @@ def require_redis_server(url: str = REDIS_URL) -> None:
         client.close()
 
 
+def require_rabbitmq_server(url: str = RABBITMQ_URL) -> None:
+    import pika
+
+    parameters = pika.URLParameters(url)
+    parameters.socket_timeout = parameters.blocked_connection_timeout = 2
+    parameters.connection_attempts = 1
+    try:
+        pika.BlockingConnection(parameters).close()
+    except pika.exceptions.AMQPError as exc:
+        unavailable(f"no RabbitMQ server answers at {url}: {exc!r}")
+
+
+def rabbitmq_url(tmp_path: Path, store: str | None = None) -> str:
+    """The test broker's URL with a task store: ``store``, else a SQLite file of the test's
+    own, or the test Redis when ``CONVEYOR_TEST_RABBITMQ_STORE=redis`` (the suite then runs
+    the RabbitMQ backend over the Redis task store)."""
+    if store is None:
+        redis_store = os.environ.get("CONVEYOR_TEST_RABBITMQ_STORE", "sqlite") == "redis"
+        store = REDIS_URL if redis_store else f"sqlite:///{tmp_path}/store.db"
+    separator = "&" if "?" in RABBITMQ_URL else "?"
+    return f"{RABBITMQ_URL}{separator}task_store={store}"
+
+
+def delete_rabbitmq_queues(queue_name: str) -> None:
+    """Delete the broker queues of a Conveyor queue (teardown: leave the broker clean)."""
+    import pika
+
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    except pika.exceptions.AMQPError:
+        return
+    try:
+        channel = connection.channel()
+        for name in (f"conveyor.{queue_name}", f"conveyor.{queue_name}.dead"):
+            channel.queue_delete(name)
+    except pika.exceptions.AMQPError:
+        pass
+    finally:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            connection.close()
+
+
+def close_rabbitmq_connection(manager: QueueManager) -> None:
+    """Have the broker close one manager's connection (a real fault: its deliveries are
+    requeued), found by the ``connection_name`` the backend gives it."""
+    name = manager._backend.link.name  # type: ignore[attr-defined]  # the RabbitMQ backend's
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q",
+         "--no-table-headers"], capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    pids = [
+        line.split("\t", 1)[0]
+        for line in listed.stdout.splitlines()
+        if f'{{"connection_name","{name}"}}' in line
+    ]
+    assert pids, f"the broker lists no connection named {name!r}"
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "close_connection", pid, "closed by a test"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+
+
 def _url_for(name: str, tmp_path: Path) -> str:
     if name == "sqlite":
         return f"sqlite:///{tmp_path}/q.db"
     if name == "redis":
         return REDIS_URL
+    if name == "rabbitmq":
+        return rabbitmq_url(tmp_path)
     raise AssertionError(f"no URL known for backend {name!r}")
 
 
@@ -91,6 +165,8 @@ def backend_url(backend_name: str, tmp_path: Path) -> str:
     require_backend_module(backend_name)
     if backend_name == "redis":
         require_redis_server()
+    if backend_name == "rabbitmq":
+        require_rabbitmq_server()
     return _url_for(backend_name, tmp_path)
 
 
@@ -104,7 +180,8 @@ def make_queue(backend_url: str, queue_name: str) -> Iterator[Callable[..., Queu
     """Factory: ``make_queue(**options)`` opens another manager on the test's queue.
 
     Every manager it made is cleared and closed at teardown, so the shared Redis is left
-    clean; on Redis any key of the queue that ``clear()`` left behind is deleted too.
+    clean; on Redis any key of the queue that ``clear()`` left behind is deleted too, and on
+    RabbitMQ the queue's broker queues.
     """
     made: list[QueueManager] = []
 
@@ -122,6 +199,8 @@ def make_queue(backend_url: str, queue_name: str) -> Iterator[Callable[..., Queu
             manager.close()
     if backend_url.startswith("redis"):
         _delete_redis_keys(backend_url, queue_name)
+    if backend_url.startswith("amqp"):
+        delete_rabbitmq_queues(queue_name)
 
 
 def _delete_redis_keys(url: str, queue_name: str) -> None:

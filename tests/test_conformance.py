@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conftest import sleep_until, wait_until
+from conftest import backend_params, close_rabbitmq_connection, sleep_until, wait_until
 from conveyor import Message, QueueManager, TaskStatus
 
 #: Clock slack for "not before" checks (backends may stamp times with the server's clock).
@@ -131,6 +131,11 @@ def test_eta_in_the_past_is_ready_at_once(queue: QueueManager) -> None:
 # -- 3. leases ------------------------------------------------------------------------------
 
 
+# RabbitMQ's lease is the unacked delivery, not a deadline: it is not given back while its
+# consumer stays connected, however long that takes, but as soon as the consumer's channel
+# or connection closes. The RabbitMQ variant below asserts that documented difference
+# (see conveyor.backends.rabbitmq); every other check of this test applies to it unchanged.
+@pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis"))
 def test_unacked_task_comes_back_after_lease_expires_with_attempts_plus_one(
     make_queue: MakeQueue,
 ) -> None:
@@ -158,6 +163,39 @@ def test_unacked_task_comes_back_after_lease_expires_with_attempts_plus_one(
     assert other.ack(second, result="second") is True
     record = other.get_task("leased")
     assert record is not None and record.status == TaskStatus.SUCCESS and record.result == "second"
+
+
+@pytest.mark.parametrize("backend_name", backend_params("rabbitmq"))
+def test_rabbitmq_unacked_task_comes_back_when_its_consumer_disconnects_not_after_the_lease(
+    make_queue: MakeQueue,
+) -> None:
+    holder = make_queue(visibility_timeout=0.5)
+    other = make_queue(visibility_timeout=30)
+    assert holder.push("leased", {"n": 1}, priority=4)
+    reserved_at = time.time()
+    first = holder.reserve(timeout=1)
+    assert first is not None and first.task_id == "leased" and first.attempts == 1
+    sleep_until(reserved_at + 0.5 + EPS)  # past visibility_timeout: it does not apply here
+    assert other.reserve(timeout=0.5) is None, "redelivered while its consumer is connected"
+    assert holder.extend(first) is True
+
+    close_rabbitmq_connection(holder)  # the broker drops the holder: the delivery goes back
+    second = reserve_soon(other)
+    assert second.task_id == "leased"
+    assert second.attempts == 2
+    assert second.data == {"n": 1} and second.priority == 4
+    assert second.token != first.token
+    record = other.get_task("leased")
+    assert record is not None and record.status == TaskStatus.PROCESSING and record.attempts == 2
+
+    assert holder.extend(first) is False, "the closed channel's delivery is not held any more"
+    assert holder.ack(first) is False, "the old holder's token must be refused"
+    assert other.ack(second, result="second") is True
+    record = other.get_task("leased")
+    assert record is not None and record.status == TaskStatus.SUCCESS and record.result == "second"
+    assert holder.push("after", 2)  # the holder reconnected by itself
+    again = reserve_soon(holder)
+    assert again.task_id == "after" and holder.ack(again) is True
 
 
 @pytest.mark.slow
@@ -329,7 +367,11 @@ def test_pushing_an_id_again_after_it_finished_works(queue: QueueManager) -> Non
 # -- 8. poison ------------------------------------------------------------------------------
 
 
+# On RabbitMQ a lease does not expire while its consumer is connected (see the lease tests
+# above): what counts towards poison there is a delivery whose consumer's connection closed
+# before it settled. The RabbitMQ variant below kills its consumers that way.
 @pytest.mark.slow
+@pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis"))
 def test_task_whose_leases_keep_expiring_is_dead_lettered_as_poison(make_queue: MakeQueue) -> None:
     queue = make_queue(visibility_timeout=0.5, max_deliveries=2)
     assert queue.push("poison", {"bad": True}, priority=10)
@@ -369,6 +411,39 @@ def test_task_whose_leases_keep_expiring_is_dead_lettered_as_poison(make_queue: 
     for task_id in goods:
         good = queue.get_task(task_id)
         assert good is not None and good.status == TaskStatus.SUCCESS
+
+
+@pytest.mark.parametrize("backend_name", backend_params("rabbitmq"))
+def test_rabbitmq_task_whose_consumers_keep_dying_is_dead_lettered_as_poison(
+    make_queue: MakeQueue,
+) -> None:
+    queue = make_queue(max_deliveries=2)
+    assert queue.push("poison", {"bad": True}, priority=10)
+    assert queue.push_many([("good-1", 1, 1), ("good-2", 2, 5)]) == [True, True]
+    deliveries: list[int] = []
+    for round_ in range(2):
+        consumer = make_queue(max_deliveries=2)
+        message = consumer.reserve(timeout=2)
+        assert message is not None and message.task_id == "poison"
+        deliveries.append(message.attempts)
+        if round_ == 0:
+            assert queue.push_many([("good-3", 3, 3), ("good-4", 4, 9)]) == [True, True]
+            consumer.close()  # the consumer dies without settling: the broker requeues
+        else:
+            close_rabbitmq_connection(consumer)  # or the broker drops it: the same
+    acked = []
+    while (message := queue.reserve(timeout=2)) is not None:
+        assert message.task_id != "poison", f"delivered again after {deliveries}"
+        assert queue.ack(message) is True
+        acked.append(message.task_id)
+    assert deliveries == [1, 2]
+    assert acked == ["good-4", "good-2", "good-3", "good-1"], "good tasks in priority order"
+    record = queue.get_task("poison")
+    assert record is not None
+    assert record.status == TaskStatus.FAILED and record.dead_reason == "poison"
+    assert record.attempts == 2
+    assert "poison" in ids_with(queue, "failed")
+    assert queue.reserve(timeout=0.5) is None
 
 
 # -- 9. pull --------------------------------------------------------------------------------

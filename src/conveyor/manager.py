@@ -81,6 +81,7 @@ class QueueManager:
         max_payload_bytes: int = 1024 * 1024,
         result_ttl: float = 7 * 24 * 3600,
         connect_timeout: float = 5.0,
+        task_store: str | None = None,
     ) -> None:
         kind = _check_backend(backend)
         _check_tuning(visibility_timeout, max_deliveries, max_priority, max_payload_bytes)
@@ -97,6 +98,13 @@ class QueueManager:
         options: dict[str, Any] = {"result_ttl": result_ttl}
         if kind is QueueBackend.REDIS:
             options["connect_timeout"] = connect_timeout
+        if kind is QueueBackend.RABBITMQ:
+            # RabbitMQ keeps no task state: records live in a SQLite or Redis task store.
+            options.update(
+                connect_timeout=connect_timeout, max_priority=max_priority, task_store=task_store
+            )
+        elif task_store is not None:
+            raise ConfigError("task_store: only the RabbitMQ backend uses a task store")
         self.backend_kind = kind
         #: Stored as the ``worker`` of each task this manager claims (a TaskWorker sets it).
         self.consumer_id = ""
@@ -131,6 +139,7 @@ class QueueManager:
             max_payload_bytes=queue.max_payload_bytes,
             result_ttl=queue.result_ttl,
             connect_timeout=queue.connect_timeout,
+            **_store_option(settings),
         )
 
     @property
@@ -493,6 +502,12 @@ class QueueManager:
         """Ask one worker (or all) to shut down gracefully, across hosts; how many asked."""
         return self._backend.request_stop(worker_id)
 
+    def check_time_limit(self, seconds: float | None, what: str) -> None:
+        """Raise ``ConfigError`` (naming ``what`` and both values) when the backend would cut
+        a run of ``seconds`` short: RabbitMQ redelivers a task whose delivery stays unacked
+        past its ``consumer_timeout``. A worker checks its pipelines' hard limits at start."""
+        self._backend.check_time_limit(seconds, what)
+
     def ping(self) -> None:
         """Raise ``BrokerUnavailableError`` unless the backend answers."""
         self._backend.ping()
@@ -554,6 +569,14 @@ def _url_for(
     if kind is QueueBackend.REDIS:
         return redis_url or "redis://localhost:6379/0"
     return rabbitmq_url or "amqp://guest:guest@localhost:5672/"
+
+
+def _store_option(settings: Settings) -> dict[str, Any]:
+    """``task_store`` for a RabbitMQ URL when the settings name one (other backends: none)."""
+    store = settings.rabbitmq.task_store
+    if store and backend_for_url(settings.backend_url()) is QueueBackend.RABBITMQ:
+        return {"task_store": store}
+    return {}
 
 
 def _delay_from(delay: Any, eta: Any) -> float:

@@ -104,7 +104,12 @@ class RedisSettings(_Section):
 
 
 class RabbitMQSettings(_Section):
+    """``task_store``: where task records live (RabbitMQ keeps none); None uses the default,
+    ``sqlite:///conveyor-rabbitmq.db`` in the working directory. Use Redis when workers run
+    on several hosts."""
+
     url: AmqpUrl = "amqp://guest:guest@localhost:5672/"
+    task_store: str | None = Field(default=None, pattern=r"^(sqlite|redis|rediss|unix)://")
 
 
 class QueueSettings(_Section):
@@ -323,4 +328,5 @@ def _yaml_line(text: str, loc: list[str]) -> int | None:
 
 
 def _masked(args: Iterable[tuple[str | None, Any]]) -> Iterable[tuple[str | None, Any]]:
-    return [(k, mask_url(v) if k == "url" and isinstance(v, str) else v) for k, v in args]
+    secret = ("url", "task_store")
+    return [(k, mask_url(v) if k in secret and isinstance(v, str) else v) for k, v in args]

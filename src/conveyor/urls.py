@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``; other parts are kept."""
+    """Return ``url`` with any password replaced by ``***``; other parts are kept.
+
+    A URL in the query string (``amqp://...?task_store=redis://:pw@host``) is masked too.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
-        return url
+    query = _mask_query(parts.query)
+    if parts.password is None:  # keep the text as written (urlunsplit drops an empty "//")
+        return url if query == parts.query else url.replace(f"?{parts.query}", f"?{query}", 1)
     user = parts.username or ""
     host = parts.hostname or ""
     if ":" in host:  # an IPv6 literal needs its brackets back
@@ -20,4 +24,12 @@ def mask_url(url: str) -> str:
     netloc = f"{user}:***@{host}"
     if parts.port is not None:
         netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _mask_query(query: str) -> str:
+    if "://" not in query:
+        return query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    masked = [(key, mask_url(value) if "://" in value else value) for key, value in pairs]
+    return query if masked == pairs else urlencode(masked, safe=":/@*")

@@ -63,6 +63,6 @@ def open_backend(kind: QueueBackend, url: str, queue_name: str, options: dict[st
         from .redis import RedisBackend
 
         return RedisBackend(url, queue_name, **options)
-    raise ConfigError(
-        "backend: RabbitMQ is not available yet in this version; use a sqlite:// or redis:// URL"
-    )
+    from .rabbitmq import RabbitMQBackend
+
+    return RabbitMQBackend(url, queue_name, **options)

@@ -260,6 +260,13 @@ class Backend(ABC):
     def request_stop(self, worker_id: str | None) -> int:
         """Ask one worker, or every live one (None), to shut down gracefully; how many asked."""
 
+    def check_time_limit(self, seconds: float | None, what: str) -> None:
+        """Raise ConfigError if a run of ``seconds`` would be cut short by the backend itself.
+
+        Only RabbitMQ has such a limit (its ``consumer_timeout``); the others accept any.
+        """
+        return None
+
     @abstractmethod
     def ping(self) -> None:
         """Raise BrokerUnavailableError unless the backend answers."""
