@@ -212,3 +212,24 @@ def test_eta_accepts_an_aware_datetime(queue: QueueManager) -> None:
     record = queue.get_task("aware")
     assert record is not None and record.status == "scheduled"
     assert queue.get_queue_length() == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("delay", 1e300), ("delay", 11 * 365 * 24 * 3600), ("eta", 1e300)],
+)
+def test_an_absurd_delay_is_refused_and_the_queue_stays_listable(
+    queue: QueueManager, option: str, value: float
+) -> None:
+    """A due time past year 9999 cannot be shown as a date; once stored it would make
+    get_task and list_tasks fail for the whole queue, so it is refused at the door."""
+    with pytest.raises(TaskValidationError, match=f"^{option}: .*10 years"):
+        queue.push("far", {}, 5, **{option: value})
+    assert queue.get_task("far") is None
+    assert queue.list_tasks() == []
+    assert queue.push("near", {}, 5)
+    message = queue.reserve()
+    assert message is not None
+    with pytest.raises(TaskValidationError, match=r"^delay: "):
+        queue.nack(message, delay=1e300)
+    assert queue.ack(message)

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 DEFAULT_PRIORITY = 5
+#: The longest delay (or eta from now) a task may have: 10 years.
+MAX_DELAY = 10 * 365 * 24 * 3600
 #: The longest single backend wait while blocking "forever"; keeps a blocked reserve
 #: responsive to its caller's shutdown flag between waits.
 _MAX_WAIT_SLICE = 1.0
@@ -361,7 +363,7 @@ class QueueManager:
         ``count_attempt=False`` returns the delivery too (a shutdown hand-back is not a try).
         False if the lease was lost.
         """
-        seconds = check_seconds("delay", delay) or 0.0
+        seconds = _within_max_delay("delay", check_seconds("delay", delay) or 0.0)
         return self._backend.nack(
             message.task_id, message.token, seconds, _error_json(error), count_attempt
         )
@@ -588,8 +590,17 @@ def _delay_from(delay: Any, eta: Any) -> float:
                 raise ValueError("eta: must be timezone-aware, e.g. datetime.now(UTC) + ...")
             eta = eta.timestamp()
         at = check_seconds("eta", eta)
-        return max(0.0, (at or 0.0) - time.time())
-    return check_seconds("delay", delay) or 0.0
+        return _within_max_delay("eta", max(0.0, (at or 0.0) - time.time()))
+    return _within_max_delay("delay", check_seconds("delay", delay) or 0.0)
+
+
+def _within_max_delay(field: str, seconds: float) -> float:
+    """A due time past the year 9999 cannot be shown as a date: refuse absurd delays."""
+    if seconds > MAX_DELAY:
+        raise TaskValidationError(
+            field, f"is {seconds:.0f} s away; the limit is {MAX_DELAY} s (10 years)"
+        )
+    return seconds
 
 
 def _error_json(error: ErrorLike) -> str | None:

@@ -126,4 +126,7 @@ def from_timestamp(value: float | None) -> datetime | None:
     """Backends store epoch seconds; the record shows aware UTC datetimes."""
     if value is None:
         return None
-    return datetime.fromtimestamp(value, tz=UTC)
+    try:
+        return datetime.fromtimestamp(value, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None  # a damaged timestamp must not make the whole record unreadable

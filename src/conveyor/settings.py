@@ -4,12 +4,14 @@ Precedence, highest first: keyword arguments > environment > YAML file > default
 Environment names use the ``CONVEYOR_`` prefix and ``__`` between levels
 (``CONVEYOR_QUEUE__NAME``, ``CONVEYOR_WORKER__CONCURRENCY``); ``CONVEYOR_URL`` names the
 backend by URL and beats every other backend setting; ``REDIS_URL`` and ``RABBITMQ_URL``
-are honoured because deployments (docker-compose, the seeds) already set them.
+are honoured because deployments (docker-compose, the seeds) already set them, and
+``CONVEYOR_API_TOKEN`` (the HTTP API's bearer token) as the name people expect.
 
 Nothing is read at import: the environment and the file are read when a ``Settings`` is
 built, so tests and embedders control both. A bad value raises ``ConfigError`` naming the
 key path, the reason and where the value came from; a typo'd key is an error, never
-silently ignored. ``repr``/``str`` mask URL passwords so settings can be logged.
+silently ignored. ``repr``/``str`` mask URL passwords and the API token, so settings can
+be logged.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -49,6 +52,12 @@ from .urls import mask_url
 
 DEFAULT_CONFIG = Path("config/development.yaml")
 _LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+#: Plain environment names honoured besides CONVEYOR_<SECTION>__<KEY>: (section, key, name).
+_ENV_ALIASES = (
+    ("redis", "url", "REDIS_URL"),
+    ("rabbitmq", "url", "RABBITMQ_URL"),
+    ("api", "token", "CONVEYOR_API_TOKEN"),
+)
 #: The parsed YAML file for the ``Settings`` being built. pydantic-settings gives
 #: ``settings_customise_sources`` no per-call input, and a context variable keeps
 #: concurrent loads (threads, tasks) apart where a class attribute would not.
@@ -160,6 +169,18 @@ class LoggingSettings(_Section):
         return level.upper()
 
 
+class ApiSettings(_Section):
+    """``conveyor api``: where the HTTP API and dashboard listen, and their bearer token.
+
+    With no ``token`` every endpoint is open, so the default binds the loopback address
+    only; ``CONVEYOR_API_TOKEN`` (or ``CONVEYOR_API__TOKEN``) sets it from the environment.
+    """
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8000, ge=1, le=65535)
+    token: SecretStr | None = Field(default=None, min_length=1)
+
+
 class Settings(BaseSettings):
     """Everything a producer, worker or CLI needs; build it with :func:`load_settings`."""
 
@@ -179,6 +200,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @model_validator(mode="after")
     def _leases_outlive_heartbeats(self) -> Settings:
@@ -211,10 +233,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The plain REDIS_URL/RABBITMQ_URL rank below CONVEYOR_*: the specific name wins.
+        # The plain REDIS_URL/RABBITMQ_URL and CONVEYOR_API_TOKEN rank below the nested
+        # CONVEYOR_<SECTION>__<KEY> names: the specific name wins.
         aliases = {
-            section: {"url": os.environ[name]}
-            for section, name in (("redis", "REDIS_URL"), ("rabbitmq", "RABBITMQ_URL"))
+            section: {key: os.environ[name]}
+            for section, key, name in _ENV_ALIASES
             if os.environ.get(name)
         }
         return (
@@ -299,8 +322,7 @@ def _origin(loc: list[str], path: Path | None, text: str, overrides: Mapping[str
         return "from the arguments"
     env = {name.upper() for name in os.environ}
     names = ["CONVEYOR_" + "__".join(loc[:i]).upper() for i in range(len(loc), 0, -1)]
-    if loc[0] in ("redis", "rabbitmq") and loc[1:2] == ["url"]:
-        names.append(f"{loc[0].upper()}_URL")
+    names += [name for section, key, name in _ENV_ALIASES if loc[:2] == [section, key]]
     for name in names:
         if name in env:
             return f"from environment variable {name}"

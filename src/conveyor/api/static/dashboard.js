@@ -1,0 +1,261 @@
+// Conveyor dashboard: polls the HTTP API every 2 s and redraws. No framework, no build step.
+// Every value from the API is inserted as text (textContent), never as HTML.
+"use strict";
+
+const REFRESH_MS = 2000;
+const TOKEN_KEY = "conveyor.token";
+const MAX_QUEUES = 10;        // queues whose task lists are fetched on each refresh
+const PER_STATUS = 8;         // records fetched per queue and status
+const RECENT_ROWS = 15;
+const FAILED_ROWS = 10;
+const HISTORY = 90;           // throughput samples kept for the sparkline (3 minutes)
+const STATUSES = ["pending", "scheduled", "processing", "success", "failed", "canceled", "timeout"];
+const RECENT_STATUSES = ["processing", "pending", "scheduled", "success", "canceled", "timeout"];
+
+const $ = (id) => document.getElementById(id);
+const history = [];
+let timer = null;
+
+class Unauthorized extends Error {}
+
+async function api(path, options = {}) {
+  const headers = { Accept: "application/json", ...(options.headers || {}) };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) throw new Unauthorized();
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const detail = Array.isArray(body.detail)
+      ? body.detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ")
+      : body.detail;
+    throw new Error(detail || `HTTP ${response.status}`);
+  }
+  return body;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null) continue;
+    if (key === "className") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    if (child !== null && child !== undefined) {
+      node.append(child instanceof Node ? child : String(child));
+    }
+  }
+  return node;
+}
+
+function fill(tableId, rows, emptyText, columns) {
+  const body = $(tableId).tBodies[0];
+  body.replaceChildren(...(rows.length ? rows : [
+    el("tr", {}, el("td", { className: "empty", colspan: String(columns), text: emptyText })),
+  ]));
+}
+
+function ago(value) {
+  if (value === null || value === undefined) return "–";
+  const epoch = typeof value === "number" ? value : Date.parse(value) / 1000;
+  const seconds = Math.max(0, Date.now() / 1000 - epoch);
+  if (seconds < 60) return `${Math.floor(seconds)}s ago`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)}m ago`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)}h ago`;
+  return `${Math.floor(seconds / 86400)}d ago`;
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  return seconds < 1 ? `${Math.round(seconds * 1000)}ms` : `${seconds.toFixed(2)}s`;
+}
+
+function badge(status) {
+  return el("span", { className: `badge ${status}`, text: status });
+}
+
+function taskCell(task) {
+  return el("td", { className: "task", title: task.id }, el("code", { text: task.id }));
+}
+
+function updatedOf(task) {
+  return task.updated_at || task.finished_at || task.started_at || task.created_at;
+}
+
+async function act(button, path, verb) {
+  button.disabled = true;
+  try {
+    await api(path, { method: verb });
+    await refresh();
+  } catch (error) {
+    if (error instanceof Unauthorized) return askToken();
+    showState(`${button.textContent} failed: ${error.message}`, "bad");
+    button.disabled = false;
+  }
+}
+
+function actionButton(task) {
+  const path = `/api/v1/tasks/${encodeURIComponent(task.id)}`;
+  const query = `?queue=${encodeURIComponent(task.queue)}`;
+  if (["pending", "scheduled", "processing"].includes(task.status) && !task.cancel_requested) {
+    const button = el("button", { className: "small cancel", "data-task-id": task.id, text: "Cancel" });
+    button.addEventListener("click", () => act(button, path + query, "DELETE"));
+    return button;
+  }
+  if (["failed", "timeout", "canceled"].includes(task.status)) {
+    const button = el("button", { className: "small retry", "data-task-id": task.id, text: "Retry" });
+    button.addEventListener("click", () => act(button, `${path}/retry${query}`, "POST"));
+    return button;
+  }
+  return task.cancel_requested ? el("span", { className: "muted small", text: "canceling" }) : null;
+}
+
+function drawCards(stats, workers) {
+  for (const status of ["pending", "scheduled", "processing", "failed"]) {
+    $(`c-${status}`).textContent = stats.totals.counts[status] ?? 0;
+  }
+  $("c-workers").textContent = workers.length;
+  $("c-done").textContent = stats.totals.done_last_minute;
+  $("c-failed-min").textContent = stats.totals.failed_last_minute;
+  history.push([stats.totals.done_last_minute, stats.totals.failed_last_minute]);
+  if (history.length > HISTORY) history.shift();
+  const top = Math.max(1, ...history.flat());
+  // Samples fill the width as they arrive; one sample draws a level line.
+  const samples = history.length > 1 ? history : [history[0], history[0]];
+  const line = (index) => samples
+    .map((sample, i) => `${(i / (samples.length - 1)) * 200},${38 - (sample[index] / top) * 34}`)
+    .join(" ");
+  const svg = "http://www.w3.org/2000/svg";
+  const done = document.createElementNS(svg, "polyline");
+  done.setAttribute("points", line(0));
+  done.setAttribute("class", "spark-done");
+  const failed = document.createElementNS(svg, "polyline");
+  failed.setAttribute("points", line(1));
+  failed.setAttribute("class", "spark-failed");
+  $("spark").replaceChildren(done, failed);
+}
+
+function drawQueues(stats) {
+  const rows = stats.queues.map((queue) => el("tr", {},
+    el("td", {}, el("strong", { text: queue.queue })),
+    ...STATUSES.map((status) => el("td", {
+      className: `num${queue.counts[status] ? ` has-${status}` : ""}`,
+      text: queue.counts[status] ?? 0,
+    })),
+    el("td", { className: "num", text: queue.done_last_minute }),
+    el("td", { className: "num", text: duration(queue.mean_run_seconds) }),
+  ));
+  fill("queues", rows, "no queues yet: push a task", 10);
+}
+
+function drawWorkers(workers) {
+  const rows = workers.map((worker) => el("tr", {},
+    el("td", {}, el("code", { text: worker.id })),
+    el("td", { text: `${worker.host ?? "?"} / ${worker.pid ?? "?"}` }),
+    el("td", { text: (worker.queues || []).join(", ") }),
+    el("td", {}, badge(worker.state || "unknown")),
+    el("td", { className: "current" }, ...(worker.current || []).map((task) => el("div", {},
+      el("code", { text: task.task_id }),
+      task.step ? el("span", { className: "muted", text: ` · ${task.step}` }) : null,
+    ))),
+    el("td", { className: "num", text: worker.processed ?? 0 }),
+    el("td", { className: "num", text: worker.failed ?? 0 }),
+    el("td", { className: "when", text: ago(worker.last_seen) }),
+  ));
+  fill("workers", rows, "no live workers: start one with `conveyor worker`", 8);
+}
+
+async function fetchTasks(stats) {
+  const queues = stats.queues.slice(0, MAX_QUEUES);
+  const wanted = [];
+  for (const queue of queues) {
+    for (const status of [...RECENT_STATUSES, "failed"]) {
+      if (queue.counts[status]) wanted.push([queue.queue, status]);
+    }
+  }
+  const pages = await Promise.all(wanted.map(([queue, status]) => api(
+    `/api/v1/tasks?queue=${encodeURIComponent(queue)}&status=${status}&limit=${PER_STATUS}`,
+  )));
+  const tasks = pages.flatMap((page) => page.tasks);
+  const byTime = (a, b) => Date.parse(updatedOf(b)) - Date.parse(updatedOf(a));
+  return {
+    recent: tasks.filter((t) => t.status !== "failed").sort(byTime).slice(0, RECENT_ROWS),
+    failed: tasks.filter((t) => t.status === "failed").sort(byTime).slice(0, FAILED_ROWS),
+  };
+}
+
+function drawTasks({ recent, failed }) {
+  fill("recent", recent.map((task) => el("tr", { "data-task-id": task.id },
+    taskCell(task),
+    el("td", { text: task.queue }),
+    el("td", { text: task.type ?? "–" }),
+    el("td", { className: "num", text: task.priority }),
+    el("td", {}, badge(task.status), task.status === "processing" && task.progress
+      ? el("span", { className: "muted small", text: ` ${Math.round(task.progress * 100)}%` })
+      : null),
+    el("td", { className: "when", text: ago(updatedOf(task)) }),
+    el("td", { className: "actions" }, actionButton(task)),
+  )), "no tasks", 7);
+  fill("failed", failed.map((task) => el("tr", { "data-task-id": task.id },
+    taskCell(task),
+    el("td", { text: task.queue }),
+    el("td", { className: "error", title: task.error?.traceback ?? "" },
+      el("strong", { text: task.error ? `${task.error.type}: ` : "" }),
+      task.error ? task.error.message : (task.dead_reason ?? "")),
+    el("td", { className: "when", text: ago(task.finished_at || updatedOf(task)) }),
+    el("td", { className: "actions" }, actionButton(task)),
+  )), "no failed tasks", 5);
+}
+
+function showState(text, kind) {
+  const state = $("state");
+  state.textContent = text;
+  state.className = `pill ${kind || ""}`;
+}
+
+async function refresh() {
+  const [stats, workers] = await Promise.all([api("/api/v1/stats"), api("/api/v1/workers")]);
+  $("backend").textContent = stats.backend;
+  drawCards(stats, workers.workers);
+  drawQueues(stats);
+  drawWorkers(workers.workers);
+  drawTasks(await fetchTasks(stats));
+  $("signout").hidden = !sessionStorage.getItem(TOKEN_KEY);
+  showState(`live · ${new Date().toLocaleTimeString()}`, "ok");
+}
+
+async function loop() {
+  clearTimeout(timer);
+  try {
+    await refresh();
+  } catch (error) {
+    if (error instanceof Unauthorized) return askToken();
+    showState(`error: ${error.message}`, "bad");
+  }
+  timer = setTimeout(loop, REFRESH_MS);
+}
+
+function askToken(message) {
+  clearTimeout(timer);
+  showState("token needed", "bad");
+  $("login-error").textContent = sessionStorage.getItem(TOKEN_KEY) ? "That token was refused." : (message || "");
+  $("login").hidden = false;
+  $("token").focus();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("token").value);
+    $("login").hidden = true;
+    loop();
+  });
+  $("signout").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    askToken();
+  });
+  loop();
+});

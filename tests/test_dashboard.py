@@ -1,0 +1,219 @@
+"""The dashboard in a real headless Chromium (Debian's ``chromium`` + ``chromium-driver``,
+driven by Selenium; nothing is downloaded), against the app served by uvicorn on a free
+127.0.0.1 port over a SQLite file of the test's own.
+
+It must show a pushed task, a live worker with its current task and a failed task's error;
+Retry must requeue the failed task and Cancel cancel a pending one, both checked in the
+backend. A screenshot is kept in ``tests/artifacts/dashboard.png``. Without chromium the
+tests skip on a laptop and fail under CI=true, like the broker fixtures.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api_support import clear_conveyor_env, free_port, require_modules
+
+require_modules("fastapi", "uvicorn", "selenium")
+
+import uvicorn  # noqa: E402
+from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+from conftest import unavailable, wait_until  # noqa: E402
+from conveyor import QueueManager  # noqa: E402
+from conveyor.api import create_app  # noqa: E402
+from conveyor.settings import Settings  # noqa: E402
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+TOKEN = "dashboard-test-token"
+CHROME_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    "--disable-background-networking", "--disable-component-update", "--no-first-run",
+    "--window-size=1440,1000",
+]  # fmt: skip
+Serve = Callable[..., str]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """One headless Chromium for the module; its console is captured for errors."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        unavailable("no chromium/chromedriver (apt-get install chromium chromium-driver)")
+    assert chromium is not None and driver_path is not None
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in [*CHROME_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    try:
+        driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    except WebDriverException as exc:
+        unavailable(f"chromium did not start: {exc.msg}")
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A SQLite file in the test's own directory, named as a user would (the header shows it)."""
+    clear_conveyor_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    return "sqlite:///conveyor.db"
+
+
+@pytest.fixture
+def serve(db_url: str) -> Iterator[Serve]:
+    """``serve(**settings) -> base URL``: the app under uvicorn in a thread, stopped after."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(**overrides: Any) -> str:
+        settings = Settings(url=db_url, queue={"name": "meetings"}, **overrides)
+        port = free_port()
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=port, log_level="warning"
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        wait_until(lambda: server.started, timeout=15, message="uvicorn to start")
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture
+def queues(db_url: str) -> Iterator[dict[str, QueueManager]]:
+    made = {name: QueueManager.from_url(db_url, queue_name=name) for name in ("meetings", "emails")}
+    yield made
+    for manager in made.values():
+        manager.close()
+
+
+def populate(queues: dict[str, QueueManager]) -> None:
+    """A small, realistic backend: done, failed, running, pending and scheduled tasks on two
+    queues, and two live workers, one of them running a task."""
+    meetings, emails = queues["meetings"], queues["emails"]
+    assert meetings.push("all-hands-0408", {"audio_files": ["all-hands.wav"]}, 10, type="meeting")
+    failing = meetings.reserve(timeout=1)
+    assert failing is not None
+    error = {"type": "DecodeError", "message": "all-hands.wav: not a RIFF file (bad header)"}
+    assert meetings.fail(failing, reason="error", error=error)
+    for n in range(4):
+        assert meetings.push(f"retro-03{20 + n}", {"audio_files": [f"r{n}.wav"]}, 8,
+                             type="meeting")  # fmt: skip
+        done = meetings.reserve(timeout=1)
+        assert done is not None
+        time.sleep(0.03)  # a run time to show as the mean
+        assert meetings.ack(done, {"summary": "ok"})
+    assert meetings.push("board-review-0411", {"audio_files": ["board.wav"]}, 9, type="meeting")
+    running = meetings.reserve(timeout=1)
+    assert running is not None
+    assert meetings.push("weekly-sync-0412", {"audio_files": ["weekly.wav"]}, 5, type="meeting")
+    assert meetings.push("standup-0415", {"audio_files": ["standup.wav"]}, 3, type="meeting")
+    assert meetings.push("quarterly-0501", {}, 5, type="meeting", delay=3600)
+    for n in range(3):
+        assert emails.push(f"digest-{n}", {"to": f"team{n}@example.com"}, 2, type="email")
+    now = time.time()
+    beat = {"host": "worker-host-1", "concurrency": 2, "processed": 4, "failed": 1,
+            "started_at": now - 300, "last_seen": now, "state": "running"}  # fmt: skip
+    current = [{"task_id": "board-review-0411", "queue": "meetings", "type": "meeting",
+                "step": "transcribe"}]  # fmt: skip
+    meetings.register_worker("worker-7f3a", {**beat, "id": "worker-7f3a", "pid": 4121,
+                             "queues": ["meetings"], "current": current}, ttl=120)  # fmt: skip
+    emails.register_worker("worker-91c2", {**beat, "id": "worker-91c2", "pid": 4188,
+                           "queues": ["emails", "meetings"], "current": [], "processed": 0,
+                           "failed": 0}, ttl=120)  # fmt: skip
+
+
+def text_of(browser: webdriver.Chrome, selector: str) -> str:
+    return str(browser.find_element(By.CSS_SELECTOR, selector).text)
+
+
+def shows(browser: webdriver.Chrome, selector: str, *needles: str) -> Callable[[], bool]:
+    return lambda: all(needle in text_of(browser, selector) for needle in needles)
+
+
+def screenshot(browser: webdriver.Chrome, path: Path) -> None:
+    """The whole page, however tall: the viewport is stretched to the content for the shot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height = browser.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]["height"]
+    metrics = {"width": 1440, "height": int(height), "deviceScaleFactor": 1, "mobile": False}
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        assert browser.save_screenshot(str(path))
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def console_errors(browser: webdriver.Chrome) -> list[str]:
+    return [entry["message"] for entry in browser.get_log("browser")
+            if entry["level"] == "SEVERE"]  # fmt: skip
+
+
+def test_dashboard_shows_tasks_workers_and_errors_and_retry_requeues(
+    browser: webdriver.Chrome, serve: Serve, queues: dict[str, QueueManager]
+) -> None:
+    populate(queues)
+    browser.get(serve())
+    wait_until(shows(browser, "#recent", "weekly-sync-0412", "pending"), 15, message="task")
+    wait_until(shows(browser, "#workers", "worker-7f3a", "board-review-0411", "transcribe"), 5)
+    wait_until(shows(browser, "#failed", "all-hands-0408", "not a RIFF file (bad header)"), 5)
+    wait_until(shows(browser, "#queues", "meetings", "emails"), 5)
+    assert text_of(browser, "#c-pending") == "5"  # 2 meetings + 3 emails
+    assert text_of(browser, "#c-done") == "4"
+
+    screenshot(browser, ARTIFACTS / "dashboard.png")
+
+    retry = '#failed button.retry[data-task-id="all-hands-0408"]'
+    browser.find_element(By.CSS_SELECTOR, retry).click()
+    meetings = queues["meetings"]
+    wait_until(lambda: meetings.require_task("all-hands-0408").status == "pending", 10,
+               message="the retried task to be pending in the backend")  # fmt: skip
+    wait_until(shows(browser, "#failed", "no failed tasks"), 10, message="the failed list")
+
+    cancel = '#recent button.cancel[data-task-id="standup-0415"]'
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, cancel), 5)
+    browser.find_element(By.CSS_SELECTOR, cancel).click()
+    wait_until(lambda: meetings.require_task("standup-0415").status == "canceled", 10,
+               message="the canceled task in the backend")  # fmt: skip
+    assert console_errors(browser) == []
+
+
+def test_with_a_token_the_dashboard_asks_for_it(
+    browser: webdriver.Chrome, serve: Serve, queues: dict[str, QueueManager]
+) -> None:
+    # Markup in an id is shown as text, never interpreted (every value is set as text).
+    assert queues["meetings"].push("secret-<b>plan</b>", {}, 5)
+    browser.get(serve(api={"token": TOKEN}))
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
+    wait_until(lambda: browser.find_element(By.ID, "login").is_displayed(), 10, message="login")
+    assert "secret" not in text_of(browser, "#recent")
+
+    field = browser.find_element(By.ID, "token")
+    field.send_keys("wrong-token\n")
+    wait_until(shows(browser, "#login-error", "refused"), 10, message="the refusal")
+    field.clear()
+    field.send_keys(TOKEN + "\n")
+    wait_until(shows(browser, "#recent", "secret-<b>plan</b>"), 10, message="data after login")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#recent b")
+    assert not browser.find_element(By.ID, "login").is_displayed()
+    assert browser.execute_script("return sessionStorage.getItem('conveyor.token')") == TOKEN
+    # Only the 401s of the refused attempts may be in the console.
+    assert all("401" in message for message in console_errors(browser))
