@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import traceback as traceback_module
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -22,8 +21,17 @@ from pydantic import BaseModel
 
 from .backends import Backend, Claimed, ClaimResult, NewTask, QueueBackend, backend_for_url
 from .backends import open_backend as _open_backend
+from .codec import (
+    ErrorLike,
+    delay_from,
+    error_json,
+    optional_float,
+    steps_from,
+    strict_int,
+    within_max_delay,
+)
 from .errors import ConfigError, TaskNotFoundError, TaskTypeError, TaskValidationError
-from .models import FINISHED_STATUSES, Message, TaskError, TaskRecord, TaskStatus
+from .models import FINISHED_STATUSES, Message, TaskRecord, TaskStatus
 from .records import record_from_row
 from .validation import (
     check_optional_count,
@@ -38,8 +46,6 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 DEFAULT_PRIORITY = 5
-#: The longest delay (or eta from now) a task may have: 10 years.
-MAX_DELAY = 10 * 365 * 24 * 3600
 #: The longest single backend wait while blocking "forever"; keeps a blocked reserve
 #: responsive to its caller's shutdown flag between waits.
 _MAX_WAIT_SLICE = 1.0
@@ -47,8 +53,6 @@ _MAX_WAIT_SLICE = 1.0
 _TASK_OPTIONS = frozenset(
     {"type", "delay", "eta", "max_retries", "retry_backoff", "queue_timeout", "process_timeout"}
 )
-
-ErrorLike = BaseException | TaskError | Mapping[str, Any] | str | None
 
 
 class QueueStats(BaseModel):
@@ -244,7 +248,7 @@ class QueueManager:
             priority=check_priority(priority, self.max_priority),
             data_json=encode_json("data", data, self.max_payload_bytes),
             type=check_type_name(options.get("type")),
-            delay=_delay_from(options.get("delay"), options.get("eta")),
+            delay=delay_from(options.get("delay"), options.get("eta")),
             max_retries=check_optional_count("max_retries", options.get("max_retries")),
             retry_backoff=check_seconds("retry_backoff", options.get("retry_backoff")),
             queue_timeout=check_seconds(
@@ -302,15 +306,15 @@ class QueueManager:
             return Message(
                 task_id=claimed.task_id,
                 data=json.loads(claimed.data_json),
-                priority=_strict_int(claimed.priority),
+                priority=strict_int(claimed.priority),
                 queue=self.queue_name,
                 type=claimed.type or None,
                 attempts=claimed.attempts,
                 max_retries=None if claimed.max_retries in (None, "") else int(claimed.max_retries),
-                retry_backoff=_optional_float(claimed.retry_backoff),
-                process_timeout=_optional_float(claimed.process_timeout),
-                created_at=_optional_float(claimed.created_at) or 0.0,
-                steps=_steps_from(claimed.steps_json),
+                retry_backoff=optional_float(claimed.retry_backoff),
+                process_timeout=optional_float(claimed.process_timeout),
+                created_at=optional_float(claimed.created_at) or 0.0,
+                steps=steps_from(claimed.steps_json),
                 token=claimed.token,
                 leased=leased,
             )
@@ -363,9 +367,9 @@ class QueueManager:
         ``count_attempt=False`` returns the delivery too (a shutdown hand-back is not a try).
         False if the lease was lost.
         """
-        seconds = _within_max_delay("delay", check_seconds("delay", delay) or 0.0)
+        seconds = within_max_delay("delay", check_seconds("delay", delay) or 0.0)
         return self._backend.nack(
-            message.task_id, message.token, seconds, _error_json(error), count_attempt
+            message.task_id, message.token, seconds, error_json(error), count_attempt
         )
 
     def fail(
@@ -376,13 +380,13 @@ class QueueManager:
         With a Message, only while its lease is held; with a task id, whatever its state.
         """
         if isinstance(message, Message):
-            return self._backend.fail(message.task_id, message.token, reason, _error_json(error))
-        return self._backend.fail(check_task_id(message), None, reason, _error_json(error))
+            return self._backend.fail(message.task_id, message.token, reason, error_json(error))
+        return self._backend.fail(check_task_id(message), None, reason, error_json(error))
 
     def settle_canceled(self, message: Message, *, error: ErrorLike = None) -> bool:
         """Finish a running task whose cancel was asked as ``canceled`` (not dead-lettered)."""
         return self._backend.fail(
-            message.task_id, message.token, "canceled", _error_json(error), status="canceled"
+            message.task_id, message.token, "canceled", error_json(error), status="canceled"
         )
 
     def checkpoint(self, message: Message, steps: Mapping[str, Any]) -> bool:
@@ -579,71 +583,3 @@ def _store_option(settings: Settings) -> dict[str, Any]:
     if store and backend_for_url(settings.backend_url()) is QueueBackend.RABBITMQ:
         return {"task_store": store}
     return {}
-
-
-def _delay_from(delay: Any, eta: Any) -> float:
-    if delay is not None and eta is not None:
-        raise ValueError("delay/eta: give one of them, not both")
-    if eta is not None:
-        if isinstance(eta, datetime):
-            if eta.tzinfo is None:
-                raise ValueError("eta: must be timezone-aware, e.g. datetime.now(UTC) + ...")
-            eta = eta.timestamp()
-        at = check_seconds("eta", eta)
-        return _within_max_delay("eta", max(0.0, (at or 0.0) - time.time()))
-    return _within_max_delay("delay", check_seconds("delay", delay) or 0.0)
-
-
-def _within_max_delay(field: str, seconds: float) -> float:
-    """A due time past the year 9999 cannot be shown as a date: refuse absurd delays."""
-    if seconds > MAX_DELAY:
-        raise TaskValidationError(
-            field, f"is {seconds:.0f} s away; the limit is {MAX_DELAY} s (10 years)"
-        )
-    return seconds
-
-
-def _error_json(error: ErrorLike) -> str | None:
-    if error is None:
-        return None
-    payload: dict[str, Any]
-    if isinstance(error, BaseException):
-        payload = {
-            "type": type(error).__name__,
-            "message": str(error),
-            "traceback": "".join(traceback_module.format_exception(error)),
-        }
-    elif isinstance(error, TaskError):
-        payload = error.model_dump()
-    elif isinstance(error, str):
-        payload = {"type": "Error", "message": error, "traceback": None}
-    else:
-        payload = {
-            "type": str(error.get("type", "Error")),
-            "message": str(error.get("message", "")),
-            "traceback": error.get("traceback"),
-        }
-    return encode_json("error", payload)
-
-
-def _strict_int(value: Any) -> int:
-    text = value.decode() if isinstance(value, bytes) else value
-    number = int(text) if isinstance(text, str) else text
-    if isinstance(number, bool) or not isinstance(number, int):
-        raise TypeError(f"priority is {type(value).__name__} {value!r}, not an integer")
-    return number
-
-
-def _steps_from(value: Any) -> dict[str, Any]:
-    if value is None or value == "":
-        return {}
-    steps = json.loads(value)
-    if not isinstance(steps, dict):
-        raise TypeError(f"steps is {type(steps).__name__}, not an object")
-    return steps
-
-
-def _optional_float(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    return float(value)

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from ..codec import MAX_DELAY
 from ..manager import DEFAULT_PRIORITY, QueueStats
 from ..models import TaskRecord, TaskStatus
 from ..validation import MAX_TASK_ID_LENGTH
@@ -25,9 +26,6 @@ QueueName = Annotated[
         examples=["default"],
     ),
 ]
-#: The longest delay accepted: further out than this is a mistake, and a run time past
-#: year 9999 cannot be shown as a date at all.
-MAX_DELAY = 10 * 365 * 24 * 3600
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 

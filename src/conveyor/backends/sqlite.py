@@ -35,146 +35,8 @@ from typing import Any
 
 from ..errors import BackendError, BrokerUnavailableError, ConfigError, ConveyorError
 from ..models import TaskStatus
+from . import sqlite_sql as sql
 from .base import ROW_FIELDS, Backend, Claimed, ClaimResult, NewTask
-
-_SCHEMA_VERSION = 2
-_COLUMNS = (*ROW_FIELDS, "token", "lease_until", "ready_at", "seq")
-_FIELDS = ", ".join(ROW_FIELDS)
-_SCHEMA = (
-    # Few constraints on purpose: a damaged row must stay readable so it can be dead-lettered.
-    """CREATE TABLE IF NOT EXISTS tasks (
-        queue TEXT, id TEXT, type TEXT, priority INTEGER, data TEXT, status TEXT,
-        attempts INTEGER DEFAULT 0, expiries INTEGER DEFAULT 0, max_retries INTEGER,
-        retry_backoff REAL, queue_timeout REAL, process_timeout REAL, created_at REAL,
-        scheduled_for REAL, started_at REAL, finished_at REAL, updated_at REAL,
-        progress REAL DEFAULT 0, progress_message TEXT, result TEXT, error TEXT,
-        dead_reason TEXT, cancel_requested INTEGER DEFAULT 0, history TEXT DEFAULT '',
-        steps TEXT, worker TEXT, token TEXT, lease_until REAL, ready_at REAL, seq INTEGER,
-        PRIMARY KEY (queue, id))""",
-    """CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (queue, priority DESC, ready_at, seq)
-        WHERE status = 'pending'""",
-    """CREATE INDEX IF NOT EXISTS tasks_due ON tasks (queue, scheduled_for)
-        WHERE status = 'scheduled'""",
-    """CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (queue, lease_until)
-        WHERE status = 'processing'""",
-    "CREATE INDEX IF NOT EXISTS tasks_status ON tasks (queue, status, finished_at)",
-    "CREATE INDEX IF NOT EXISTS tasks_seq ON tasks (seq)",
-    # The worker registry spans queues: one row per live worker, refreshed by heartbeats.
-    """CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT, last_seen REAL,
-        expires_at REAL, stop_requested INTEGER DEFAULT 0)""",
-)
-#: Statements that bring a file made by an older version up to _SCHEMA_VERSION.
-_MIGRATIONS = {
-    2: ("ALTER TABLE tasks ADD COLUMN steps TEXT", "ALTER TABLE tasks ADD COLUMN worker TEXT")
-}
-
-
-def _history(event: str, attempt: str = "attempts", note: str | None = None) -> str:
-    """SQL that appends one JSON line to ``history``; arguments are SQL expressions."""
-    fields = f"'at', :now, 'event', {event}, 'attempt', {attempt}"
-    if note is not None:
-        fields += f", 'note', {note}"
-    return f"history = COALESCE(history, '') || json_object({fields}) || char(10)"
-
-
-_IS_MINE = "queue = :queue AND id = :id AND status = 'processing' AND token = :token"
-_SETTLED = "token = NULL, lease_until = NULL, updated_at = :now"
-_PLACEHOLDERS = ", ".join("?" * len(_COLUMNS))
-_INSERT = f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) VALUES ({_PLACEHOLDERS})"
-# "+status" keeps the planner on the primary key instead of scanning every live task.
-_LIVE_IDS = """SELECT id FROM tasks WHERE queue = ? AND +status IN ('scheduled', 'pending',
-    'processing') AND id IN (SELECT value FROM json_each(?))"""
-_NEXT_SEQ = "SELECT MAX(seq) FROM tasks WHERE seq BETWEEN 0 AND 9e18"  # skips damaged values
-_PROMOTE = """UPDATE tasks SET status = 'pending', ready_at = scheduled_for, updated_at = :now
-    WHERE rowid IN (SELECT rowid FROM tasks WHERE queue = :queue AND status = 'scheduled'
-    AND scheduled_for <= :now LIMIT 1000)"""
-_EXPIRED = """rowid IN (SELECT rowid FROM tasks WHERE queue = :queue AND status = 'processing'
-    AND lease_until < :now LIMIT 1000)"""
-_REAP_POISON = f"""UPDATE tasks SET status = 'failed', dead_reason = 'poison', {_SETTLED},
-    finished_at = :now, expiries = COALESCE(expiries, 0) + 1, {_history("'dead'", note="'poison'")},
-    error = json_object('type', 'PoisonTask', 'message', 'delivered ' || COALESCE(attempts, 0)
-        || ' times without an ack (lease expired each time); dead-lettered', 'traceback', NULL)
-    WHERE {_EXPIRED} AND COALESCE(expiries, 0) + 1 >= :max"""
-_REAP_CANCELED = f"""UPDATE tasks SET status = 'canceled', finished_at = :now, {_SETTLED},
-    {_history("'canceled'")} WHERE {_EXPIRED} AND cancel_requested = 1"""
-_REAP_RETURN = f"""UPDATE tasks SET status = 'pending', expiries = COALESCE(expiries, 0) + 1,
-    {_SETTLED}, {_history("'lease_expired'")} WHERE {_EXPIRED}"""
-_PICK = """SELECT rowid FROM tasks WHERE queue = ? AND status = 'pending'
-    ORDER BY priority DESC, ready_at, seq LIMIT 1"""
-_CLAIM_ROW = """SELECT id, priority, data, type, max_retries, retry_backoff, process_timeout,
-    created_at, attempts, queue_timeout, ready_at, started_at, steps FROM tasks WHERE rowid = ?"""
-_RAW_TEXT = "SELECT CAST(id AS BLOB), CAST(data AS BLOB) FROM tasks WHERE rowid = ?"
-_TAKE = f"""UPDATE tasks SET status = 'processing', attempts = :attempt, token = :token,
-    lease_until = :lease, started_at = :now, updated_at = :now, worker = :worker,
-    {_history("'reserved'", ":attempt")} WHERE rowid = :rowid"""
-_TIME_OUT = f"""UPDATE tasks SET status = 'timeout', finished_at = :now, {_SETTLED},
-    {_history("'timeout'")} WHERE rowid = :rowid"""
-_MALFORMED = f"""UPDATE tasks SET status = 'failed', dead_reason = 'malformed', finished_at = :now,
-    {_SETTLED}, {_history("'dead'", note="'malformed'")}, error = json_object('type',
-    'MalformedTask', 'message', 'stored row cannot be read (id missing or not UTF-8 text)',
-    'traceback', NULL) WHERE rowid = :rowid"""
-_NEXT_DUE = "SELECT MIN(scheduled_for) FROM tasks WHERE queue = ? AND status = 'scheduled'"
-_NEXT_EXPIRY = "SELECT MIN(lease_until) FROM tasks WHERE queue = ? AND status = 'processing'"
-_ACK = f"""UPDATE tasks SET status = 'success', result = :result, finished_at = :now,
-    progress = 1.0, progress_message = NULL, {_SETTLED}, {_history("'succeeded'")}
-    WHERE {_IS_MINE}"""
-# A hand-back (give_back 1, no delay) keeps the task's place in line: it was first.
-_NACK = f"""UPDATE tasks SET status = :status, scheduled_for = :due,
-    ready_at = CASE WHEN :give_back = 1 AND :due IS NULL THEN ready_at ELSE :ready END,
-    seq = CASE WHEN :give_back = 1 AND :due IS NULL THEN seq ELSE :seq END,
-    attempts = attempts - :give_back, error = COALESCE(:error, error), {_SETTLED},
-    {_history(":event")} WHERE {_IS_MINE} AND cancel_requested IS NOT 1"""
-_NACK_CANCELED = f"""UPDATE tasks SET status = 'canceled', finished_at = :now,
-    error = COALESCE(:error, error), {_SETTLED}, {_history("'canceled'")}
-    WHERE {_IS_MINE} AND cancel_requested = 1"""
-_FAIL = f"""UPDATE tasks SET status = :status,
-    dead_reason = CASE WHEN :status = 'failed' THEN :reason END, error = COALESCE(:error, error),
-    finished_at = :now, {_SETTLED}, {_history(":status", note=":reason")}
-    WHERE queue = :queue AND id = :id"""
-_CHECKPOINT = f"UPDATE tasks SET steps = :steps, updated_at = :now WHERE {_IS_MINE}"
-_HEARTBEAT = """INSERT INTO workers (id, info, last_seen, expires_at) VALUES (?, ?, ?, ?)
-    ON CONFLICT (id) DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen,
-    expires_at = excluded.expires_at RETURNING stop_requested"""
-_EXTEND = f"""UPDATE tasks SET lease_until = CASE WHEN lease_until IS NULL THEN NULL
-    ELSE :deadline END, updated_at = :now WHERE {_IS_MINE}"""
-_PROGRESS = f"""UPDATE tasks SET progress = :progress, progress_message = :message,
-    updated_at = :now WHERE {_IS_MINE}"""
-_CANCEL = f"""UPDATE tasks SET status = 'canceled', finished_at = :now, {_SETTLED},
-    {_history("'canceled'")} WHERE queue = :queue AND id = :id
-    AND status IN ('scheduled', 'pending')"""
-_CANCEL_RUNNING = f"""UPDATE tasks SET cancel_requested = 1, updated_at = :now,
-    {_history("'cancel_requested'")} WHERE queue = :queue AND id = :id AND status = 'processing'"""
-_RETRY = f"""UPDATE tasks SET status = 'pending', ready_at = :now, seq = :seq, attempts = 0,
-    expiries = 0, dead_reason = NULL, finished_at = NULL, scheduled_for = NULL,
-    cancel_requested = 0, progress = 0.0, progress_message = NULL, {_SETTLED},
-    {_history("'retried'", "0")} WHERE queue = :queue AND id = :id
-    AND status IN ('failed', 'timeout', 'canceled')"""
-_GET = f"SELECT {_FIELDS} FROM tasks WHERE queue = ? AND id = ?"
-_CLAIM_ORDER = "priority DESC, ready_at, seq"
-_NEWEST = "COALESCE(finished_at, updated_at) DESC, rowid DESC"
-_LIST_PENDING = f"""SELECT {_FIELDS} FROM tasks WHERE queue = ? AND status = 'pending'
-    ORDER BY {_CLAIM_ORDER} LIMIT ? OFFSET ?"""
-_LIST_STATUS = f"""SELECT {_FIELDS} FROM tasks WHERE queue = ? AND status = ?
-    ORDER BY {_NEWEST} LIMIT ? OFFSET ?"""
-_LIST_ALL = f"""SELECT {_FIELDS} FROM tasks WHERE queue = ? ORDER BY status = 'pending' DESC,
-    CASE WHEN status = 'pending' THEN priority END DESC,
-    CASE WHEN status = 'pending' THEN ready_at END, CASE WHEN status = 'pending' THEN seq END,
-    {_NEWEST} LIMIT ? OFFSET ?"""
-_COUNTS = "SELECT status, COUNT(*) FROM tasks WHERE queue = ? GROUP BY status"
-_RECENT = """SELECT COUNT(*) FILTER (WHERE status = 'success'),
-    COUNT(*) FILTER (WHERE status = 'failed'),
-    AVG(finished_at - started_at) FILTER (WHERE status = 'success' AND started_at IS NOT NULL)
-    FROM tasks WHERE queue = ? AND status IN ('success', 'failed') AND finished_at >= ?"""
-_SIZE = "SELECT COUNT(*) FROM tasks WHERE queue = ? AND status = 'pending'"
-_PURGE = "DELETE FROM tasks WHERE queue = ?"
-_PURGE_STATUS = """DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE queue = ?
-    AND status = ? ORDER BY finished_at LIMIT ?)"""
-# Failed rows are the dead-letter list: retention never deletes them.
-# Pulled tasks (processing, no lease) are consumed: forgotten after result_ttl too.
-_SWEEP = """DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE queue = :queue
-    AND status IN ('success', 'canceled', 'timeout') AND finished_at < :before LIMIT 10000)
-    OR rowid IN (SELECT rowid FROM tasks WHERE queue = :queue AND status = 'processing'
-    AND lease_until IS NULL AND started_at < :before LIMIT 10000)"""
 
 _SYNC_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 _POLL_SECONDS = 0.005  # how often wait() looks at PRAGMA data_version
@@ -264,15 +126,15 @@ class SqliteBackend(Backend):
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
-                if conn.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+                if conn.execute("PRAGMA user_version").fetchone()[0] < sql.SCHEMA_VERSION:
                     conn.execute("BEGIN IMMEDIATE")
                     version = conn.execute("PRAGMA user_version").fetchone()[0]
-                    for statement in _SCHEMA:
+                    for statement in sql.SCHEMA:
                         conn.execute(statement)
-                    for target in range(version + 1, _SCHEMA_VERSION + 1):
-                        for statement in _MIGRATIONS.get(target, ()) if version else ():
+                    for target in range(version + 1, sql.SCHEMA_VERSION + 1):
+                        for statement in sql.MIGRATIONS.get(target, ()) if version else ():
                             conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                    conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
                     conn.execute("COMMIT")
                 return
             except sqlite3.OperationalError as exc:
@@ -335,7 +197,7 @@ class SqliteBackend(Backend):
                 raise
 
     def _next_seq(self) -> int:
-        highest = self._db().execute(_NEXT_SEQ).fetchone()[0]
+        highest = self._db().execute(sql.NEXT_SEQ).fetchone()[0]
         return int(highest or 0) + 1
 
     def _data_version(self) -> int:
@@ -355,14 +217,14 @@ class SqliteBackend(Backend):
         with self._write() as now:
             db = self._db()
             ids = json.dumps([task.task_id for task in tasks])
-            live = {row[0] for row in db.execute(_LIVE_IDS, (self.queue_name, ids))}
+            live = {row[0] for row in db.execute(sql.LIVE_IDS, (self.queue_name, ids))}
             seq, rows = self._next_seq(), list[tuple[Any, ...]]()
             for task in tasks:
                 stored.append(task.task_id not in live)
                 if stored[-1]:
                     live.add(task.task_id)  # a second copy in the same batch is a duplicate
                     rows.append(self._new_row(task, now, seq + len(rows)))
-            db.executemany(_INSERT, rows)
+            db.executemany(sql.INSERT, rows)
         if rows:
             _notify_push(self._key)
         return stored
@@ -370,7 +232,7 @@ class SqliteBackend(Backend):
     def _new_row(self, task: NewTask, now: float, seq: int) -> tuple[Any, ...]:
         delayed = task.delay > 0
         event = {"at": now, "event": "scheduled" if delayed else "pushed", "attempt": 0}
-        # The order of _COLUMNS: ROW_FIELDS, then token, lease_until, ready_at, seq.
+        # The order of sql.COLUMNS: ROW_FIELDS, then token, lease_until, ready_at, seq.
         return (
             task.task_id, self.queue_name, task.type, task.priority, task.data_json,
             "scheduled" if delayed else "pending", 0, 0, task.max_retries, task.retry_backoff,
@@ -421,10 +283,10 @@ class SqliteBackend(Backend):
     ) -> ClaimResult:
         db = self._db()
         params = {"queue": self.queue_name, "now": now, "max": max_deliveries}
-        for statement in (_PROMOTE, _REAP_CANCELED, _REAP_POISON, _REAP_RETURN):
+        for statement in (sql.PROMOTE, sql.REAP_CANCELED, sql.REAP_POISON, sql.REAP_RETURN):
             db.execute(statement, params)
         for _ in range(_MAX_SKIPS):
-            row = db.execute(_PICK, (self.queue_name,)).fetchone()
+            row = db.execute(sql.PICK, (self.queue_name,)).fetchone()
             if row is None:
                 return ClaimResult(None, self._wait_hint(now))
             claimed = self._take(row[0], now, lease, consumer)
@@ -436,13 +298,13 @@ class SqliteBackend(Backend):
         """Lease one pending row, or retire it (timeout, malformed) and return None."""
         cursor = self._db().cursor()
         cursor.row_factory = sqlite3.Row
-        row = cursor.execute(_CLAIM_ROW, (rowid,)).fetchone()
+        row = cursor.execute(sql.CLAIM_ROW, (rowid,)).fetchone()
         params: dict[str, Any] = {"rowid": rowid, "now": now}
         if _timed_out(now, row["queue_timeout"], row["ready_at"], row["started_at"]):
-            cursor.execute(_TIME_OUT, params)
+            cursor.execute(sql.TIME_OUT, params)
             return None
         if not isinstance(row["id"], str) or not self._is_utf8(rowid, row["id"], row["data"]):
-            cursor.execute(_MALFORMED, params)
+            cursor.execute(sql.MALFORMED, params)
             return None
         try:
             attempt = int(row["attempts"] or 0) + 1
@@ -451,7 +313,7 @@ class SqliteBackend(Backend):
         token = uuid.uuid4().hex
         deadline = None if lease is None else now + lease
         cursor.execute(
-            _TAKE,
+            sql.TAKE,
             {**params, "attempt": attempt, "token": token, "lease": deadline, "worker": consumer},
         )
         return Claimed(
@@ -467,7 +329,7 @@ class SqliteBackend(Backend):
         if "\ufffd" not in task_id and not (isinstance(data, str) and "\ufffd" in data):
             return True
         try:
-            for raw in self._db().execute(_RAW_TEXT, (rowid,)).fetchone():
+            for raw in self._db().execute(sql.RAW_TEXT, (rowid,)).fetchone():
                 if isinstance(raw, bytes):
                     raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -476,8 +338,8 @@ class SqliteBackend(Backend):
 
     def _wait_hint(self, now: float) -> float | None:
         db = self._db()
-        times = [_as_float(db.execute(sql, (self.queue_name,)).fetchone()[0])
-                 for sql in (_NEXT_DUE, _NEXT_EXPIRY)]  # fmt: skip
+        times = [_as_float(db.execute(query, (self.queue_name,)).fetchone()[0])
+                 for query in (sql.NEXT_DUE, sql.NEXT_EXPIRY)]  # fmt: skip
         known = [t for t in times if t is not None]
         return max(0.0, min(known) - now) if known else None
 
@@ -488,7 +350,9 @@ class SqliteBackend(Backend):
             return
         self._claims, self._swept = 0, time.monotonic()
         with self._write() as now:
-            self._db().execute(_SWEEP, {"queue": self.queue_name, "before": now - self._result_ttl})
+            self._db().execute(
+                sql.SWEEP, {"queue": self.queue_name, "before": now - self._result_ttl}
+            )
 
     def wait(self, timeout: float) -> None:
         """Poll ``PRAGMA data_version`` (cheap: shared memory) every 5 ms; a push made in this
@@ -512,7 +376,7 @@ class SqliteBackend(Backend):
 
     def _ack(self, now: float, task_id: str, token: str, result_json: str | None) -> bool:
         params = {"queue": self.queue_name, "id": task_id, "token": token, "now": now}
-        return self._db().execute(_ACK, {**params, "result": result_json}).rowcount == 1
+        return self._db().execute(sql.ACK, {**params, "result": result_json}).rowcount == 1
 
     def ack(self, task_id: str, token: str, result_json: str | None) -> bool:
         with self._write() as now:
@@ -525,13 +389,13 @@ class SqliteBackend(Backend):
             later = delay > 0
             event = ("retry_scheduled" if later else "requeued") if count_attempt else "interrupted"
             changed = self._update(
-                _NACK, now, task_id, token=token, error=error_json, event=event,
+                sql.NACK, now, task_id, token=token, error=error_json, event=event,
                 status="scheduled" if later else "pending", due=now + delay if later else None,
                 ready=None if later else now, seq=self._next_seq(),
                 give_back=int(not count_attempt),
             )  # fmt: skip
             changed = changed or self._update(
-                _NACK_CANCELED, now, task_id, token=token, error=error_json
+                sql.NACK_CANCELED, now, task_id, token=token, error=error_json
             )
         if changed:
             _notify_push(self._key)
@@ -546,63 +410,70 @@ class SqliteBackend(Backend):
         *,
         status: str = "failed",
     ) -> bool:
-        sql = _FAIL if token is None else f"{_FAIL} AND status = 'processing' AND token = :token"
+        statement = (
+            sql.FAIL
+            if token is None
+            else f"{sql.FAIL} AND status = 'processing' AND token = :token"
+        )
         with self._write() as now:
             return self._update(
-                sql, now, task_id, token=token, reason=reason, error=error_json, status=status
-            )
+                statement, now, task_id, token=token, reason=reason, error=error_json,
+                status=status,
+            )  # fmt: skip
 
     def checkpoint(self, task_id: str, token: str, steps_json: str) -> bool:
         with self._write() as now:
-            return self._update(_CHECKPOINT, now, task_id, token=token, steps=steps_json)
+            return self._update(sql.CHECKPOINT, now, task_id, token=token, steps=steps_json)
 
     def extend(self, task_id: str, token: str, lease_seconds: float) -> bool:
         with self._write() as now:
-            return self._update(_EXTEND, now, task_id, token=token, deadline=now + lease_seconds)
+            return self._update(sql.EXTEND, now, task_id, token=token, deadline=now + lease_seconds)
 
     def set_progress(self, task_id: str, token: str, progress: float, message: str | None) -> bool:
         with self._write() as now:
             return self._update(
-                _PROGRESS, now, task_id, token=token, progress=progress, message=message
+                sql.PROGRESS, now, task_id, token=token, progress=progress, message=message
             )
 
     def cancel(self, task_id: str) -> bool:
         with self._write() as now:
-            canceled = self._update(_CANCEL, now, task_id)
-            return canceled or self._update(_CANCEL_RUNNING, now, task_id)
+            canceled = self._update(sql.CANCEL, now, task_id)
+            return canceled or self._update(sql.CANCEL_RUNNING, now, task_id)
 
     def retry(self, task_id: str) -> bool:
         with self._write() as now:
-            changed = self._update(_RETRY, now, task_id, seq=self._next_seq())
+            changed = self._update(sql.RETRY, now, task_id, seq=self._next_seq())
         if changed:
             _notify_push(self._key)
         return changed
 
-    def _update(self, sql: str, now: float, task_id: str, **params: Any) -> bool:
+    def _update(self, statement: str, now: float, task_id: str, **params: Any) -> bool:
         params.update(queue=self.queue_name, id=task_id, now=now)
-        return self._db().execute(sql, params).rowcount > 0
+        return self._db().execute(statement, params).rowcount > 0
 
     # -- inspecting ---------------------------------------------------------------------------
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         with self._errors():
-            row = self._db().execute(_GET, (self.queue_name, task_id)).fetchone()
+            row = self._db().execute(sql.GET, (self.queue_name, task_id)).fetchone()
         return None if row is None else dict(zip(ROW_FIELDS, row, strict=True))
 
     def list(self, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
         with self._errors():
             if status is None:
-                cursor = self._db().execute(_LIST_ALL, (self.queue_name, limit, offset))
+                cursor = self._db().execute(sql.LIST_ALL, (self.queue_name, limit, offset))
             elif status == TaskStatus.PENDING:
-                cursor = self._db().execute(_LIST_PENDING, (self.queue_name, limit, offset))
+                cursor = self._db().execute(sql.LIST_PENDING, (self.queue_name, limit, offset))
             else:
-                cursor = self._db().execute(_LIST_STATUS, (self.queue_name, status, limit, offset))
+                cursor = self._db().execute(
+                    sql.LIST_STATUS, (self.queue_name, status, limit, offset)
+                )
             return [dict(zip(ROW_FIELDS, row, strict=True)) for row in cursor]
 
     def counts(self) -> dict[str, int]:
         counts = {status.value: 0 for status in TaskStatus}
         with self._errors():
-            for status, number in self._db().execute(_COUNTS, (self.queue_name,)):
+            for status, number in self._db().execute(sql.COUNTS, (self.queue_name,)):
                 if status in counts:
                     counts[status] = number
         return counts
@@ -610,22 +481,22 @@ class SqliteBackend(Backend):
     def recent(self, seconds: float) -> tuple[int, int, float | None]:
         with self._errors():
             since = time.time() - seconds
-            done, failed, mean = self._db().execute(_RECENT, (self.queue_name, since)).fetchone()
+            done, failed, mean = self._db().execute(sql.RECENT, (self.queue_name, since)).fetchone()
         return int(done), int(failed), _as_float(mean)
 
     def size(self) -> int:
         with self._errors():
-            return int(self._db().execute(_SIZE, (self.queue_name,)).fetchone()[0])
+            return int(self._db().execute(sql.SIZE, (self.queue_name,)).fetchone()[0])
 
     def purge(self) -> int:
         with self._write():
-            ready = int(self._db().execute(_SIZE, (self.queue_name,)).fetchone()[0])
-            self._db().execute(_PURGE, (self.queue_name,))
+            ready = int(self._db().execute(sql.SIZE, (self.queue_name,)).fetchone()[0])
+            self._db().execute(sql.PURGE, (self.queue_name,))
         return ready
 
     def purge_finished(self, status: str, limit: int) -> int:
         with self._write():
-            cursor = self._db().execute(_PURGE_STATUS, (self.queue_name, status, limit))
+            cursor = self._db().execute(sql.PURGE_STATUS, (self.queue_name, status, limit))
         return int(cursor.rowcount)
 
     def known_queues(self) -> Sequence[str]:
@@ -640,7 +511,7 @@ class SqliteBackend(Backend):
         with self._write() as now:
             db = self._db()
             db.execute("DELETE FROM workers WHERE expires_at < ?", (now,))
-            row = db.execute(_HEARTBEAT, (worker_id, info_json, now, now + ttl)).fetchone()
+            row = db.execute(sql.HEARTBEAT, (worker_id, info_json, now, now + ttl)).fetchone()
         return bool(row and row[0])
 
     def unregister_worker(self, worker_id: str) -> None:

@@ -18,23 +18,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..base import Claimed, NewTask
-from ..sqlite import (
-    _COLUMNS,
-    _LIVE_IDS,
-    _NACK,
-    _NACK_CANCELED,
-    _RETRY,
-    SqliteBackend,
-    _as_float,
-    _history,
-    _timed_out,
-)
+from ..sqlite import SqliteBackend, _as_float, _timed_out
+from ..sqlite_sql import COLUMNS, LIVE_IDS, NACK, NACK_CANCELED, RETRY, history
 from .store import Staged, TaskStore, Ticket, TicketClaim, Unclaimed
 
 _FINISHED = ("success", "failed", "canceled", "timeout")
 _INSERT = (
-    f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}, ticket, publish_by) "
-    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})"
+    f"INSERT OR REPLACE INTO tasks ({', '.join(COLUMNS)}, ticket, publish_by) "
+    f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})"
 )
 _OLD_TICKETS = """SELECT id, ticket FROM tasks WHERE queue = ? AND id IN
     (SELECT value FROM json_each(?))"""
@@ -45,9 +36,9 @@ _DUE = """SELECT rowid FROM tasks WHERE queue = ? AND status = 'scheduled'
     AND scheduled_for <= ? ORDER BY scheduled_for, seq LIMIT ?"""
 _PROMOTE = f"""UPDATE tasks SET status = 'pending', ready_at = scheduled_for, seq = :seq,
     ticket = COALESCE(ticket, 0) + 1, publish_by = :deadline, updated_at = :now,
-    {_history("'due'")} WHERE rowid = :rowid RETURNING id, ticket, priority"""
+    {history("'due'")} WHERE rowid = :rowid RETURNING id, ticket, priority"""
 _LATE = "SELECT rowid FROM tasks WHERE queue = ? AND publish_by <= ? LIMIT ?"
-_REPUBLISH = f"""UPDATE tasks SET publish_by = :deadline, {_history("'republished'")}
+_REPUBLISH = f"""UPDATE tasks SET publish_by = :deadline, {history("'republished'")}
     WHERE rowid = :rowid AND status = 'pending' RETURNING id, ticket, priority"""
 _NOT_PUBLISHING = "UPDATE tasks SET publish_by = NULL WHERE rowid = ?"
 _NEXT_DUE = "SELECT MIN(scheduled_for) FROM tasks WHERE queue = ? AND status = 'scheduled'"
@@ -105,7 +96,7 @@ class SqliteTaskStore(SqliteBackend, TaskStore):
             db = self._db()
             db.executemany(_PUBLISHED, [(self.queue_name, t.task_id, t.number) for t in confirmed])
             ids = json.dumps([task.task_id for task in tasks])
-            live = {row[0] for row in db.execute(_LIVE_IDS, (self.queue_name, ids))}
+            live = {row[0] for row in db.execute(LIVE_IDS, (self.queue_name, ids))}
             old = dict(db.execute(_OLD_TICKETS, (self.queue_name, ids)).fetchall())
             seq, rows = self._next_seq(), list[tuple[Any, ...]]()
             for task in tasks:
@@ -237,10 +228,10 @@ class SqliteTaskStore(SqliteBackend, TaskStore):
         later = delay > 0
         event = ("retry_scheduled" if later else "requeued") if count_attempt else "interrupted"
         with self._write() as now:
-            if self._update(_NACK_CANCELED, now, task_id, token=token, error=error_json):
+            if self._update(NACK_CANCELED, now, task_id, token=token, error=error_json):
                 return False
             changed = self._update(
-                _NACK, now, task_id, token=token, error=error_json, event=event,
+                NACK, now, task_id, token=token, error=error_json, event=event,
                 status="scheduled" if later else "pending", due=now + delay if later else None,
                 ready=None if later else now, seq=self._next_seq(),
                 give_back=int(not count_attempt),
@@ -253,7 +244,7 @@ class SqliteTaskStore(SqliteBackend, TaskStore):
 
     def restage(self, task_id: str, grace: float) -> Ticket | None:
         with self._write() as now:
-            if not self._update(_RETRY, now, task_id, seq=self._next_seq()):
+            if not self._update(RETRY, now, task_id, seq=self._next_seq()):
                 return None
             row = self._db().execute(_RESTAGED, (now + grace, self.queue_name, task_id)).fetchone()
         return Ticket(task_id, int(row[0]), _priority(row[1]))
