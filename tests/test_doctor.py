@@ -252,3 +252,34 @@ def test_durations_as_compose_writes_them() -> None:
     assert parse_duration(45) == 45
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("five minutes")
+
+
+# -- RabbitMQ's consumer_timeout --------------------------------------------------------------
+
+
+def test_a_pipeline_limit_above_rabbitmqs_consumer_timeout_is_flagged(
+    doctor: Doctor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker closes a channel that holds a delivery past consumer_timeout (1,800 s by
+    default) and delivers the task again mid-run: a longer limit, or none, is a problem."""
+    from conftest import rabbitmq_url, require_rabbitmq_server
+
+    require_rabbitmq_server()
+    (tmp_path / "doctor_pipelines.py").write_text(
+        "from conveyor import Pipeline\n"
+        "fits = Pipeline('fits', timeout=60)\n"
+        "fits.step(lambda ctx: None, name='a')\n"
+        "too_long = Pipeline('too_long', timeout=7200)\n"
+        "too_long.step(lambda ctx: None, name='a')\n"
+        "unbounded = Pipeline('unbounded')\n"
+        "unbounded.step(lambda ctx: None, name='a')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CONVEYOR_WORKER__PIPELINES", "doctor_pipelines")
+    code, findings, _ = doctor("--url", rabbitmq_url(tmp_path), "--no-files")
+    timeouts = {f["message"].split(":")[0]: f for f in by_check(findings, "rabbitmq timeout")}
+    assert code == 1, findings
+    assert timeouts["pipeline 'fits'"]["status"] == "ok"
+    assert timeouts["pipeline 'too_long'"]["status"] == "problem"
+    assert "7200" in timeouts["pipeline 'too_long'"]["message"]
+    assert timeouts["pipeline 'unbounded' has no hard time limit"]["status"] == "problem"

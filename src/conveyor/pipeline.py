@@ -152,6 +152,15 @@ class Pipeline:
                 f"({exc.error_count()} error(s))",
             ) from None
 
+    def hard_limit(self) -> float | None:
+        """The longest a run may take: the pipeline's own limit, else the sum of its steps'
+        (None when some step may run forever). Checked against RabbitMQ's consumer_timeout.
+        """
+        if self.timeout is not None:
+            return self.timeout
+        limits = [step.timeout for step in self.steps]
+        return None if None in limits else sum(limit for limit in limits if limit is not None)
+
     def step_named(self, name: str) -> Step:
         for step in self.steps:
             if step.name == name:

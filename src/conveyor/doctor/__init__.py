@@ -10,8 +10,8 @@ Checks (each yields :class:`Finding` values; a ``problem`` makes ``conveyor doct
   (from a config file or a running supervisord over XML-RPC) and docker-compose
   ``stop_grace_period`` must exceed ``worker.max_shutdown_wait`` plus a margin, or the
   worker is SIGKILLed mid-drain; the stop signal must be one the worker drains on;
-* a hard time limit above RabbitMQ's ``consumer_timeout`` (skipped until the RabbitMQ
-  backend exists).
+* on RabbitMQ, a pipeline whose hard time limit is missing or above the broker's
+  ``consumer_timeout`` (the broker would deliver the task again while it still runs).
 """
 
 from __future__ import annotations

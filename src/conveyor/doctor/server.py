@@ -8,6 +8,7 @@ from typing import Any
 from ..backends import QueueBackend, backend_for_url, sqlite_path_from_url
 from ..errors import ConveyorError
 from ..manager import QueueManager
+from ..pipeline import PipelineService
 from ..settings import Settings
 from ..urls import mask_url
 from . import Finding
@@ -155,15 +156,36 @@ def _redis_config(url: str, timeout: float) -> dict[str, str] | str:
 
 
 def check_rabbitmq(settings: Settings) -> list[Finding]:
-    """Hard time limits above the broker's consumer_timeout (needs the RabbitMQ backend)."""
-    return [
-        Finding(
-            "rabbitmq timeout",
-            "skipped",
-            "task time limits against RabbitMQ's consumer_timeout (30 min by default): not "
-            "checked, the RabbitMQ backend is not available in this version",
-        )
-    ]
+    """Pipelines whose hard time limit is above the broker's consumer_timeout: the broker
+    would close the channel mid-run and deliver the task again (RELIABILITY.md)."""
+    if backend_for_url(settings.backend_url()) is not QueueBackend.RABBITMQ:
+        return [Finding("rabbitmq timeout", "skipped", "the backend is not RabbitMQ")]
+    try:
+        service = PipelineService.from_import_paths(settings.worker.pipelines)
+    except ConveyorError as exc:
+        return [Finding("rabbitmq timeout", "unchecked", _one_line(str(exc)))]
+    findings: list[Finding] = []
+    with QueueManager.from_settings(settings) as queue:
+        for pipeline in service.pipelines.values():
+            limit, what = pipeline.hard_limit(), f"pipeline {pipeline.name!r}"
+            if limit is None:
+                findings.append(Finding(
+                    "rabbitmq timeout", "problem",
+                    f"{what} has no hard time limit: a run longer than the broker's "
+                    "consumer_timeout is delivered again while it still runs",
+                    "give the pipeline (or each step) a timeout below consumer_timeout",
+                ))  # fmt: skip
+                continue
+            try:
+                queue.check_time_limit(limit, what)
+            except ConveyorError as exc:
+                fix = "lower the limit, or raise consumer_timeout on the broker"
+                findings.append(Finding("rabbitmq timeout", "problem", _one_line(str(exc)), fix))
+            else:
+                findings.append(
+                    Finding("rabbitmq timeout", "ok", f"{what}: hard limit {limit:g}s fits")
+                )
+    return findings
 
 
 def _one_line(text: str) -> str:

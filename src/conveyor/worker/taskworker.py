@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 from ..errors import ConfigError, ConveyorError
 from ..manager import QueueManager
 from ..models import Message
-from ..pipeline import Pipeline, PipelineService
+from ..pipeline import PipelineService
 from .options import WorkerOptions
 from .policy import backoff_seconds, should_retry
 from .slots import Slot
@@ -94,7 +94,7 @@ class TaskWorker:
         for queue in self.queues:
             queue.consumer_id = self.id
             for pipeline in self.service.pipelines.values():
-                queue.check_time_limit(_hard_limit(pipeline), f"pipeline {pipeline.name!r}")
+                queue.check_time_limit(pipeline.hard_limit(), f"pipeline {pipeline.name!r}")
         previous = self._install_signal_handlers()
         context = multiprocessing.get_context("fork")
         self._slots = [
@@ -409,15 +409,6 @@ class TaskWorker:
             task_id=message.task_id, queue=message.queue, type=message.type,
             attempt=message.attempts, worker=self.id,
         )  # fmt: skip
-
-
-def _hard_limit(pipeline: Pipeline) -> float | None:
-    """The longest a run of ``pipeline`` may take: its own limit, else the sum of its steps'
-    (None when some step may run forever)."""
-    if pipeline.timeout is not None:
-        return pipeline.timeout
-    limits = [step.timeout for step in pipeline.steps]
-    return None if None in limits else sum(limit for limit in limits if limit is not None)
 
 
 def _decode(raw: bytes) -> dict[str, Any]:
