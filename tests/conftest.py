@@ -266,7 +266,7 @@ class Helper:
     """
 
     def __init__(self, script: str, args: list[str], log_dir: Path) -> None:
-        self.name = f"{script}-{uuid.uuid4().hex[:6]}"
+        self.name = f"{Path(script).name}-{uuid.uuid4().hex[:6]}"  # a path must not escape log_dir
         self.stderr_path = log_dir / f"{self.name}.stderr"
         self._stderr = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
