@@ -113,8 +113,10 @@ local function readable(key)
 end
 
 -- Move due scheduled tasks into pending, in due order, at the back of their band.
-local function promote_due(queue)
-  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', NOW, 'WITHSCORES', 'LIMIT', 0, SCAN_LIMIT)
+-- `promoted(key, id)`, when given, is called for each (the RabbitMQ store publishes them).
+local function promote_due(queue, limit, promoted)
+  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', NOW, 'WITHSCORES', 'LIMIT', 0,
+    limit or SCAN_LIMIT)
   for i = 1, #due, 2 do
     local id, key = due[i], KEYS[4] .. due[i]
     local priority = readable(key) and tonumber(redis.call('HGET', key, 'priority'))
@@ -130,6 +132,7 @@ local function promote_due(queue)
       redis.call('HSET', key, 'status', 'pending', 'score', score, 'ready_at', due[i + 1],
         'updated_at', fmt(NOW))
       append_event(key, 'due', redis.call('HGET', key, 'attempts'))
+      if promoted then promoted(key, id) end
     end
   end
 end
@@ -217,6 +220,35 @@ local function claim(queue, lease, max_deliveries, token, ttl, consumer)
   end
   redis.call('DEL', KEYS[6]) -- nothing ready: stale wake-up markers would only spin waiters
   return {0, fmt(wait_hint())}
+end
+
+-- Give a held task back (nack): canceled if a cancel was asked while it ran, else scheduled
+-- after `delay` or pending now. A counted delivery goes to the back of its band; a hand-back
+-- (`counted` false: shutdown) keeps its place and returns the attempt.
+-- Returns 'canceled', 'scheduled' or 'pending'.
+local function give_back(key, id, delay, counted, error_json, ttl)
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('ZREM', KEYS[11], id)
+  redis.call('PERSIST', key)
+  redis.call('HDEL', key, 'token')
+  if error_json ~= '' then redis.call('HSET', key, 'error', error_json) end
+  if cancel_if_asked(key, id, ttl) then return 'canceled' end
+  local attempts = counted and redis.call('HGET', key, 'attempts')
+    or redis.call('HINCRBY', key, 'attempts', -1)
+  if delay > 0 then
+    redis.call('ZADD', KEYS[2], NOW + delay, id)
+    redis.call('HSET', key, 'status', 'scheduled', 'scheduled_for', fmt(NOW + delay),
+      'updated_at', fmt(NOW))
+    append_event(key, counted and 'retry_scheduled' or 'interrupted', attempts)
+    return 'scheduled'
+  end
+  local score = not counted and tonumber(redis.call('HGET', key, 'score'))
+    or next_score(tonumber(redis.call('HGET', key, 'priority')) or 0)
+  redis.call('ZADD', KEYS[1], score, id)
+  redis.call('HSET', key, 'status', 'pending', 'score', score, 'ready_at', fmt(NOW),
+    'updated_at', fmt(NOW))
+  append_event(key, counted and 'requeued' or 'interrupted', attempts)
+  return 'pending'
 end
 
 -- The caller's fencing check: the task is processing and the token is the current one.

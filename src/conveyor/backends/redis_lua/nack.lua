@@ -8,27 +8,7 @@
 
 local id, token, key = ARGV[3], ARGV[4], KEYS[4] .. ARGV[3]
 if not (readable(key) and held(key, token)) then return 0 end
-local delay, counted = tonumber(ARGV[5]) or 0, ARGV[7] == '1'
-redis.call('ZREM', KEYS[3], id)
-redis.call('ZREM', KEYS[11], id)
-redis.call('PERSIST', key)
-redis.call('HDEL', key, 'token')
-if ARGV[6] ~= '' then redis.call('HSET', key, 'error', ARGV[6]) end
-if cancel_if_asked(key, id, tonumber(ARGV[2])) then return 1 end
-local attempts = counted and redis.call('HGET', key, 'attempts')
-  or redis.call('HINCRBY', key, 'attempts', -1)
-if delay > 0 then
-  redis.call('ZADD', KEYS[2], NOW + delay, id)
-  redis.call('HSET', key, 'status', 'scheduled', 'scheduled_for', fmt(NOW + delay),
-    'updated_at', fmt(NOW))
-  append_event(key, counted and 'retry_scheduled' or 'interrupted', attempts)
-  return 1
-end
-local score = not counted and tonumber(redis.call('HGET', key, 'score'))
-  or next_score(tonumber(redis.call('HGET', key, 'priority')) or 0)
-redis.call('ZADD', KEYS[1], score, id)
-redis.call('HSET', key, 'status', 'pending', 'score', score, 'ready_at', fmt(NOW),
-  'updated_at', fmt(NOW))
-append_event(key, counted and 'requeued' or 'interrupted', attempts)
-wake()
+local outcome = give_back(key, id, tonumber(ARGV[5]) or 0, ARGV[7] == '1', ARGV[6],
+  tonumber(ARGV[2]))
+if outcome == 'pending' then wake() end
 return 1

@@ -16,25 +16,9 @@ local function hand_out(key, id, ticket)
   out[#out + 1] = redis.call('HGET', key, 'priority')
 end
 
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', NOW, 'WITHSCORES', 'LIMIT', 0, limit)
-for i = 1, #due, 2 do
-  local id, key = due[i], KEYS[4] .. due[i]
-  local priority = readable(key) and tonumber(redis.call('HGET', key, 'priority'))
-  if not readable(key) then
-    dead_unreadable(id, queue, 'missing', 'scheduled id has no task record')
-  elseif not priority then
-    dead_letter(key, id, 'malformed', cjson.encode({type = 'MalformedTask',
-      message = 'priority is not a number'}))
-  else
-    local score = next_score(priority)
-    redis.call('ZREM', KEYS[2], id)
-    redis.call('ZADD', KEYS[1], score, id)
-    redis.call('HSET', key, 'status', 'pending', 'score', score, 'ready_at', due[i + 1],
-      'updated_at', fmt(NOW))
-    append_event(key, 'due', redis.call('HGET', key, 'attempts'))
-    hand_out(key, id, redis.call('HINCRBY', key, 'ticket', 1))
-  end
-end
+promote_due(queue, limit, function(key, id)
+  hand_out(key, id, redis.call('HINCRBY', key, 'ticket', 1))
+end)
 
 local late = redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', NOW, 'LIMIT', 0, limit)
 for _, id in ipairs(late) do
