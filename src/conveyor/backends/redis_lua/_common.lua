@@ -251,6 +251,41 @@ local function give_back(key, id, delay, counted, error_json, ttl)
   return 'pending'
 end
 
+local LIVE = {scheduled = true, pending = true, processing = true}
+
+-- Store one new task from the 9 values at ARGV[i] (id, priority, data, type, delay,
+-- max_retries, retry_backoff, queue_timeout, process_timeout; '' = not set). A live id is
+-- left alone; a finished one is replaced by a fresh record.
+-- Returns 'live' (refused), 'scheduled' or 'pending'.
+local function store_task(queue, i)
+  local id, priority, delay = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 4]) or 0
+  local key = KEYS[4] .. id
+  local old = readable(key) and redis.call('HGET', key, 'status')
+  if old and LIVE[old] then return 'live' end
+  if old then
+    for _, done in ipairs({KEYS[7], KEYS[8], KEYS[9], KEYS[10]}) do redis.call('ZREM', done, id) end
+  end
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'id', id, 'queue', queue, 'priority', ARGV[i + 1], 'data', ARGV[i + 2],
+    'attempts', 0, 'expiries', 0, 'created_at', fmt(NOW), 'updated_at', fmt(NOW), 'progress', 0)
+  local optional = {type = ARGV[i + 3], max_retries = ARGV[i + 5], retry_backoff = ARGV[i + 6],
+    queue_timeout = ARGV[i + 7], process_timeout = ARGV[i + 8]}
+  for field, value in pairs(optional) do
+    if value ~= '' then redis.call('HSET', key, field, value) end
+  end
+  if delay > 0 then
+    redis.call('HSET', key, 'status', 'scheduled', 'scheduled_for', fmt(NOW + delay))
+    redis.call('ZADD', KEYS[2], NOW + delay, id)
+    append_event(key, 'scheduled', 0)
+    return 'scheduled'
+  end
+  local score = next_score(priority)
+  redis.call('HSET', key, 'status', 'pending', 'score', score, 'ready_at', fmt(NOW))
+  redis.call('ZADD', KEYS[1], score, id)
+  append_event(key, 'pushed', 0)
+  return 'pending'
+end
+
 -- The caller's fencing check: the task is processing and the token is the current one.
 local function held(key, token)
   local f = redis.call('HMGET', key, 'status', 'token')
