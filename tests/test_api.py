@@ -27,7 +27,6 @@ from api_support import (  # noqa: E402
     fail_task,
     no_traceback,
 )
-from conftest import backend_params  # noqa: E402
 from conveyor import QueueManager  # noqa: E402
 from conveyor.settings import Settings  # noqa: E402
 
@@ -36,11 +35,6 @@ if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) leaves the ro
     sys.path.insert(0, str(ROOT))
 
 JSON_HEADERS = {"content-type": "application/json"}
-
-
-@pytest.fixture(params=backend_params("sqlite", "redis", "rabbitmq"))
-def backend_name(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture(autouse=True)

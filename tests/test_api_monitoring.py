@@ -33,15 +33,10 @@ from api_support import (  # noqa: E402
     free_port,
     no_traceback,
 )
-from conftest import backend_params, wait_until  # noqa: E402
+from conftest import wait_until  # noqa: E402
 from conveyor import ConfigError, QueueManager  # noqa: E402
 from conveyor.api.serve import exposure_warning, is_loopback  # noqa: E402
 from conveyor.settings import Settings, load_settings  # noqa: E402
-
-
-@pytest.fixture(params=backend_params("sqlite", "redis", "rabbitmq"))
-def backend_name(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture(autouse=True)

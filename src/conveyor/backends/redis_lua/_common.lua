@@ -178,6 +178,26 @@ local function wait_hint()
   return hint
 end
 
+-- Hand a task to a consumer: processing, attempts + 1, a fencing token, and a lease (or,
+-- for a pull, the pulled index: consumed, never redelivered, forgotten after result_ttl
+-- unless settled). Returns the new attempt count.
+local function take(key, id, token, lease, consumer, ttl, event)
+  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('HSET', key, 'status', 'processing', 'token', token, 'started_at', fmt(NOW),
+    'updated_at', fmt(NOW), 'worker', consumer)
+  if lease then
+    redis.call('ZADD', KEYS[3], NOW + lease, id)
+  else
+    redis.call('ZADD', KEYS[11], NOW, id)
+    if ttl > 0 then
+      redis.call('EXPIRE', key, math.ceil(ttl))
+      redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', NOW - ttl)
+    end
+  end
+  append_event(key, event or (lease and 'reserved' or 'pulled'), attempts)
+  return attempts
+end
+
 local CLAIMED_FIELDS = {'priority', 'data', 'type', 'max_retries', 'retry_backoff',
   'process_timeout', 'created_at', 'steps', 'queue_timeout', 'ready_at'}
 
@@ -199,19 +219,7 @@ local function claim(queue, lease, max_deliveries, token, ttl, consumer)
         finish(key, id, 'timeout', ttl)
         append_event(key, 'timeout', redis.call('HGET', key, 'attempts'), 'not started in time')
       else
-        local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-        redis.call('HSET', key, 'status', 'processing', 'token', token, 'started_at', fmt(NOW),
-          'updated_at', fmt(NOW), 'worker', consumer)
-        if lease then
-          redis.call('ZADD', KEYS[3], NOW + lease, id)
-        else -- pulled: consumed, never redelivered; forgotten after result_ttl unless settled
-          redis.call('ZADD', KEYS[11], NOW, id)
-          if ttl > 0 then
-            redis.call('EXPIRE', key, math.ceil(ttl))
-            redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', NOW - ttl)
-          end
-        end
-        append_event(key, lease and 'reserved' or 'pulled', attempts)
+        local attempts = take(key, id, token, lease, consumer, ttl)
         if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('DEL', KEYS[6]) end
         return {1, id, token, attempts, f[1] or '', f[2] or '', f[3] or '', f[4] or '',
           f[5] or '', f[6] or '', f[7] or '', f[8] or ''}

@@ -39,19 +39,8 @@ local function claim_ticket(queue, ttl, id, number, copy, redelivered, lease, ma
     return {0}
   end
   redis.call('ZREM', KEYS[12], id)
-  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-  redis.call('HSET', key, 'status', 'processing', 'token', token, 'started_at', fmt(NOW),
-    'updated_at', fmt(NOW), 'worker', consumer, 'copy', copy)
-  if lease then
-    redis.call('ZADD', KEYS[3], NOW + lease, id)
-  else -- pulled: consumed, never redelivered; forgotten after result_ttl unless settled
-    redis.call('ZADD', KEYS[11], NOW, id)
-    if ttl > 0 then
-      redis.call('EXPIRE', key, math.ceil(ttl))
-      redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', NOW - ttl)
-    end
-  end
-  append_event(key, event, attempts)
+  redis.call('HSET', key, 'copy', copy)
+  local attempts = take(key, id, token, lease, consumer, ttl, event)
   local c = redis.call('HMGET', key, unpack(CLAIMED_FIELDS))
   return {1, token, attempts, c[1] or '', c[2] or '', c[3] or '', c[4] or '', c[5] or '',
     c[6] or '', c[7] or '', c[8] or ''}
