@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .lifecycle import LEGACY_EVENTS, effective_status
 from .models import TaskError, TaskEvent, TaskRecord, TaskStatus, from_timestamp
 
 
@@ -66,7 +67,7 @@ def _history(value: Any) -> list[TaskEvent]:
             events.append(
                 TaskEvent(
                     at=from_timestamp(float(raw["at"])),  # type: ignore[arg-type]
-                    event=str(raw["event"]),
+                    event=str(LEGACY_EVENTS.get(raw["event"], raw["event"])),
                     attempt=int(raw.get("attempt") or 0),
                     note=raw.get("note"),
                 )
@@ -88,16 +89,23 @@ def _status(value: Any) -> TaskStatus:
         return TaskStatus.FAILED
 
 
-def record_from_row(row: dict[str, Any], queue: str) -> TaskRecord:
-    """Build the typed record of one stored row (see ``backends.base.ROW_FIELDS``)."""
+def record_from_row(row: dict[str, Any], queue: str, now: float | None = None) -> TaskRecord:
+    """Build the typed record of one stored row (see ``backends.base.ROW_FIELDS``).
+
+    With ``now``, a waiting task past its queue_timeout shows as ``timeout`` already (see
+    ``lifecycle.effective_status``): no worker may be running to sweep it.
+    """
     created = _float(row.get("created_at")) or 0.0
+    status = _text(row.get("status")) or ""
+    if now is not None:
+        status = effective_status(status, _float(row.get("expire_at")), now)
     return TaskRecord(
         id=_text(row.get("id")) or "",
         queue=_text(row.get("queue")) or queue,
         type=_text(row.get("type")),
         priority=_int(row.get("priority")) or 0,
         data=_json(row.get("data")),
-        status=_status(row.get("status")),
+        status=_status(status),
         attempts=_int(row.get("attempts")) or 0,
         max_retries=_int(row.get("max_retries"), None),
         retry_backoff=_float(row.get("retry_backoff")),

@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from .errors import TaskTypeError, TaskValidationError
+from .errors import ConfigError, TaskTypeError, TaskValidationError
 
 MAX_TASK_ID_LENGTH = 200
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -103,4 +103,12 @@ def check_type_name(value: object) -> str | None:
         return None
     if not isinstance(value, str) or not value:
         raise TaskTypeError("type", "must be a non-empty string naming a pipeline")
+    return value
+
+
+def check_queue_name(value: object) -> str:
+    """A queue name is a non-empty string without braces (braces would break the Redis hash
+    tag that keeps a queue's keys in one slot)."""
+    if not isinstance(value, str) or not value or "{" in value or "}" in value:
+        raise ConfigError(f"queue_name: must be a non-empty string without braces, got {value!r}")
     return value
