@@ -38,6 +38,7 @@ import redis
 
 from conftest import REDIS_URL, backend_params, require_redis_server, sleep_until
 from conveyor import Message, QueueManager, TaskRecord, TaskStatus
+from conveyor.lifecycle import LEGACY_EVENTS
 from helpers.private_redis import PrivateRedis
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upgrade"
@@ -244,7 +245,9 @@ def test_every_task_reads_back_as_written(upgraded: Upgraded) -> None:
             fields = list(IDENTITY)
         assert same_fields(record, expected, fields) == [], task_id
         events = [event.event for event in record.history]
-        assert events[: len(spec["history"])] == spec["history"], (task_id, events)
+        # Earlier versions named some events differently; records read with today's names.
+        written = [str(LEGACY_EVENTS.get(name, name)) for name in spec["history"]]
+        assert events[: len(written)] == written, (task_id, events)
 
     listed = [record.id for record in queue.list_tasks(limit=1000)]
     assert sorted(listed) == sorted(upgraded.tasks), "list_tasks() shows each task once"
@@ -259,7 +262,13 @@ def test_every_task_reads_back_as_written(upgraded: Upgraded) -> None:
     assert stats.queue == queue.queue_name
     assert sum(stats.counts.values()) == len(upgraded.tasks)
     assert (stats.counts["success"], stats.counts["failed"], stats.counts["canceled"]) == (1, 1, 1)
-    assert queue.get_queue_length() == stats.counts["pending"] == len(pending)
+    # Counts are the stored indexes: a task past its queue_timeout that no sweep has written
+    # yet is still counted pending, though readers already show it as timeout.
+    expired = [i for i in PENDING_AS_WRITTEN if status(queue, i) is TaskStatus.TIMEOUT]
+    assert queue.get_queue_length() == stats.counts["pending"] == len(pending) + len(expired)
+    queue.sweep()  # also brings back the expired leases and the due task
+    after = queue.list_tasks(TaskStatus.PENDING, limit=1000)
+    assert queue.get_queue_length() == len(after) == len(pending) + 3
     assert queue.queue_name in queue.known_queues()
     # Live ids are still recognised as live: pushing them again is refused.
     for live in ("d-future", "l-held", "u-pulled", "p5-a", "r-nacked"):

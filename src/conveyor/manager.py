@@ -554,7 +554,10 @@ class QueueManager:
             raise ValueError("limit/offset: must be >= 0")
         rows = self._records.list(wanted, limit, offset)
         now = time.time()
-        return [record_from_row(row, self.queue_name, now) for row in rows]
+        records = [record_from_row(row, self.queue_name, now) for row in rows]
+        # A waiting task past its queue_timeout shows as timeout before a sweep writes it:
+        # it is no longer listed as pending (see lifecycle.effective_status).
+        return [r for r in records if wanted is None or r.status.value == wanted]
 
     def stats(self) -> QueueStats:
         """Counts per status, successes and failures in the last minute, mean run time."""

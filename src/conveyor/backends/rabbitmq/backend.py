@@ -100,6 +100,7 @@ class RabbitMQQueue(QueueStore):
             if limit is not None and limit > self.consumer_timeout:
                 text = limit_text(limit, self.consumer_timeout, self.link.safe_url, task.task_id)
                 raise TaskValidationError("process_timeout", text)
+        self._publish_due()  # as every store does first: due tasks enter the line first
         enqueued = self.store.enqueue(tasks)
         if enqueued.tickets:
             self._publish(enqueued.tickets)
@@ -195,6 +196,7 @@ class RabbitMQQueue(QueueStore):
         taken first (``basic.get`` needs no free prefetch slot) so that settling this task
         and claiming the next is one store step: one broker round trip and one store write
         per task on a worker's hot path."""
+        self._publish_due()
         claimed: ClaimResult | None = None
         delivery = self.link.get(self.topology) if then is not None and then.count == 1 else None
         ticket = self._ticket_of(delivery) if delivery is not None else None
@@ -238,9 +240,11 @@ class RabbitMQQueue(QueueStore):
     # -- the rest -------------------------------------------------------------------------
 
     def cancel(self, task_id: str) -> bool:
+        self._publish_due()
         return self.store.cancel(task_id)  # a pending task's message becomes a tombstone
 
     def retry(self, task_id: str) -> Ticket | None:
+        self._publish_due()
         ticket = self.store.retry(task_id)
         if ticket is not None:
             self._publish([ticket])

@@ -94,6 +94,7 @@ class SqliteStore(QueueStore):
         if not tasks:
             return Enqueued(stored, tickets)
         with self._database.write() as now:
+            self._begin(now)
             db = self._db()
             ids = json.dumps([task.task_id for task in tasks])
             old = {
@@ -164,15 +165,24 @@ class SqliteStore(QueueStore):
             return ClaimResult(claimed, 0.0, skipped=True)
         return ClaimResult(claimed, None if claimed else self._wait_hint(now))
 
+    def _begin(self, now: float) -> None:
+        """Every transition starts here: due tasks enter the line and expired waiting tasks
+        time out first, so whatever it does sees the state a reader already shows, as on
+        every backend. In broker mode only ``due`` promotes: each task must be published as
+        it becomes pending."""
+        params = {"queue": self.queue_name, "now": now}
+        if not self._broker:
+            self._db().execute(sql.PROMOTE, params)
+        self._db().execute(sql.TIME_OUT_EXPIRED, params)
+
     def _upkeep(self, now: float, max_deliveries: int) -> None:
         """Promote due tasks, reap expired leases, time out expired waiting tasks."""
         db = self._db()
         params = {"queue": self.queue_name, "now": now, "max": max_deliveries}
+        self._begin(now)
         if not self._broker:
-            db.execute(sql.PROMOTE, params)
             for statement in sql.REAP:
                 db.execute(statement, params)
-        db.execute(sql.TIME_OUT_EXPIRED, params)
 
     def _take(
         self,
@@ -275,6 +285,7 @@ class SqliteStore(QueueStore):
             self._seen_pushes = self._database.push_count()
         woke = False
         with self._database.write() as now:
+            self._begin(now)
             settled = [self._settle_one(now, outcome) for outcome in outcomes]
             woke = any(item.status == TaskStatus.PENDING for item in settled)
             claimed = None
@@ -357,6 +368,7 @@ class SqliteStore(QueueStore):
 
     def cancel(self, task_id: str) -> bool:
         with self._database.write() as now:
+            self._begin(now)
             params = {"queue": self.queue_name, "id": task_id, "now": now}
             db = self._db()
             return bool(
@@ -366,6 +378,7 @@ class SqliteStore(QueueStore):
 
     def retry(self, task_id: str) -> Ticket | None:
         with self._database.write() as now:
+            self._begin(now)
             row = self._db().execute(sql.REDRIVE, {
                 "queue": self.queue_name, "id": task_id, "now": now,
                 "seq": self._database.next_seq(), "bump": 1 if self._broker else 0,

@@ -30,7 +30,7 @@ local BROKER, GRACE = ARGV[3] == 'broker', tonumber(ARGV[4]) or 30
 local A = 5 -- the first of a script's own ARGV
 local WAKE_CAP = 1000
 local SCAN_LIMIT = 100 -- bounded work per call: promote, reap or time out at most this many
-local PROMOTE_ALL = 10000 -- due tasks promoted before a new place is given (see promote_due)
+local PROMOTE_ALL = 1000 -- due tasks promoted at the start of every transition (see begin)
 local DONE_KEY = {success = KEYS[7], failed = KEYS[8], canceled = KEYS[9], timeout = KEYS[10]}
 
 local function now_seconds()
@@ -262,6 +262,15 @@ local function sweep_expired(limit)
   end
 end
 
+-- Every transition starts here: due tasks enter the line and expired waiting tasks time
+-- out first, so whatever the transition does (a push, a nack, a claim, a cancel) sees the
+-- state a reader already shows, on every backend alike. In broker mode only `due` promotes:
+-- each task must be published as it becomes pending.
+local function begin()
+  if not BROKER then promote_due(PROMOTE_ALL) end
+  sweep_expired(SCAN_LIMIT)
+end
+
 -- Seconds until a scheduled task is due, a lease runs out or a waiting task expires; -1
 -- when none of them exists.
 local function wait_hint()
@@ -364,9 +373,8 @@ end
 -- type, max_retries, retry_backoff, process_timeout, created_at, steps}.
 local function claim(spec)
   if spec.ticket_id ~= '' then return claim_ticket(spec) end
-  promote_due(SCAN_LIMIT)
+  begin()
   if not BROKER then reap_expired(spec.max_deliveries) end
-  sweep_expired(SCAN_LIMIT)
   local out, taken, retired = {'', '', '0'}, 0, 0
   while taken < #spec.tokens and retired < SCAN_LIMIT do
     local head = redis.call('ZRANGE', KEYS[1], 0, 0)

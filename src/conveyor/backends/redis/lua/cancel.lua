@@ -4,6 +4,7 @@
 -- Returns 1 when canceled or flagged, 0 when finished or unknown.
 -- @include _lifecycle.lua
 
+begin()
 local id, key = ARGV[A], KEYS[4] .. ARGV[A]
 if not readable(key) then return 0 end
 local status = redis.call('HGET', key, 'status')

@@ -5,8 +5,7 @@
 -- stored as pending (n is its ticket in broker mode: to publish now).
 -- @include _lifecycle.lua
 
--- Tasks that came due stand ahead of the ones pushed now (broker mode: `due` publishes them).
-if not BROKER then promote_due(PROMOTE_ALL) end
+begin() -- tasks that came due stand ahead of the ones pushed now
 local out, any_ready = {}, false
 for i = A, #ARGV, 9 do
   local outcome, ticket = store_task(i)

@@ -4,11 +4,11 @@
 -- Returns {ticket, priority} when re-driven, {} when the task is live, succeeded or unknown.
 -- @include _lifecycle.lua
 
+begin()
 local id, key = ARGV[A], KEYS[4] .. ARGV[A]
 if not readable(key) then return {} end
 local status = redis.call('HGET', key, 'status')
 if not REDRIVABLE[status] or damage(key) then return {} end
-if not BROKER then promote_due(PROMOTE_ALL) end
 redis.call('ZREM', DONE_KEY[status], id)
 redis.call('PERSIST', key)
 redis.call('HDEL', key, 'dead_reason', 'finished_at', 'cancel_requested', 'token',

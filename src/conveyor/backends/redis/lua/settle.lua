@@ -9,7 +9,8 @@
 -- @include _lifecycle.lua
 
 local n = tonumber(ARGV[A])
-local settled, woke, promoted = {}, false, BROKER
+begin()
+local settled, woke = {}, false
 for j = 0, n - 1 do
   local i = A + 1 + j * 7
   local op, id, token, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -31,10 +32,6 @@ for j = 0, n - 1 do
       record(key, EV.SUCCEEDED, num(key, 'attempts'))
       status = ST.SUCCESS
     elseif op == OP.NACK or op == OP.HAND_BACK then
-      if not promoted then
-        promote_due(PROMOTE_ALL) -- see promote_due: due tasks stand ahead of a new place
-        promoted = true
-      end
       local new_ticket
       status, new_ticket = give_back(key, id, tonumber(ARGV[i + 4]) or 0, op == OP.NACK, payload)
       ticket = new_ticket or ''
