@@ -1,4 +1,4 @@
-"""Worker tuning that is not part of TaskWorker's own arguments (a settings object, not 16 kwargs)."""
+"""Worker tuning beyond TaskWorker's own arguments (a settings object, not 16 kwargs)."""
 
 from __future__ import annotations
 
