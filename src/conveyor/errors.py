@@ -40,6 +40,15 @@ class BrokerUnavailableError(ConveyorError, ConnectionError):
     """The backend cannot be reached; the message names the URL with its password masked."""
 
 
+class BrokerAuthenticationError(BrokerUnavailableError):
+    """The broker refused the credentials (wrong user or password, no AUTH given).
+
+    A subclass of ``BrokerUnavailableError`` so code that only asks "can I use the broker?"
+    keeps working; a worker starting up tells the two apart: it waits while the broker is
+    unreachable, but stops at once (exit 2) on credentials that waiting will not fix.
+    """
+
+
 class BackendError(ConveyorError):
     """The backend answered, but not as expected (a script error, a corrupt database)."""
 

@@ -24,7 +24,7 @@ import redis
 from loguru import logger
 from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 
-from ..errors import BackendError, BrokerUnavailableError
+from ..errors import BackendError, BrokerAuthenticationError, BrokerUnavailableError
 from ..models import FINISHED_STATUSES, TaskStatus
 from ..urls import mask_url
 from .base import Backend, Claimed, ClaimResult, NewTask
@@ -127,7 +127,7 @@ class RedisBackend(Backend):
         try:
             yield
         except AuthenticationError as exc:
-            raise BrokerUnavailableError(
+            raise BrokerAuthenticationError(
                 f"Redis at {self.safe_url} refused the credentials ({exc}); "
                 "check the password in the URL or REDIS_URL"
             ) from None
@@ -137,6 +137,11 @@ class RedisBackend(Backend):
                 "there? Check the URL (--url, CONVEYOR_URL or REDIS_URL)"
             ) from None
         except ResponseError as exc:
+            if str(exc).startswith(("WRONGPASS", "NOAUTH")):
+                raise BrokerAuthenticationError(
+                    f"Redis at {self.safe_url} refused the credentials ({exc}); "
+                    "check the password in the URL or REDIS_URL"
+                ) from None
             raise BackendError(f"Redis at {self.safe_url} answered with an error: {exc}") from None
 
     def _load_scripts(self) -> None:

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ...errors import BrokerUnavailableError, ConfigError, ConveyorError
+from ...errors import (
+    BrokerAuthenticationError,
+    BrokerUnavailableError,
+    ConfigError,
+    ConveyorError,
+)
 from ...urls import mask_url
 
 #: The broker's default ``consumer_timeout`` (RabbitMQ 3.8.15+: 30 minutes).
@@ -90,7 +95,7 @@ def connect_error(safe_url: str, exc: BaseException) -> ConveyorError:
 
     text = str(exc) or type(exc).__name__
     if isinstance(exc, pe.ProbableAuthenticationError) or "ACCESS_REFUSED" in text:
-        return BrokerUnavailableError(
+        return BrokerAuthenticationError(
             f"RabbitMQ at {safe_url} refused the credentials ({text}); check the user and "
             "password in the URL (--url, CONVEYOR_URL or RABBITMQ_URL)"
         )
