@@ -15,6 +15,7 @@ from ..pipeline import PipelineService
 from ..settings import Settings
 from .options import WorkerOptions
 from .policy import RetryDefaults
+from .startup import StopFlag, open_queues
 from .taskworker import TaskWorker
 
 
@@ -27,6 +28,8 @@ def options_from(settings: Settings) -> WorkerOptions:
         max_time=worker.max_time,
         memory_mb=worker.memory_mb,
         heartbeat_interval=worker.heartbeat_interval,
+        reconnect_backoff=worker.reconnect_backoff,
+        reconnect_max_backoff=worker.reconnect_max_backoff,
         retry=RetryDefaults(
             max_retries=worker.max_retries,
             retry_backoff=worker.retry_backoff,
@@ -36,7 +39,11 @@ def options_from(settings: Settings) -> WorkerOptions:
 
 
 def run_worker(settings: Settings) -> int:
-    """Run until stopped; 0 after a clean stop, 2 when the setup is wrong (one clear line)."""
+    """Run until stopped; 0 after a clean stop, 2 when the setup is wrong (one clear line).
+
+    An unreachable backend is waited for (``worker.broker_wait``, see ``startup``); a
+    SIGTERM or SIGINT during that wait ends the worker with 0, as it would a running one.
+    """
     configure_logging(settings.logging)
     # Pipelines are named by import path relative to the project, as Celery's `include`;
     # a console script (`conveyor worker`) does not put the working directory on sys.path.
@@ -45,8 +52,11 @@ def run_worker(settings: Settings) -> int:
     queues: list[QueueManager] = []
     try:
         service = PipelineService.from_import_paths(settings.worker.pipelines)
-        for name in settings.worker.queues:
-            queues.append(QueueManager.from_settings(settings, queue_name=name))
+        with StopFlag().installed() as stop:
+            opened = open_queues(settings, queues, stop)
+        if not opened or stop():
+            logger.info("{} while waiting for the backend: stopped", stop.signal_name)
+            return 0
         worker = TaskWorker(
             queues,
             service,
