@@ -200,3 +200,9 @@ def test_systemd_unit_outwaits_the_drain(tmp_path: Path) -> None:
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_production_api_and_worker_write_separate_log_files() -> None:
+    settings = load_settings(PRODUCTION)
+    assert settings.logging.file and settings.api.log_file
+    assert Path(settings.api.log_file) != Path(settings.logging.file)

@@ -218,6 +218,10 @@ class ApiSettings(_Section):
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8000, ge=1, le=65535)
     token: SecretStr | None = Field(default=None, min_length=1)
+    #: The API's own rotating log file (level, format and rotation as in ``logging``);
+    #: None: stderr only. ``logging.file`` is the worker's: two processes rotating one
+    #: file race each other, so the API never writes there.
+    log_file: str | None = Field(default=None, min_length=1)
 
 
 class Settings(BaseSettings):
