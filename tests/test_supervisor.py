@@ -223,7 +223,7 @@ def test_conveyor_stop_drains_every_worker(
     deployment.queue.push_many([(f"s{i}", {"sleep": 2}, 5) for i in range(3)])
     deployment.running_tasks(3)
     done = subprocess.run(
-        [str(CONVEYOR), "stop", "--url", server.url, "--wait", "60"],
+        [str(CONVEYOR), "stop", "--all", "--url", server.url, "--wait", "60"],
         capture_output=True, text=True, timeout=90, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
