@@ -202,7 +202,8 @@ def _program_starts(
         ]
     numbers = program_numbers(options)
     if numbers is None:
-        findings.append(Finding("supervisor starts", "unchecked", f"{where}: startsecs or startretries is not a number"))
+        text = f"{where}: startsecs or startretries is not a number"
+        findings.append(Finding("supervisor starts", "unchecked", text))
     else:
         broker_wait = deployed_broker_wait(env, settings, bases)
         findings.append(restart_finding("supervisor starts", where, *numbers, broker_wait))
