@@ -130,8 +130,9 @@ def test_a_worker_with_a_refused_rabbitmq_password_exits_2(
         ("redis://127.0.0.1:notaport/0", "Port could not be cast"),
         ("redis://127.0.0.1:99999/0", "Port out of range"),
         ("amqp://guest:guest@127.0.0.1:5672/?heartbeat=soon", "heartbeat"),
+        ("redis+tls://127.0.0.1:6379/0", "cannot tell the backend"),
     ],
-    ids=["port-not-a-number", "port-out-of-range", "bad-amqp-option"],
+    ids=["port-not-a-number", "port-out-of-range", "bad-amqp-option", "unknown-scheme"],
 )
 def test_a_bad_url_exits_2_at_once(worker_process: Workers, url: str, says: str) -> None:
     worker = worker_process(url)
