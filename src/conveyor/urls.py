@@ -18,12 +18,8 @@ def mask_url(url: str) -> str:
     if parts.password is None:  # keep the text as written (urlunsplit drops an empty "//")
         return url if query == parts.query else url.replace(f"?{parts.query}", f"?{query}", 1)
     user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 literal needs its brackets back
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
+    # Host and port as written: a bad port must not turn masking into an error.
+    netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
