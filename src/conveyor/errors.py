@@ -54,5 +54,10 @@ class BackendError(ConveyorError):
     """The backend answered, but not as expected (a script error, a corrupt database)."""
 
 
+class ReplicationError(BackendError):
+    """A write reached the Redis master, but fewer replicas than ``durability`` asks for
+    confirmed it in time: a failover now could lose it. The write itself was made."""
+
+
 class TaskNotFoundError(ConveyorError, LookupError):
     """No task with that id exists in the queue."""

@@ -117,6 +117,7 @@ class QueueManager:
         result_ttl: float = 7 * 24 * 3600,
         connect_timeout: float = 5.0,
         task_store: str | None = None,
+        durability: str | None = None,
         url: str | None = None,
         server: Server | None = None,
     ) -> None:
@@ -139,6 +140,13 @@ class QueueManager:
                 if spec.kind is not QueueBackend.RABBITMQ:
                     raise ConfigError("task_store: only the RabbitMQ backend uses a task store")
                 options["task_store"] = task_store
+            if durability is not None:
+                if spec.kind is not QueueBackend.REDIS:
+                    raise ConfigError(
+                        "durability: only the Redis backend waits for replicas (for a "
+                        "RabbitMQ task store on Redis, put ?durability= in its URL)"
+                    )
+                options["durability"] = durability
             target = url or _url_for(
                 spec.kind, spec.default_url, sqlite_path, redis_url, rabbitmq_url
             )
@@ -672,8 +680,12 @@ def _url_for(
 
 
 def _store_option(settings: Settings) -> dict[str, Any]:
-    """``task_store`` for a RabbitMQ URL when the settings name one (other backends: none)."""
+    """``task_store`` for a RabbitMQ URL when the settings name one; ``durability`` for a
+    Redis URL when the settings ask for it (other backends: none)."""
+    kind = backend_for_url(settings.backend_url())
     store = settings.rabbitmq.task_store
-    if store and backend_for_url(settings.backend_url()) is QueueBackend.RABBITMQ:
+    if store and kind is QueueBackend.RABBITMQ:
         return {"task_store": store}
+    if settings.redis.durability is not None and kind is QueueBackend.REDIS:
+        return {"durability": settings.redis.durability}
     return {}

@@ -47,7 +47,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from .backends import QueueBackend, backend_for_url, spec_for_kind
+from .backends import QueueBackend, backend_for_url, spec_for_kind, task_store_schemes
+from .durability import parse_durability
 from .errors import ConfigError
 from .urls import mask_url
 
@@ -94,6 +95,27 @@ RedisUrl = Annotated[str, AfterValidator(partial(_check_scheme, kind=QueueBacken
 AmqpUrl = Annotated[str, AfterValidator(partial(_check_scheme, kind=QueueBackend.RABBITMQ))]
 
 
+def _check_task_store(url: str) -> str:
+    """A URL of a backend whose row in the backend table says it can keep task records."""
+    schemes = task_store_schemes()
+    if url.split("://", 1)[0].lower() not in schemes or "://" not in url:
+        raise ValueError(f"must be a URL of {', '.join(s + '://' for s in schemes)}")
+    return url
+
+
+def _check_durability(value: str | None) -> str | None:
+    """``replicas=N[,timeout=S]``, checked now so a typo stops the start, not the first push."""
+    try:
+        parse_durability(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc).removeprefix("durability: ")) from None
+    return value
+
+
+TaskStoreUrl = Annotated[str, AfterValidator(_check_task_store)]
+DurabilityText = Annotated[str | None, AfterValidator(_check_durability)]
+
+
 def _wait_value(value: Any) -> Any:
     """Seconds (>= 0) or the word ``forever``; one clear error for anything else."""
     if isinstance(value, str) and value.strip().lower() == "forever":
@@ -126,7 +148,12 @@ class SqliteSettings(_Section):
 
 
 class RedisSettings(_Section):
+    """``url``: one server, ``redis+cluster://...`` or ``redis+sentinel://...``.
+    ``durability``: ``replicas=N[,timeout=S]`` makes pushes and acks wait until N replicas
+    have them (Redis WAIT); it beats a ``durability=`` parameter in the URL."""
+
     url: RedisUrl = spec_for_kind(QueueBackend.REDIS).default_url
+    durability: DurabilityText = None
 
 
 class RabbitMQSettings(_Section):
@@ -135,7 +162,7 @@ class RabbitMQSettings(_Section):
     on several hosts."""
 
     url: AmqpUrl = spec_for_kind(QueueBackend.RABBITMQ).default_url
-    task_store: str | None = Field(default=None, pattern=r"^(sqlite|redis|rediss|unix)://")
+    task_store: TaskStoreUrl | None = None
 
 
 class QueueSettings(_Section):

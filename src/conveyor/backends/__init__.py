@@ -27,6 +27,7 @@ from .table import (
     spec_for_kind,
     spec_for_url,
     sqlite_path_from_url,
+    task_store_schemes,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "spec_for_kind",
     "spec_for_url",
     "sqlite_path_from_url",
+    "task_store_schemes",
 ]

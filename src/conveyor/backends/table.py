@@ -45,8 +45,12 @@ BACKENDS: tuple[BackendSpec, ...] = (
         "conveyor.backends.sqlite:SqliteServer", "sqlite:///path/to.db", task_store=True,
     ),
     BackendSpec(
-        QueueBackend.REDIS, ("redis", "rediss", "unix"), "redis://localhost:6379/0",
-        "conveyor.backends.redis:RedisServer", "redis://host:6379/0", task_store=True,
+        QueueBackend.REDIS,
+        ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel"),
+        "redis://localhost:6379/0", "conveyor.backends.redis:RedisServer",
+        "redis://host:6379/0 (Cluster: redis+cluster://host:port,host:port/; Sentinel: "
+        "redis+sentinel://host:26379,host:26380/SERVICE/0)",
+        task_store=True,
     ),
     BackendSpec(
         QueueBackend.RABBITMQ, ("amqp", "amqps"), "amqp://guest:guest@localhost:5672/",
@@ -85,9 +89,14 @@ def backend_for_url(url: str) -> QueueBackend:
     return spec_for_url(url).kind
 
 
+def task_store_schemes() -> tuple[str, ...]:
+    """The schemes of the backends that can keep a RabbitMQ queue's task records."""
+    return tuple(scheme for spec in BACKENDS if spec.task_store for scheme in spec.schemes)
+
+
 def open_server(url: str, **options: Any) -> Server:
     """Open the server a URL names; ``options`` go to its Server class (connect_timeout,
-    and for RabbitMQ task_store)."""
+    for Redis durability, for RabbitMQ task_store)."""
     spec = spec_for_url(url)
     module_name, _, class_name = spec.server.partition(":")
     try:

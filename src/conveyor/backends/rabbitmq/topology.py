@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from ...errors import (
     BrokerAuthenticationError,
@@ -20,7 +20,7 @@ from ...errors import (
     ConfigError,
     ConveyorError,
 )
-from ...urls import mask_url
+from ...urls import mask_url, query_pairs
 
 #: The broker's default ``consumer_timeout`` (RabbitMQ 3.8.15+: 30 minutes).
 DEFAULT_CONSUMER_TIMEOUT = 1800.0
@@ -44,7 +44,7 @@ class BrokerUrl:
 def parse_url(url: str) -> BrokerUrl:
     """Split our query parameters (``task_store``, ``consumer_timeout`` in seconds) off."""
     parts = urlsplit(url)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    pairs = query_pairs(parts.query)
     own = {key: value for key, value in pairs if key in _OWN_PARAMETERS}
     rest = urlencode([(key, value) for key, value in pairs if key not in _OWN_PARAMETERS])
     pika_url = urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment))

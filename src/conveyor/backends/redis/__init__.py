@@ -1,8 +1,9 @@
 """The Redis backend: one sorted set per queue, leases with fencing tokens, Lua for atomicity.
 
 ``RedisServer`` owns one client (one connection pool) per server and process; each queue's
-store, records and the server's registry share it. Module map: ``client`` (connection,
-errors, scripts), ``keys`` (a queue's key names), ``store`` (transitions), ``records``
+store, records and the server's registry share it. Module map: ``target`` (the URL: one
+server, Cluster or Sentinel), ``client`` (connection, errors, failover retries, scripts,
+WAIT for durability), ``keys`` (a queue's key names), ``store`` (transitions), ``records``
 (reads), ``registry`` (workers and queue names), ``lua/`` (the scripts).
 """
 
@@ -18,10 +19,15 @@ __all__ = ["RedisServer"]
 
 
 class RedisServer(Server):
-    """A Redis server (``redis://``, ``rediss://``, ``unix://``)."""
+    """A Redis server (``redis://``, ``rediss://``, ``unix://``), a Redis Cluster
+    (``redis+cluster://``) or a Sentinel-watched master (``redis+sentinel://``); see
+    ``target`` for the URL forms. ``durability`` (``replicas=N[,timeout=S]``) beats the
+    URL's ``durability=`` parameter."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0) -> None:
-        self.client = RedisClient(url, connect_timeout=connect_timeout)
+    def __init__(
+        self, url: str, *, connect_timeout: float = 5.0, durability: str | None = None
+    ) -> None:
+        self.client = RedisClient(url, connect_timeout=connect_timeout, durability=durability)
         self.safe_url = self.client.safe_url
         self.registry = RedisRegistry(self.client)
 

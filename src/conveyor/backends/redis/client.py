@@ -3,31 +3,49 @@
 Scripts live in ``lua/``, one per operation, each opening with a header that names its
 ARGV; ``-- @include`` lines pull in ``_lifecycle.lua`` (the transitions), and every script
 is prefixed with the constants generated from ``conveyor.lifecycle``. They are loaded once
-per server and called by SHA; after a server restart or ``SCRIPT FLUSH`` (NOSCRIPT) they are
-loaded again and the call is retried once.
+per server and called by SHA; after a server restart, a failover or ``SCRIPT FLUSH``
+(NOSCRIPT) they are loaded again and the call is retried once.
+
+The client is a plain ``redis.Redis`` for one server or a Sentinel's master, and a
+``RedisCluster`` for a cluster (``target``). On Cluster and Sentinel every call rides out
+a failover: a refused connection, a cluster that is down or a master that became a
+replica is retried with a backoff, the slot map or master address refreshed by redis-py,
+for up to ``failover_timeout`` seconds before the call reports the backend unavailable.
+Retrying is safe because every write is a script guarded by a fencing token or a task id:
+run twice, the second run is refused (an ack), or stores nothing new (a push of a live id).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import replace
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from loguru import logger
-from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
-
-from ...errors import (
-    BackendError,
-    BrokerAuthenticationError,
-    BrokerUnavailableError,
-    ConfigError,
+from redis.cluster import RedisCluster
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
 )
-from ...lifecycle import lua_header
-from ...urls import mask_url
 
+from ...durability import parse_durability
+from ...errors import BackendError, BrokerAuthenticationError, BrokerUnavailableError
+from ...lifecycle import lua_header
+from .target import RedisTarget, connect, parse_target
+
+T = TypeVar("T")
 SCRIPTS = (
     "enqueue", "claim", "settle", "renew", "cancel", "retry", "due", "published", "sweep",
     "purge", "migrate",
@@ -35,8 +53,14 @@ SCRIPTS = (
 _INCLUDE = re.compile(r"^-- @include (\S+)$", re.MULTILINE)
 #: Longest single BLPOP: the socket timeout stays above it.
 MAX_BLOCK = 5.0
+#: Backoff between retries while a failover is under way: doubling up to the cap.
+_FIRST_RETRY, _MAX_RETRY = 0.05, 1.0
 #: Servers already checked for persistence in this process: warn once, not per manager.
 _checked_servers: set[str] = set()
+
+
+class NoMasterError(BrokerUnavailableError):
+    """No master answers for now; on Cluster or Sentinel, a failover may be under way."""
 
 
 def load_script(name: str) -> str:
@@ -61,17 +85,21 @@ def wire(value: Any) -> Any:
 
 
 class RedisClient:
-    """A redis-py client with Conveyor's error translation and script calls."""
+    """A redis-py client with Conveyor's error translation, failover retries and scripts."""
 
-    def __init__(self, url: str, *, connect_timeout: float) -> None:
-        self.safe_url = mask_url(url)
+    def __init__(self, url: str, *, connect_timeout: float, durability: str | None = None) -> None:
+        self.target: RedisTarget = parse_target(url)
+        if durability is not None:  # the setting beats the URL parameter
+            self.target = replace(self.target, durability=parse_durability(durability))
+        self.safe_url = self.target.safe_url
+        self.durability = self.target.durability
         # A server that accepts but never answers must fail within about connect_timeout
         # too; blocking waits stay a second shorter than this so they never trip it.
         socket_timeout = max(2.0 * connect_timeout, 3.0)
         self.max_block = min(MAX_BLOCK, socket_timeout - 1.0)
-        try:
-            self.redis: redis.Redis = redis.Redis.from_url(
-                url,
+        with self.translate():
+            self.redis: Any = connect(
+                self.target,
                 decode_responses=True,
                 encoding_errors="surrogateescape",
                 socket_connect_timeout=connect_timeout,
@@ -79,14 +107,16 @@ class RedisClient:
                 socket_keepalive=True,
                 health_check_interval=30,
             )
-        except ValueError as exc:  # a typo in the URL: waiting for the server would not help
-            raise ConfigError(f"url: bad Redis URL {self.safe_url}: {exc}") from None
+        #: The same client when it is a RedisCluster (untyped in redis-py), else None.
+        self.cluster: Any = self.redis if isinstance(self.redis, RedisCluster) else None
         self._source = {name: load_script(name) for name in SCRIPTS}
         self._sha: dict[str, str] = {}
-        with self.translate():
+        with self.translate():  # at start: fail fast, the worker's start-up waits and retries
             self.redis.ping()
             self._load_scripts()
         self._warn_if_unsafe()
+
+    # -- errors and retries -------------------------------------------------------------------
 
     @contextmanager
     def translate(self) -> Iterator[None]:
@@ -99,10 +129,22 @@ class RedisClient:
                 "check the password in the URL or REDIS_URL"
             ) from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerUnavailableError(
+            raise NoMasterError(
                 f"cannot reach Redis at {self.safe_url}: {exc}. Is redis-server running "
                 "there? Check the URL (--url, CONVEYOR_URL or REDIS_URL)"
             ) from None
+        except (ClusterDownError, TryAgainError, ReadOnlyError, AskError) as exc:
+            # AskError covers MovedError: only calls on a node's own connection (on_master)
+            # see them; RedisCluster follows redirects itself. An ASK (a slot being moved
+            # by resharding) is retried until the move is done.
+            if not self.target.high_availability:
+                raise BackendError(f"Redis at {self.safe_url} answered: {exc}") from None
+            raise NoMasterError(
+                f"Redis at {self.safe_url} has no master for this key yet ({exc}); "
+                "a failover or resharding is under way"
+            ) from None
+        except RedisClusterException as exc:
+            raise NoMasterError(f"Redis Cluster at {self.safe_url}: {exc}") from None
         except ResponseError as exc:
             text = str(exc)
             if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
@@ -112,24 +154,105 @@ class RedisClient:
                 ) from None
             raise BackendError(f"Redis at {self.safe_url} answered with an error: {text}") from None
 
+    def call(self, action: Callable[[], T]) -> T:
+        """Run ``action`` (redis-py calls) with errors translated; on Cluster and Sentinel,
+        retry it while a failover is under way, for up to ``failover_timeout`` seconds."""
+        deadline: float | None = None
+        pause = _FIRST_RETRY
+        while True:
+            try:
+                with self.translate():
+                    return action()
+            except NoMasterError as exc:
+                if not self.target.high_availability:
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.target.failover_timeout
+                    logger.warning("{}; retrying for up to {:g}s (failover_timeout)",
+                                   exc, self.target.failover_timeout)  # fmt: skip
+                if now + pause > deadline:
+                    raise NoMasterError(
+                        f"{exc} (still after {self.target.failover_timeout:g}s of retrying; "
+                        "raise failover_timeout if your failovers take longer)"
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, _MAX_RETRY)
+
+    # -- scripts --------------------------------------------------------------------------------
+
     def _load_scripts(self) -> None:
-        for name, source in self._source.items():
+        for name, source in self._source.items():  # RedisCluster: on every master
             self._sha[name] = str(self.redis.script_load(source))
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Call a script by SHA; load the scripts again and retry once on NOSCRIPT."""
         argv = [wire(arg) for arg in args]
-        with self.translate():
+
+        def attempt() -> Any:
             try:
                 return self.redis.evalsha(self._sha[name], len(keys), *keys, *argv)
-            except NoScriptError:
+            except NoScriptError:  # a restarted server, or a replica that took over
                 self._load_scripts()
                 return self.redis.evalsha(self._sha[name], len(keys), *keys, *argv)
 
-    def now(self) -> float:
-        with self.translate():
-            seconds, micros = self.redis.time()
-        return seconds + micros / 1e6
+        return self.call(attempt)
+
+    def run_durable(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, int]:
+        """Call a script, then ``WAIT`` for the replicas ``durability`` asks for, in one
+        pipeline on one connection to the master of the keys' slot (WAIT has no key and
+        counts only the writes of its own connection). Returns the script's reply and how
+        many replicas confirmed the write.
+        """
+        durability = self.durability
+        assert durability is not None
+        argv = [wire(arg) for arg in args]
+
+        def attempt(node: Any) -> tuple[Any, int]:
+            pipe = node.pipeline(transaction=False)
+            pipe.evalsha(self._sha[name], len(keys), *keys, *argv)
+            pipe.execute_command("WAIT", durability.replicas, durability.timeout_ms)
+            reply, acked = pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):  # WAIT ran after nothing: harmless
+                self._load_scripts()
+                return attempt(node)
+            for value in (reply, acked):
+                if isinstance(value, Exception):
+                    raise value
+            return reply, int(acked)
+
+        return self.on_master(keys[0], attempt)
+
+    def on_master(self, key: str, action: Callable[[Any], T]) -> T:
+        """Run ``action`` with a plain client of the master serving ``key`` (its own
+        connection per pipeline; for one server or Sentinel, the client itself), retried
+        through a failover like ``call``. On a cluster a MOVED reply refreshes the slot map
+        first, so the retry goes to the master that took the slot over."""
+
+        def attempt() -> T:
+            cluster = self.cluster
+            if cluster is None:
+                return action(self.redis)
+            node = cluster.get_redis_connection(cluster.get_node_from_key(key))
+            try:
+                return action(node)
+            except (MovedError, redis.ConnectionError, redis.TimeoutError):
+                with suppress(redis.RedisError, RedisClusterException):
+                    cluster.nodes_manager.initialize()  # else the retry asks the dead node
+                raise
+
+        return self.call(attempt)
+
+    def now(self, key: str | None = None) -> float:
+        """The server clock; with ``key``, the clock of the master that holds it (the
+        clock that queue's scripts stamp their times with)."""
+        if key is None:
+            seconds, micros = self.call(self.redis.time)
+        else:
+            seconds, micros = self.on_master(key, lambda node: node.time())
+        return float(seconds) + float(micros) / 1e6
+
+    # -- start-up checks ------------------------------------------------------------------------
 
     def _warn_if_unsafe(self) -> None:
         """Say at start when this server would lose acknowledged tasks."""
@@ -137,24 +260,36 @@ class RedisClient:
             return
         _checked_servers.add(self.safe_url)
         try:
-            config = self.redis.config_get("appendonly")
-            config.update(self.redis.config_get("maxmemory-policy"))
-        except redis.RedisError:
+            config = self._config("appendonly")
+            config.update(self._config("maxmemory-policy"))
+        except (redis.RedisError, RedisClusterException):
             return  # CONFIG is often disabled on managed Redis: nothing to check
-        if config.get("appendonly") != "yes":
+        if "no" in config.get("appendonly", set()):
             logger.warning(
                 "Redis at {} has appendonly=no: a restart loses queued tasks. Set "
                 "'appendonly yes' and 'appendfsync everysec' for production",
                 self.safe_url,
             )
-        policy = config.get("maxmemory-policy", "noeviction")
-        if policy != "noeviction":
+        policies = config.get("maxmemory-policy", set()) - {"noeviction"}
+        if policies:
             logger.warning(
                 "Redis at {} has maxmemory-policy={}: under memory pressure it evicts keys, "
                 "tasks included. Set 'maxmemory-policy noeviction'",
                 self.safe_url,
-                policy,
+                ",".join(sorted(policies)),
             )
+
+    def _config(self, name: str) -> dict[str, set[str]]:
+        """A setting as every master has it (one value for one server)."""
+        if self.cluster is None:
+            reply = self.redis.config_get(name)
+            return {key: {str(value)} for key, value in reply.items()}
+        found: dict[str, set[str]] = {}
+        for node in self.cluster.get_primaries():
+            reply = self.cluster.get_redis_connection(node).config_get(name)
+            for key, value in reply.items():
+                found.setdefault(str(key), set()).add(str(value))
+        return found
 
     def close(self) -> None:
         self.redis.close()

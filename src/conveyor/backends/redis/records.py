@@ -1,4 +1,7 @@
-"""One queue's reads on Redis: plain commands, pipelined; a damaged entry never fails them."""
+"""One queue's reads on Redis: plain commands, pipelined; a damaged entry never fails them.
+
+Every key read here has the queue's hash tag, so on a Redis Cluster each pipeline goes to
+the one master holding the queue's slot."""
 
 from __future__ import annotations
 
@@ -21,11 +24,13 @@ class RedisRecords(QueueRecords):
         self._keys = QueueKeys.for_queue(queue_name)
 
     def _rows(self, ids: Sequence[str]) -> list[dict[str, Any]]:
-        pipe = self._client.redis.pipeline(transaction=False)
-        for task_id in ids:
-            pipe.hgetall(wire(self._keys.task(task_id)))
-        with self._client.translate():
-            replies = pipe.execute(raise_on_error=False)
+        def read() -> list[Any]:
+            pipe = self._client.redis.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hgetall(wire(self._keys.task(task_id)))
+            return list(pipe.execute(raise_on_error=False))
+
+        replies = self._client.call(read) if ids else []
         rows = []
         for task_id, reply in zip(ids, replies, strict=True):
             if isinstance(reply, Exception):  # not a hash: garbage someone wrote by hand
@@ -44,15 +49,16 @@ class RedisRecords(QueueRecords):
         if status is not None:
             key, stop = self._keys.index(status), offset + limit - 1
             redis = self._client.redis
-            with self._client.translate():
+
+            def read() -> list[Any]:
                 if status == TaskStatus.PROCESSING:  # leased first, then pulled ones
                     ids = redis.zrange(key, 0, stop) + redis.zrange(self._keys.pulled, 0, stop)
-                    ids = ids[offset : offset + limit]
-                elif status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
-                    ids = redis.zrange(key, offset, stop)
-                else:
-                    ids = redis.zrevrange(key, offset, stop)
-            return self._rows([str(task_id) for task_id in ids])
+                    return list(ids[offset : offset + limit])
+                if status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
+                    return list(redis.zrange(key, offset, stop))
+                return list(redis.zrevrange(key, offset, stop))
+
+            return self._rows([str(task_id) for task_id in self._client.call(read)])
         rows = []
         for each in TaskStatus:
             rows += self.list(each.value, offset + limit, 0)
@@ -60,20 +66,23 @@ class RedisRecords(QueueRecords):
         return rows[offset : offset + limit]
 
     def counts(self) -> dict[str, int]:
-        pipe = self._client.redis.pipeline(transaction=False)
-        for status in TaskStatus:
-            pipe.zcard(self._keys.index(status.value))
-        pipe.zcard(self._keys.pulled)
-        with self._client.translate():
-            *replies, pulled = pipe.execute()
+        def read() -> list[Any]:
+            pipe = self._client.redis.pipeline(transaction=False)
+            for status in TaskStatus:
+                pipe.zcard(self._keys.index(status.value))
+            pipe.zcard(self._keys.pulled)
+            return list(pipe.execute())
+
+        *replies, pulled = self._client.call(read)
         counts = {status.value: int(n) for status, n in zip(TaskStatus, replies, strict=True)}
         counts[TaskStatus.PROCESSING.value] += int(pulled)
         return counts
 
     def recent(self, seconds: float) -> tuple[int, int, float | None]:
         redis = self._client.redis
-        since = self._client.now() - seconds
-        with self._client.translate():
+        since = self.now() - seconds
+
+        def read() -> tuple[Any, Any, list[Any]]:
             pipe = redis.pipeline(transaction=False)
             pipe.zcount(self._keys.done("success"), since, "+inf")
             pipe.zcount(self._keys.done("failed"), since, "+inf")
@@ -82,7 +91,9 @@ class RedisRecords(QueueRecords):
             pipe = redis.pipeline(transaction=False)
             for task_id in ids:
                 pipe.hmget(wire(self._keys.task(task_id)), "started_at", "finished_at")
-            times = pipe.execute(raise_on_error=False)
+            return done, failed, list(pipe.execute(raise_on_error=False)) if ids else []
+
+        done, failed, times = self._client.call(read)
         runs = [
             _number(end) - _number(start)
             for start, end in (t for t in times if isinstance(t, list))
@@ -91,11 +102,11 @@ class RedisRecords(QueueRecords):
         return int(done), int(failed), (sum(runs) / len(runs) if runs else None)
 
     def size(self) -> int:
-        with self._client.translate():
-            return int(self._client.redis.zcard(self._keys.pending))
+        return int(self._client.call(lambda: self._client.redis.zcard(self._keys.pending)))
 
     def now(self) -> float:
-        return self._client.now()
+        """The clock of the master holding this queue: the one its scripts stamp times with."""
+        return self._client.now(self._keys.pending)
 
 
 def _number(value: Any) -> float:

@@ -1,21 +1,51 @@
-"""What spans the queues of one Redis server: live workers, stop requests, queue names.
+"""What spans the queues of one Redis deployment: live workers, stop requests, queue names.
 
-The registry keys live outside any queue's hash tag (``conveyor:workers``,
-``conveyor:queues``) and are touched with plain commands, not scripts.
+Every registry key carries the hash tag ``{conveyor}`` (``conveyor:registry:{conveyor}:...``),
+so on a Redis Cluster they all live in one slot and every multi-key command and pipeline
+here is legal; the registry is a few small keys written every few seconds, so one shard
+holding it costs nothing. The prefix ``conveyor:registry:`` can never be a queue's
+(``conveyor:{queue}:...``), so purging a queue never touches it.
+
+Upgrade: before this layout (one server only) the keys were ``conveyor:workers``,
+``conveyor:workers:<id>``, ``conveyor:workers:stop-all`` and ``conveyor:queues``. They are
+still read (queue names, workers of an older version still running) and stop requests are
+written to both, so a rolling upgrade sees every worker; upgraded workers re-register under
+the new keys at their next heartbeat, and the old entries expire with their TTL.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from ..base import ServerRegistry
 from .client import RedisClient
 
-_WORKERS = "conveyor:workers"
-_STOP_ALL = "conveyor:workers:stop-all"
-_QUEUES = "conveyor:queues"
+_TAG = "conveyor:registry:{conveyor}"
+_WORKERS = f"{_TAG}:workers"  # ZSET worker id -> last heartbeat
+_STOP_ALL = f"{_TAG}:stop-all"  # STRING time of the latest "stop every worker"
+_QUEUES = f"{_TAG}:queues"  # SET queue names
+_LEGACY_WORKERS = "conveyor:workers"
+_LEGACY_STOP_ALL = "conveyor:workers:stop-all"
+_LEGACY_QUEUES = "conveyor:queues"
 _STOP_TTL = 24 * 3600
+
+
+def _info(worker_id: str) -> str:
+    return f"{_TAG}:worker:{worker_id}"  # STRING the worker's info JSON, expiring
+
+
+def _stop(worker_id: str) -> str:
+    return f"{_TAG}:stop:{worker_id}"
+
+
+def _legacy_info(worker_id: str) -> str:
+    return f"{_LEGACY_WORKERS}:{worker_id}"
+
+
+def _legacy_stop(worker_id: str) -> str:
+    return f"{_LEGACY_WORKERS}:{worker_id}:stop"
 
 
 class RedisRegistry(ServerRegistry):
@@ -23,59 +53,100 @@ class RedisRegistry(ServerRegistry):
         self._client = client
 
     def register_worker(self, worker_id: str, info_json: str, ttl: float) -> bool:
-        redis = self._client.redis
-        now = self._client.now()
-        with self._client.translate():
-            pipe = redis.pipeline(transaction=False)
-            pipe.set(f"{_WORKERS}:{worker_id}", info_json, px=int(ttl * 1000))
+        now = self._client.now(_WORKERS)
+
+        def beat() -> list[Any]:
+            pipe = self._client.redis.pipeline(transaction=False)
+            pipe.set(_info(worker_id), info_json, px=int(ttl * 1000))
             pipe.zadd(_WORKERS, {worker_id: now})
             pipe.zremrangebyscore(_WORKERS, "-inf", now - ttl)
-            pipe.get(f"{_WORKERS}:{worker_id}:stop")
+            pipe.get(_stop(worker_id))
             pipe.get(_STOP_ALL)
-            *_, stop_one, stop_all = pipe.execute()
+            pipe.get(_LEGACY_STOP_ALL)  # written by an older `conveyor stop` (--all, or
+            pipe.get(_legacy_stop(worker_id))  # this worker while it ran the older version)
+            return list(pipe.execute())
+
+        *_, stop_one, stop_all, legacy_stop_all, legacy_stop = self._client.call(beat)
         try:
             started = float(json.loads(info_json).get("started_at", 0))
         except (ValueError, TypeError, AttributeError):
             started = 0.0
-        return stop_one is not None or (stop_all is not None and float(stop_all) >= started)
+        asked = [float(at) for at in (stop_all, legacy_stop_all) if _number(at) is not None]
+        stopped = stop_one is not None or legacy_stop is not None
+        return stopped or any(at >= started for at in asked)
 
     def unregister_worker(self, worker_id: str) -> None:
-        with self._client.translate():
+        def remove() -> None:
             pipe = self._client.redis.pipeline(transaction=False)
             pipe.zrem(_WORKERS, worker_id)
-            pipe.delete(f"{_WORKERS}:{worker_id}", f"{_WORKERS}:{worker_id}:stop")
+            pipe.delete(_info(worker_id))  # one key per DEL: a cluster pipeline needs it
+            pipe.delete(_stop(worker_id))
+            pipe.zrem(_LEGACY_WORKERS, worker_id)  # its entry from before the upgrade
+            pipe.delete(_legacy_info(worker_id))
+            pipe.delete(_legacy_stop(worker_id))
             pipe.execute()
 
+        self._client.call(remove)
+
     def list_workers(self) -> Sequence[str]:
-        redis = self._client.redis
-        with self._client.translate():
-            ids = redis.zrange(_WORKERS, 0, -1)
+        def read() -> list[str]:
+            redis = self._client.redis
+            current = [str(worker_id) for worker_id in redis.zrange(_WORKERS, 0, -1)]
+            legacy = [str(worker_id) for worker_id in redis.zrange(_LEGACY_WORKERS, 0, -1)]
+            legacy = [worker_id for worker_id in legacy if worker_id not in set(current)]
             pipe = redis.pipeline(transaction=False)
-            for worker_id in ids:
-                pipe.get(f"{_WORKERS}:{worker_id!s}")
+            for worker_id in current:
+                pipe.get(_info(worker_id))
+            for worker_id in legacy:
+                pipe.get(_legacy_info(worker_id))
             return [str(info) for info in pipe.execute() if info]
+
+        return self._client.call(read)
 
     def request_stop(self, worker_id: str | None) -> int:
         redis = self._client.redis
         if worker_id is None:
-            now = self._client.now()
-            with self._client.translate():
+            now = self._client.now(_WORKERS)
+
+            def stop_all() -> None:
                 redis.set(_STOP_ALL, now, ex=_STOP_TTL)
+                redis.set(_LEGACY_STOP_ALL, now, ex=_STOP_TTL)  # workers of an older version
+
+            self._client.call(stop_all)
             return len(self.list_workers())
-        with self._client.translate():
-            if not redis.exists(f"{_WORKERS}:{worker_id}"):
+
+        def stop_one() -> int:
+            if redis.exists(_info(worker_id)):
+                redis.set(_stop(worker_id), "1", ex=_STOP_TTL)
+            elif redis.exists(_legacy_info(worker_id)):
+                redis.set(_legacy_stop(worker_id), "1", ex=_STOP_TTL)
+            else:
                 return 0
-            redis.set(f"{_WORKERS}:{worker_id}:stop", "1", ex=_STOP_TTL)
-        return 1
+            return 1
+
+        return self._client.call(stop_one)
 
     def known_queues(self) -> Sequence[str]:
-        with self._client.translate():
-            return sorted(str(name) for name in self._client.redis.smembers(_QUEUES))
+        def read() -> list[str]:
+            redis = self._client.redis
+            names = set(redis.smembers(_QUEUES)) | set(redis.smembers(_LEGACY_QUEUES))
+            return sorted(str(name) for name in names)
+
+        return self._client.call(read)
 
     def note_queue(self, queue_name: str) -> None:
-        with self._client.translate():
-            self._client.redis.sadd(_QUEUES, queue_name)
+        self._client.call(lambda: self._client.redis.sadd(_QUEUES, queue_name))
 
     def forget_queue(self, queue_name: str) -> None:
-        with self._client.translate():
+        def forget() -> None:
             self._client.redis.srem(_QUEUES, queue_name)
+            self._client.redis.srem(_LEGACY_QUEUES, queue_name)
+
+        self._client.call(forget)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -5,14 +5,24 @@ and never only in a worker's memory. A blocked reserve waits on ``BLPOP`` of a w
 that every push appends to, bounded by how long until a delayed task is due, a lease
 expires or a waiting task times out, so it wakes within a round trip of a push without
 polling.
+
+With ``durability`` (``replicas=N``), a push and a settle that finishes a try (ack, nack,
+fail) wait until N replicas hold the write (``RedisClient.run_durable``). A push that
+fewer replicas confirmed in time raises ``ReplicationError`` (the task *is* stored on the
+master; pushing it again is safe, as a live id is not stored twice); a settle only warns,
+because losing it in a failover makes the task run again, never lost.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from loguru import logger
+
+from ...errors import ReplicationError
 from ...lifecycle import Op
 from ..base import (
     Claimed,
@@ -33,6 +43,11 @@ from .keys import QueueKeys
 #: The keyspace layout this code writes; ``migrate.lua`` brings older ones up to it.
 LAYOUT = 2
 _MIGRATE_SLICE = 1000
+#: Settles that finish a try: with ``durability`` they wait for the replicas.
+_FINISHING = frozenset({Op.ACK, Op.NACK, Op.FAIL})
+#: At most one "too few replicas" warning per this many seconds per process.
+_WARN_EVERY = 10.0
+_last_warning = [0.0]
 
 
 def _opt(value: Any) -> Any:
@@ -101,10 +116,16 @@ class RedisStore(QueueStore):
     def _run(self, name: str, *args: Any) -> Any:
         return self._client.run(name, self.keys.all, (*self._head, *args))
 
+    def _run_durable(self, name: str, *args: Any) -> tuple[Any, int | None]:
+        """A write that waits for ``durability``'s replicas: the reply, and how many
+        replicas confirmed it (None when no durability is asked for)."""
+        if self._client.durability is None:
+            return self._run(name, *args), None
+        return self._client.run_durable(name, self.keys.all, (*self._head, *args))
+
     def _migrate(self) -> None:
         """Bring a queue an earlier version wrote up to LAYOUT, in slices (once per queue)."""
-        with self._client.translate():
-            version = self._client.redis.get(self.keys.layout)
+        version = self._client.call(lambda: self._client.redis.get(self.keys.layout))
         if version is not None and int(version) >= LAYOUT:
             return
         for index in ("pending", "delayed"):
@@ -123,7 +144,17 @@ class RedisStore(QueueStore):
                 _opt(task.max_retries), _opt(task.retry_backoff), _opt(task.queue_timeout),
                 _opt(task.process_timeout),
             )  # fmt: skip
-        reply = self._run("enqueue", *args) if tasks else []
+        reply, acked = self._run_durable("enqueue", *args) if tasks else ([], None)
+        if acked is not None and self._client.durability is not None:
+            wanted = self._client.durability
+            if acked < wanted.replicas:
+                raise ReplicationError(
+                    f"push: Redis at {self._client.safe_url} stored {len(tasks)} task(s) on "
+                    f"the master, but only {acked} of {wanted.replicas} replica(s) confirmed "
+                    f"within {wanted.timeout:g}s (durability {wanted}); a failover now could "
+                    "lose them. Pushing again is safe (a live id is not stored twice); "
+                    "check that the replicas are connected (INFO replication)"
+                )
         tickets = [
             Ticket(task.task_id, int(number), task.priority)
             for task, number in zip(tasks, reply, strict=True)
@@ -148,7 +179,11 @@ class RedisStore(QueueStore):
             )  # fmt: skip
         if then is not None:
             args += spec_args(then)
-        reply = self._run("settle", *args)
+        if any(outcome.op in _FINISHING for outcome in outcomes):
+            reply, acked = self._run_durable("settle", *args)
+            self._check_replicas(acked, len(outcomes))
+        else:
+            reply = self._run("settle", *args)
         flat = reply[0]
         settled = []
         for outcome, i in zip(outcomes, range(0, len(flat), 2), strict=True):
@@ -163,16 +198,33 @@ class RedisStore(QueueStore):
         claimed = claim_result(reply[1]) if then is not None else None
         return self._with_priorities(settled), claimed
 
+    def _check_replicas(self, acked: int | None, count: int) -> None:
+        wanted = self._client.durability
+        if acked is None or wanted is None or acked >= wanted.replicas:
+            return
+        now = time.monotonic()
+        if now - _last_warning[0] >= _WARN_EVERY:
+            _last_warning[0] = now
+            logger.warning(
+                "Redis at {}: only {} of {} replica(s) confirmed a settle of {} task(s) within "
+                "{:g}s; a failover now could run them again. Check the replicas (INFO "
+                "replication); each such write waits the whole timeout",
+                self._client.safe_url, acked, wanted.replicas, count, wanted.timeout,
+            )  # fmt: skip
+
     def _with_priorities(self, settled: list[Settled]) -> list[Settled]:
         """A new ticket carries its task's priority (for the broker message property)."""
         if not any(item.ticket for item in settled):
             return settled
-        pipe = self._client.redis.pipeline(transaction=False)
-        for item in settled:
-            if item.ticket is not None:
-                pipe.hget(self.keys.task(item.ticket.task_id), "priority")
-        with self._client.translate():
-            priorities = iter(pipe.execute())
+
+        def read() -> list[Any]:
+            pipe = self._client.redis.pipeline(transaction=False)
+            for item in settled:
+                if item.ticket is not None:
+                    pipe.hget(self.keys.task(item.ticket.task_id), "priority")
+            return list(pipe.execute())
+
+        priorities = iter(self._client.call(read))
         return [
             Settled(
                 item.status,
@@ -220,23 +272,26 @@ class RedisStore(QueueStore):
         self._run("sweep", self._max_deliveries)
 
     def purge(self) -> int:
-        with self._client.translate():
-            pending = int(self._client.redis.zcard(self.keys.pending))
+        """SCAN for the queue's keys on the master that holds its slot (on a cluster, the
+        only node that can have them) and unlink them in batches."""
+
+        def purge_on(node: Any) -> int:
+            pending = int(node.zcard(self.keys.pending))
             batch: list[str] = []
-            for key in self._client.redis.scan_iter(match=self.keys.pattern, count=1000):
+            for key in node.scan_iter(match=self.keys.pattern, count=1000):
                 batch.append(key)
                 if len(batch) >= 1000:
-                    self._client.redis.unlink(*batch)
+                    node.unlink(*batch)
                     batch.clear()
             if batch:
-                self._client.redis.unlink(*batch)
-        return pending
+                node.unlink(*batch)
+            return pending
+
+        return self._client.on_master(self.keys.pending, purge_on)
 
     def purge_finished(self, status: str, limit: int) -> int:
         return int(self._run("purge", status, limit))
 
     def wait(self, timeout: float) -> None:
-        with self._client.translate():
-            self._client.redis.blpop(
-                [self.keys.wake], timeout=min(max(timeout, 0.001), self._client.max_block)
-            )
+        seconds = min(max(timeout, 0.001), self._client.max_block)
+        self._client.call(lambda: self._client.redis.blpop([self.keys.wake], timeout=seconds))
