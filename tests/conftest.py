@@ -2,7 +2,9 @@
 
 A backend joins the suite by adding one entry to :data:`BACKENDS` and one branch to
 :func:`_url_for`; every test that takes ``backend_url`` (directly or through ``make_queue``)
-then runs against it.
+then runs against it. ``redis-cluster`` is the Redis backend on a Redis Cluster of the
+session's own (3 masters, 3 replicas: ``redis_cluster``); a cluster has only database 0,
+so its tests keep apart by queue name, as they do on the shared Redis.
 
 A backend that needs a server skips on a laptop when the server does not answer, and fails
 when ``CI`` is ``"true"``: CI never passes by silently skipping a backend.
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 import pytest
 
 from conveyor import QueueManager
+from helpers.private_cluster import PrivateCluster, PrivateSentinel
 from helpers.private_rabbitmq import PrivateRabbitMQ, rabbitmq_installed
 from helpers.private_redis import PrivateRedis
 from helpers.tcp_proxy import TcpProxy
@@ -50,12 +53,52 @@ BACKENDS = {
     "sqlite": (),
     "redis": (pytest.mark.redis,),
     "rabbitmq": (pytest.mark.rabbitmq,),
+    "redis-cluster": (pytest.mark.cluster,),
 }
+#: The backends a test runs on unless it names them: the conformance suite adds the
+#: cluster (``backend_params(*ALL)``); the slower process and API tests stay on these.
+#: ``CONVEYOR_TEST_BACKENDS=redis-cluster`` (comma-separated) runs them elsewhere.
+DEFAULT_BACKENDS = tuple(
+    name.strip()
+    for name in os.environ.get("CONVEYOR_TEST_BACKENDS", "sqlite,redis,rabbitmq").split(",")
+    if name.strip()
+)
+ALL = tuple(BACKENDS)
 
 
 def backend_params(*names: str) -> list[Any]:
-    """``pytest.param`` entries (with their marks) for the named backends, all by default."""
-    return [pytest.param(name, id=name, marks=BACKENDS[name]) for name in names or BACKENDS]
+    """``pytest.param`` entries (with their marks) for the named backends, the default
+    three when none are named."""
+    return [pytest.param(name, id=name, marks=BACKENDS[name]) for name in names or DEFAULT_BACKENDS]
+
+
+def is_redis(url: str) -> bool:
+    """Any Redis deployment: one server, a cluster, a Sentinel-watched master."""
+    return url.split("://", 1)[0] in ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
+
+
+def redis_admin(url: str) -> Any:
+    """A plain redis-py client for a test Redis URL: a ``RedisCluster`` for a cluster (its
+    ``scan_iter`` covers every master), else ``redis.Redis``."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    if url.startswith("redis+cluster://"):
+        first = url.split("://", 1)[1].split("/", 1)[0].split(",", 1)[0]
+        host, port = first.rsplit(":", 1)
+        return RedisCluster(host=host, port=int(port), decode_responses=True, socket_timeout=5)
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=1, socket_timeout=5
+    )
+
+
+def redis_keys(url: str, pattern: str) -> list[str]:
+    """Keys matching ``pattern`` on every master of a Redis URL (a cluster's too)."""
+    client = redis_admin(url)
+    try:
+        return sorted(str(key) for key in client.scan_iter(match=pattern, count=1000))
+    finally:
+        client.close()
 
 
 def unavailable(reason: str) -> None:
@@ -165,13 +208,16 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def backend_url(backend_name: str, tmp_path: Path) -> str:
+def backend_url(backend_name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     """A URL for the backend under test, checked to be usable (or skipped / failed)."""
-    require_backend_module(backend_name)
+    require_backend_module(backend_name.split("-", 1)[0])
     if backend_name == "redis":
         require_redis_server()
     if backend_name == "rabbitmq":
         require_rabbitmq_server()
+    if backend_name == "redis-cluster":
+        cluster: PrivateCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
     return _url_for(backend_name, tmp_path)
 
 
@@ -202,7 +248,7 @@ def make_queue(backend_url: str, queue_name: str) -> Iterator[Callable[..., Queu
             manager.clear()
         with contextlib.suppress(Exception):
             manager.close()
-    if backend_url.startswith("redis"):
+    if is_redis(backend_url):
         _delete_redis_keys(backend_url, queue_name)
     if backend_url.startswith("amqp"):
         delete_rabbitmq_queues(queue_name)
@@ -211,7 +257,7 @@ def make_queue(backend_url: str, queue_name: str) -> Iterator[Callable[..., Queu
 def _delete_redis_keys(url: str, queue_name: str) -> None:
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
+    client = redis_admin(url)
     try:
         keys = list(client.scan_iter(match=f"conveyor:{{{queue_name}}}:*", count=1000))
         if keys:
@@ -390,6 +436,44 @@ def private_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Priva
         raise
     yield node
     node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCluster]:
+    """A Redis Cluster of this test run's own (``helpers.private_cluster``): 3 masters and
+    3 replicas on free loopback ports, started once per session (about 7 s) and stopped at
+    the end. A test that kills a node calls ``heal()`` before it ends, so the next test
+    finds the cluster whole again."""
+    _require_redis_binaries()
+    cluster = PrivateCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateSentinel]:
+    """A master, its replica and three sentinels of this test run's own, with passwords on
+    the master and the sentinels (``helpers.private_cluster.PrivateSentinel``)."""
+    _require_redis_binaries()
+    setup = PrivateSentinel(tmp_path_factory.mktemp("sentinel"))
+    try:
+        setup.start()
+    except BaseException:
+        setup.stop()
+        raise
+    yield setup
+    setup.stop()
+
+
+def _require_redis_binaries() -> None:
+    for binary in ("redis-server", "redis-cli"):
+        if shutil.which(binary) is None:
+            unavailable(f"{binary} is not installed")
 
 
 @pytest.fixture

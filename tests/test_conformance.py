@@ -1,8 +1,8 @@
 """The behaviour every backend shares: order, delays, leases, duplicates, poison, inspection.
 
-Each test runs once per backend (``backend_url`` in conftest). Timing-sensitive checks say
-"not before X" by comparing against a clock reading taken before the action, so a slow
-machine can make them weaker but never makes them fail.
+Each test runs once per backend (``backend_url`` in conftest), a Redis Cluster included.
+Timing-sensitive checks say "not before X" by comparing against a clock reading taken
+before the action, so a slow machine can make them weaker but never makes them fail.
 """
 
 from __future__ import annotations
@@ -15,13 +15,27 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conftest import backend_params, close_rabbitmq_connection, sleep_until, wait_until
+from conftest import (
+    ALL,
+    backend_params,
+    close_rabbitmq_connection,
+    redis_keys,
+    sleep_until,
+    wait_until,
+)
 from conveyor import Message, QueueManager, TaskStatus
 
 #: Clock slack for "not before" checks (backends may stamp times with the server's clock).
 EPS = 0.05
 
 MakeQueue = Callable[..., QueueManager]
+
+
+@pytest.fixture(params=backend_params(*ALL))
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Every backend, the Redis Cluster included (the other modules run on the default
+    three; see conftest.DEFAULT_BACKENDS)."""
+    return str(request.param)
 
 
 def reserve_soon(queue: QueueManager, timeout: float = 5.0) -> Message:
@@ -135,7 +149,7 @@ def test_eta_in_the_past_is_ready_at_once(queue: QueueManager) -> None:
 # consumer stays connected, however long that takes, but as soon as the consumer's channel
 # or connection closes. The RabbitMQ variant below asserts that documented difference
 # (see conveyor.backends.rabbitmq); every other check of this test applies to it unchanged.
-@pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis"))
+@pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis", "redis-cluster"))
 def test_unacked_task_comes_back_after_lease_expires_with_attempts_plus_one(
     make_queue: MakeQueue,
 ) -> None:
@@ -371,7 +385,7 @@ def test_pushing_an_id_again_after_it_finished_works(queue: QueueManager) -> Non
 # above): what counts towards poison there is a delivery whose consumer's connection closed
 # before it settled. The RabbitMQ variant below kills its consumers that way.
 @pytest.mark.slow
-@pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis"))
+@pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis", "redis-cluster"))
 def test_task_whose_leases_keep_expiring_is_dead_lettered_as_poison(make_queue: MakeQueue) -> None:
     queue = make_queue(visibility_timeout=0.5, max_deliveries=2)
     assert queue.push("poison", {"bad": True}, priority=10)
@@ -565,14 +579,8 @@ def test_statuses_counts_and_stats_agree_after_a_mix_of_operations(
     assert stats.done_last_minute == 0
     assert queue.reserve(timeout=0) is None
     assert queue.ack(held) is False, "a task cleared while held cannot be acked"
-    if backend_name == "redis":
-        import redis
-
-        client = redis.Redis.from_url(backend_url)
-        try:
-            left = sorted(client.scan_iter(match=f"conveyor:{{{queue_name}}}:*"))
-        finally:
-            client.close()
+    if backend_name.startswith("redis"):
+        left = redis_keys(backend_url, f"conveyor:{{{queue_name}}}:*")
         assert left == [], f"clear() left keys behind: {left}"
 
 

@@ -83,9 +83,11 @@ def _opener(settings: Settings, name: str) -> Callable[[], QueueManager]:
 
 
 def check_url(url: str) -> None:
-    """A port that is not a number (or out of range) is a typo, not an outage."""
+    """A port that is not a number (or out of range) is a typo, not an outage. A Cluster or
+    Sentinel URL names several ``host:port``, comma-separated: each is checked."""
     try:
-        urlsplit(url).port  # noqa: B018  # the property parses and validates the port
+        for host in urlsplit(url).netloc.rpartition("@")[2].split(","):
+            urlsplit(f"//{host}").port  # noqa: B018  # the property parses and validates it
     except ValueError as exc:
         raise ConfigError(f"url: {mask_url(url)}: {exc}") from None
 
