@@ -410,3 +410,42 @@ def test_rabbitmq_keeps_its_task_records_on_a_cluster_or_sentinel_store(
             assert "***" in queue.url or "@" not in queue.url
         finally:
             queue.clear()
+
+
+# -- conveyor doctor -----------------------------------------------------------------------------
+
+
+def test_doctor_reads_every_master_of_a_cluster_and_the_sentinels_master(
+    cluster: PrivateCluster,
+    sentinel: PrivateSentinel,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    from conveyor.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no default config/ here
+    monkeypatch.delenv("CONVEYOR_CONFIG", raising=False)
+
+    def persistence(url: str) -> tuple[str, str]:
+        main(["doctor", "--url", url, "--json"])
+        out = capsys.readouterr().out
+        assert sentinel.password not in out and sentinel.sentinel_password not in out
+        findings = json.loads(out)["findings"]
+        backend = next(f for f in findings if f["check"] == "backend")
+        assert backend["status"] == "ok", backend
+        found = next(f for f in findings if f["check"] == "redis persistence")
+        return found["status"], found["message"]
+
+    assert persistence(cluster.url)[0] == "ok"
+    assert persistence(sentinel.url)[0] == "ok"
+    one_master = cluster.master_ports()[-1]
+    with contextlib.closing(cluster.client(one_master)) as client:
+        client.config_set("appendonly", "no")
+        try:
+            status, detail = persistence(cluster.url)
+        finally:
+            client.config_set("appendonly", "yes")
+    assert status == "problem" and "appendonly is no" in detail

@@ -131,28 +131,59 @@ def _eviction(config: dict[str, str]) -> Finding:
 
 
 def _redis_config(url: str, timeout: float) -> dict[str, str] | str:
-    """The server's settings, or why they could not be read.
+    """The server's settings, or why they could not be read. On a Cluster, every master's,
+    the least safe value of each winning (one bad master loses its share of the tasks).
 
     The doctor inspects the server's own configuration, which no backend primitive
     exposes, so it speaks to Redis directly here; driver errors stay inside this function.
     """
     import redis
+    from redis.exceptions import RedisClusterException
 
-    client = redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=timeout, socket_timeout=timeout
-    )
+    from ..backends.redis.target import connect, parse_target
+
     try:
-        config: dict[str, str] = {}
-        for name in ("appendonly", "appendfsync", "maxmemory-policy"):
-            reply: dict[Any, Any] = client.config_get(name)
-            config.update((str(key), str(value)) for key, value in reply.items())
-        return config
+        client: Any = connect(
+            parse_target(url), decode_responses=True, socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+        )  # fmt: skip
+    except ConveyorError as exc:
+        return str(exc)
+    except (redis.RedisError, RedisClusterException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        masters = (
+            [client.get_redis_connection(node) for node in client.get_primaries()]
+            if hasattr(client, "get_primaries")
+            else [client]
+        )
+        seen: list[dict[str, str]] = []
+        for master in masters:
+            config: dict[str, str] = {}
+            for name in ("appendonly", "appendfsync", "maxmemory-policy"):
+                reply: dict[Any, Any] = master.config_get(name)
+                config.update((str(key), str(value)) for key, value in reply.items())
+            seen.append(config)
+        return _least_safe(seen)
     except redis.ResponseError as exc:
         return f"CONFIG GET refused: {exc}"
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
         client.close()
+
+
+def _least_safe(configs: list[dict[str, str]]) -> dict[str, str]:
+    """One view of several masters' settings: each setting at its least safe value."""
+    merged = dict(configs[0])
+    for config in configs[1:]:
+        if config.get("appendonly") != "yes":
+            merged["appendonly"] = config.get("appendonly", "unset")
+        if config.get("appendfsync") == "no":
+            merged["appendfsync"] = "no"
+        if config.get("maxmemory-policy", "noeviction") != "noeviction":
+            merged["maxmemory-policy"] = config["maxmemory-policy"]
+    return merged
 
 
 def check_rabbitmq(settings: Settings) -> list[Finding]:
