@@ -37,6 +37,7 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 
@@ -111,6 +112,7 @@ class RedisClient:
         self.cluster: Any = self.redis if isinstance(self.redis, RedisCluster) else None
         self._source = {name: load_script(name) for name in SCRIPTS}
         self._sha: dict[str, str] = {}
+        self._slots: dict[str, int] = {}  # cluster: key -> slot, for the keys on_master sees
         with self.translate():  # at start: fail fast, the worker's start-up waits and retries
             self.redis.ping()
             self._load_scripts()
@@ -144,7 +146,14 @@ class RedisClient:
                 "a failover or resharding is under way"
             ) from None
         except RedisClusterException as exc:
-            raise NoMasterError(f"Redis Cluster at {self.safe_url}: {exc}") from None
+            text = str(exc)
+            if (
+                isinstance(exc, SlotNotCoveredError)
+                or "cannot be connected" in text
+                or ("not covered" in text)
+            ):  # no node answers, or not every slot has a master yet: a failover
+                raise NoMasterError(f"Redis Cluster at {self.safe_url}: {text}") from None
+            raise BackendError(f"Redis Cluster at {self.safe_url}: {text}") from None
         except ResponseError as exc:
             text = str(exc)
             if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
@@ -186,17 +195,18 @@ class RedisClient:
             self._sha[name] = str(self.redis.script_load(source))
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Call a script by SHA; load the scripts again and retry once on NOSCRIPT."""
+        """Call a script by SHA on the master of its keys' slot; load the scripts again and
+        retry once on NOSCRIPT."""
         argv = [wire(arg) for arg in args]
 
-        def attempt() -> Any:
+        def attempt(node: Any) -> Any:
             try:
-                return self.redis.evalsha(self._sha[name], len(keys), *keys, *argv)
+                return node.evalsha(self._sha[name], len(keys), *keys, *argv)
             except NoScriptError:  # a restarted server, or a replica that took over
                 self._load_scripts()
-                return self.redis.evalsha(self._sha[name], len(keys), *keys, *argv)
+                return node.evalsha(self._sha[name], len(keys), *keys, *argv)
 
-        return self.call(attempt)
+        return self.on_master(keys[0], attempt)
 
     def run_durable(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, int]:
         """Call a script, then ``WAIT`` for the replicas ``durability`` asks for, in one
@@ -208,38 +218,61 @@ class RedisClient:
         assert durability is not None
         argv = [wire(arg) for arg in args]
 
-        def attempt(node: Any) -> tuple[Any, int]:
+        def attempt(node: Any, asking: bool = False, reloaded: bool = False) -> tuple[Any, int]:
             pipe = node.pipeline(transaction=False)
+            if asking:  # the slot is being migrated to this node: ASKING lets one command in
+                pipe.execute_command("ASKING")
             pipe.evalsha(self._sha[name], len(keys), *keys, *argv)
             pipe.execute_command("WAIT", durability.replicas, durability.timeout_ms)
-            reply, acked = pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError):  # WAIT ran after nothing: harmless
+            *_, reply, acked = pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and not reloaded:  # WAIT ran after nothing
                 self._load_scripts()
-                return attempt(node)
+                return attempt(node, asking, reloaded=True)
             for value in (reply, acked):
                 if isinstance(value, Exception):
                     raise value
             return reply, int(acked)
 
-        return self.on_master(keys[0], attempt)
+        def ask(exc: AskError) -> tuple[Any, int]:
+            target = self.cluster.get_node(host=exc.host, port=exc.port)
+            if target is None:  # a node we do not know yet: learn the map, then retry
+                self.cluster.nodes_manager.initialize()
+                raise exc
+            return attempt(self.cluster.get_redis_connection(target), asking=True)
 
-    def on_master(self, key: str, action: Callable[[Any], T]) -> T:
-        """Run ``action`` with a plain client of the master serving ``key`` (its own
-        connection per pipeline; for one server or Sentinel, the client itself), retried
-        through a failover like ``call``. On a cluster a MOVED reply refreshes the slot map
-        first, so the retry goes to the master that took the slot over."""
+        return self.on_master(keys[0], attempt, ask)
+
+    def on_master(
+        self, key: str, action: Callable[[Any], T], ask: Callable[[AskError], T] | None = None
+    ) -> T:
+        """Run ``action`` with a plain client of the master serving ``key``, retried through
+        a failover like ``call``. For one server or Sentinel that is the client itself.
+
+        On a cluster it is the node's own ``redis.Redis``: one connection per pipeline (what
+        WAIT needs), and none of the ~0.2 ms of Python a ``RedisCluster`` call spends per
+        command working out the slot of each key and its routing policy (profiled on
+        ``ack_and_reserve``; the slot of ``key`` is worked out once). A MOVED reply or a dead node
+        refreshes the slot map first, so the retry goes to the master that took the slot
+        over; an ASK (a slot being migrated by resharding) goes to ``ask``, by default
+        this one call through RedisCluster, which follows it.
+        """
 
         def attempt() -> T:
             cluster = self.cluster
             if cluster is None:
                 return action(self.redis)
-            node = cluster.get_redis_connection(cluster.get_node_from_key(key))
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = int(cluster.keyslot(key))
+            node = cluster.get_redis_connection(cluster.nodes_manager.get_node_from_slot(slot))
             try:
                 return action(node)
             except (MovedError, redis.ConnectionError, redis.TimeoutError):
                 with suppress(redis.RedisError, RedisClusterException):
                     cluster.nodes_manager.initialize()  # else the retry asks the dead node
                 raise
+            except AskError as exc:
+                return ask(exc) if ask is not None else action(cluster)
 
         return self.call(attempt)
 

@@ -5,14 +5,15 @@ the one master holding the queue's slot."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from ...lifecycle import TaskStatus
 from ..base import QueueRecords
 from .client import RedisClient, wire
 from .keys import QueueKeys
 
+T = TypeVar("T")
 #: Successes sampled for the mean run time in ``recent`` (keeps stats() cheap on busy queues).
 _RUNTIME_SAMPLE = 1000
 
@@ -23,14 +24,18 @@ class RedisRecords(QueueRecords):
         self._client = client
         self._keys = QueueKeys.for_queue(queue_name)
 
+    def _read(self, action: Callable[[Any], T]) -> T:
+        """Run reads on the master that holds the queue (on a cluster, its node's client)."""
+        return self._client.on_master(self._keys.pending, action)
+
     def _rows(self, ids: Sequence[str]) -> list[dict[str, Any]]:
-        def read() -> list[Any]:
-            pipe = self._client.redis.pipeline(transaction=False)
+        def read(redis: Any) -> list[Any]:
+            pipe = redis.pipeline(transaction=False)
             for task_id in ids:
                 pipe.hgetall(wire(self._keys.task(task_id)))
             return list(pipe.execute(raise_on_error=False))
 
-        replies = self._client.call(read) if ids else []
+        replies = self._read(read) if ids else []
         rows = []
         for task_id, reply in zip(ids, replies, strict=True):
             if isinstance(reply, Exception):  # not a hash: garbage someone wrote by hand
@@ -48,9 +53,8 @@ class RedisRecords(QueueRecords):
             return []
         if status is not None:
             key, stop = self._keys.index(status), offset + limit - 1
-            redis = self._client.redis
 
-            def read() -> list[Any]:
+            def read(redis: Any) -> list[Any]:
                 if status == TaskStatus.PROCESSING:  # leased first, then pulled ones
                     ids = redis.zrange(key, 0, stop) + redis.zrange(self._keys.pulled, 0, stop)
                     return list(ids[offset : offset + limit])
@@ -58,7 +62,7 @@ class RedisRecords(QueueRecords):
                     return list(redis.zrange(key, offset, stop))
                 return list(redis.zrevrange(key, offset, stop))
 
-            return self._rows([str(task_id) for task_id in self._client.call(read)])
+            return self._rows([str(task_id) for task_id in self._read(read)])
         rows = []
         for each in TaskStatus:
             rows += self.list(each.value, offset + limit, 0)
@@ -66,23 +70,22 @@ class RedisRecords(QueueRecords):
         return rows[offset : offset + limit]
 
     def counts(self) -> dict[str, int]:
-        def read() -> list[Any]:
-            pipe = self._client.redis.pipeline(transaction=False)
+        def read(redis: Any) -> list[Any]:
+            pipe = redis.pipeline(transaction=False)
             for status in TaskStatus:
                 pipe.zcard(self._keys.index(status.value))
             pipe.zcard(self._keys.pulled)
             return list(pipe.execute())
 
-        *replies, pulled = self._client.call(read)
+        *replies, pulled = self._read(read)
         counts = {status.value: int(n) for status, n in zip(TaskStatus, replies, strict=True)}
         counts[TaskStatus.PROCESSING.value] += int(pulled)
         return counts
 
     def recent(self, seconds: float) -> tuple[int, int, float | None]:
-        redis = self._client.redis
         since = self.now() - seconds
 
-        def read() -> tuple[Any, Any, list[Any]]:
+        def read(redis: Any) -> tuple[Any, Any, list[Any]]:
             pipe = redis.pipeline(transaction=False)
             pipe.zcount(self._keys.done("success"), since, "+inf")
             pipe.zcount(self._keys.done("failed"), since, "+inf")
@@ -93,7 +96,7 @@ class RedisRecords(QueueRecords):
                 pipe.hmget(wire(self._keys.task(task_id)), "started_at", "finished_at")
             return done, failed, list(pipe.execute(raise_on_error=False)) if ids else []
 
-        done, failed, times = self._client.call(read)
+        done, failed, times = self._read(read)
         runs = [
             _number(end) - _number(start)
             for start, end in (t for t in times if isinstance(t, list))
@@ -102,7 +105,7 @@ class RedisRecords(QueueRecords):
         return int(done), int(failed), (sum(runs) / len(runs) if runs else None)
 
     def size(self) -> int:
-        return int(self._client.call(lambda: self._client.redis.zcard(self._keys.pending)))
+        return int(self._read(lambda redis: redis.zcard(self._keys.pending)))
 
     def now(self) -> float:
         """The clock of the master holding this queue: the one its scripts stamp times with."""

@@ -125,7 +125,7 @@ class RedisStore(QueueStore):
 
     def _migrate(self) -> None:
         """Bring a queue an earlier version wrote up to LAYOUT, in slices (once per queue)."""
-        version = self._client.call(lambda: self._client.redis.get(self.keys.layout))
+        version = self._client.on_master(self.keys.pending, lambda r: r.get(self.keys.layout))
         if version is not None and int(version) >= LAYOUT:
             return
         for index in ("pending", "delayed"):
@@ -217,14 +217,14 @@ class RedisStore(QueueStore):
         if not any(item.ticket for item in settled):
             return settled
 
-        def read() -> list[Any]:
-            pipe = self._client.redis.pipeline(transaction=False)
+        def read(redis: Any) -> list[Any]:
+            pipe = redis.pipeline(transaction=False)
             for item in settled:
                 if item.ticket is not None:
                     pipe.hget(self.keys.task(item.ticket.task_id), "priority")
             return list(pipe.execute())
 
-        priorities = iter(self._client.call(read))
+        priorities = iter(self._client.on_master(self.keys.pending, read))
         return [
             Settled(
                 item.status,
@@ -294,4 +294,4 @@ class RedisStore(QueueStore):
 
     def wait(self, timeout: float) -> None:
         seconds = min(max(timeout, 0.001), self._client.max_block)
-        self._client.call(lambda: self._client.redis.blpop([self.keys.wake], timeout=seconds))
+        self._client.on_master(self.keys.pending, lambda r: r.blpop([self.keys.wake], seconds))

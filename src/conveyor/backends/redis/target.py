@@ -171,9 +171,9 @@ def connect(target: RedisTarget, **options: Any) -> Any:
             return redis.Redis.from_url(target.url, **options)
         except ValueError as exc:  # a typo in the URL: waiting for the server would not help
             raise ConfigError(f"url: bad Redis URL {target.safe_url}: {exc}") from None
-    options.pop("health_check_interval", None)
     credentials = {"username": target.username, "password": target.password}
     if target.mode == "cluster":
+        options.pop("health_check_interval", None)  # RedisCluster does not take it
         # One quick retry inside redis-py (it refreshes the slot map on a connection error);
         # RedisClient retries with a backoff for as long as a failover may take.
         return cluster_class(

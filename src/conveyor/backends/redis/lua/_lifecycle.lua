@@ -18,6 +18,10 @@
 --   KEYS[12] conveyor:{q}:publishing     ZSET id -> deadline of a publish in flight (broker)
 --   KEYS[13] conveyor:{q}:expiring       ZSET id -> expire_at of a never-started task
 --   KEYS[14] conveyor:{q}:layout         STRING the keyspace layout version
+-- The per-task hashes (KEYS[4] .. id) are not declared: Redis Cluster lets a script touch
+-- an undeclared key when it hashes to the slot of the declared ones, which the shared hash
+-- tag guarantees (a key of another slot would fail the script; the conformance suite runs
+-- on a cluster). redis-py routes EVALSHA by the declared KEYS.
 -- ARGV[1] queue name, ARGV[2] result_ttl (s), ARGV[3] 'broker' when a transport (RabbitMQ)
 -- owns delivery, ARGV[4] publish grace (s); each script's own values start at ARGV[5].
 --
