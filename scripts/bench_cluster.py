@@ -6,7 +6,8 @@ cluster of 3 masters with one replica each, every node with ``appendonly yes`` a
 ``appendfsync everysec`` (what production runs), and stops them at the end. Each worker
 process (``scripts/bench_worker.py serve``: no-op tasks, logging at WARNING) serves one
 queue at concurrency 1. Throughput is all tasks over the span from the first start to the
-last finish, read from the task records. Usage::
+last finish, read from the task records. One Redis with a replica is measured too, as
+the fair match for a cluster whose masters each feed a replica. Usage::
 
     python scripts/bench_cluster.py [--n 5000] [--rounds 3]
 
@@ -64,6 +65,19 @@ def drain(url: str, n: int) -> tuple[float, list[str]]:
             queue.close()
 
 
+def pushes(url: str, n: int) -> float:
+    """Single pushes per second from one client (each waits for its reply, and with
+    durability for its replica)."""
+    name = f"bp-{uuid.uuid4().hex[:6]}"
+    with QueueManager.from_url(url, queue_name=name) as queue:
+        started = time.perf_counter()
+        for i in range(n):
+            queue.push(f"p{i}", {}, 5)
+        rate = n / (time.perf_counter() - started)
+        queue.clear()
+    return rate
+
+
 def placement(cluster: PrivateCluster, names: list[str]) -> str:
     ports = [cluster.port_of_key(f"conveyor:{{{name}}}:pending") for name in names]
     return ", ".join(f"{name}->{port}" for name, port in zip(names, ports, strict=True))
@@ -76,29 +90,40 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="conveyor-bench-cluster-"))
     single = PrivateRedis(workdir / "single", aof=True)
+    primary = PrivateRedis(workdir / "primary", aof=True)
+    replica = PrivateRedis(
+        workdir / "replica", "--replicaof", "127.0.0.1", str(primary.port), aof=True
+    )
     cluster = PrivateCluster(workdir / "cluster")
     try:
         cluster.start()
         targets = {
             "one Redis": single.url,
+            "one Redis + 1 replica": primary.url,
+            "one Redis + 1 replica, durability": f"{primary.url}?durability=replicas=1",
             "Redis Cluster (3 masters + 3 replicas)": cluster.url,
             "Redis Cluster, durability=replicas=1": f"{cluster.url}?durability=replicas=1",
         }
         results: dict[str, list[float]] = {label: [] for label in targets}
+        singles: dict[str, list[float]] = {label: [] for label in targets}
         for round_ in range(args.rounds):
             for label, url in targets.items():  # interleaved: a slow moment hits all alike
                 rate, names = drain(url, args.n)
                 results[label].append(rate)
+                singles[label].append(pushes(url, 2000))
                 where = f"  [{placement(cluster, names)}]" if "cluster" in url else ""
-                print(f"round {round_ + 1}: {label:<40} {rate:8.0f} tasks/s{where}", flush=True)
-        print(f"\n{QUEUES} queues x {args.n} no-op tasks, {QUEUES} worker processes, "
-              f"median of {args.rounds} rounds:")  # fmt: skip
+                print(f"round {round_ + 1}: {label:<40} {rate:8.0f} tasks/s drained, "
+                      f"{singles[label][-1]:6.0f} single pushes/s{where}", flush=True)  # fmt: skip
+        print(f"\nmedian of {args.rounds} rounds: drain = {QUEUES} queues x {args.n} no-op "
+              f"tasks by {QUEUES} worker processes; push = one client, one at a time")  # fmt: skip
         for label, rates in results.items():
-            print(f"  {label:<40} {statistics.median(rates):8.0f} tasks/s  "
-                  f"(min {min(rates):.0f}, max {max(rates):.0f})")  # fmt: skip
+            print(f"  {label:<40} drain {statistics.median(rates):6.0f} tasks/s "
+                  f"(min {min(rates):.0f}, max {max(rates):.0f}); push "
+                  f"{statistics.median(singles[label]):6.0f}/s")  # fmt: skip
     finally:
         cluster.stop()
-        single.stop()
+        for server in (single, replica, primary):
+            server.stop()
     return 0
 
 
