@@ -142,6 +142,7 @@ def forget_redis_queue(url: str, queue_name: str, worker_id: str) -> None:
         keys += [f"conveyor:workers:{worker_id}", f"conveyor:workers:{worker_id}:stop"]
         client.delete(*keys)
         client.srem("conveyor:queues", queue_name)
+        client.srem("conveyor:registry:{conveyor}:queues", queue_name)  # today's registry
         client.zrem("conveyor:workers", worker_id)
     except redis.RedisError:
         pass
