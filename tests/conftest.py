@@ -77,18 +77,19 @@ def is_redis(url: str) -> bool:
     return url.split("://", 1)[0] in ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
 
 
-def redis_admin(url: str) -> Any:
+def redis_admin(url: str, decode: bool = True) -> Any:
     """A plain redis-py client for a test Redis URL: a ``RedisCluster`` for a cluster (its
-    ``scan_iter`` covers every master), else ``redis.Redis``."""
+    ``scan_iter`` covers every master), else ``redis.Redis``. ``decode=False`` for keys
+    that may not be UTF-8 (the garbage tests write some)."""
     import redis
     from redis.cluster import RedisCluster
 
     if url.startswith("redis+cluster://"):
         first = url.split("://", 1)[1].split("/", 1)[0].split(",", 1)[0]
         host, port = first.rsplit(":", 1)
-        return RedisCluster(host=host, port=int(port), decode_responses=True, socket_timeout=5)
+        return RedisCluster(host=host, port=int(port), decode_responses=decode, socket_timeout=5)
     return redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=1, socket_timeout=5
+        url, decode_responses=decode, socket_connect_timeout=1, socket_timeout=5
     )
 
 
@@ -257,7 +258,7 @@ def make_queue(backend_url: str, queue_name: str) -> Iterator[Callable[..., Queu
 def _delete_redis_keys(url: str, queue_name: str) -> None:
     import redis
 
-    client = redis_admin(url)
+    client = redis_admin(url, decode=False)
     try:
         keys = list(client.scan_iter(match=f"conveyor:{{{queue_name}}}:*", count=1000))
         if keys:
