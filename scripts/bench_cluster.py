@@ -20,6 +20,7 @@ that it is not slower.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def main() -> int:
         cluster.stop()
         for server in (single, replica, primary):
             server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
