@@ -246,7 +246,7 @@ def clear_command(args: argparse.Namespace) -> int:
 def stop_command(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     with open_queue(settings) as queue:
-        live = {str(info.get("id")) for info in queue.workers()}
+        live = {str(info["id"]) for info in queue.workers() if info.get("id")}
         asked = queue.request_stop(args.worker_id)
         if args.worker_id is not None and asked == 0:
             raise CliError(f"no live worker with id {args.worker_id!r} (see `conveyor workers`)")
@@ -260,7 +260,7 @@ def stop_command(args: argparse.Namespace) -> int:
 def _wait_for_exit(queue: QueueManager, targets: set[str], timeout: float) -> None:
     deadline, reported = time.monotonic() + timeout, 0
     while True:
-        left = targets & {str(info.get("id")) for info in queue.workers()}
+        left = targets & {str(info["id"]) for info in queue.workers() if info.get("id")}
         if not left:
             out(f"{len(targets)} worker(s) exited")
             return
