@@ -24,6 +24,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..settings import Settings, load_settings
+from ..urls import mask_url
 from . import Finding
 from .supervisord import SupervisordError, read_config_info
 
@@ -185,7 +186,7 @@ def check_supervisord(url: str, wait: float, margin: float) -> list[Finding]:
         Finding(
             "supervisord",
             "unchecked",
-            f"no program of the supervisord at {url} runs a Conveyor worker",
+            f"no program of the supervisord at {mask_url(url)} runs a Conveyor worker",
         )
     ]
 
