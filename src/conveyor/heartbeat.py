@@ -13,14 +13,14 @@ import math
 from typing import Any
 
 from .errors import TaskValidationError
-from .validation import MAX_NAME_LENGTH, clip_text, decode_json
+from .validation import MAX_JSON_DEPTH, MAX_NAME_LENGTH, clip_text, decode_json
 
 _TEXT = ("id", "host", "state")
 _COUNTS = ("pid", "concurrency", "processed", "failed")
 _TIMES = ("started_at", "last_seen")
 _CURRENT = ("task_id", "queue", "type", "step")
-#: Heartbeats are small and flat: a worker's own is 3 levels deep.
-_MAX_DEPTH = 8
+#: The same ceiling as every read: what register_worker accepted always reads back.
+_MAX_DEPTH = MAX_JSON_DEPTH
 _MAX_CURRENT = 1000
 
 
