@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import Helper, wait_until
+from conftest import Helper, backend_params, wait_until
 from conveyor import QueueManager, TaskRecord, TaskStatus
 from helpers.pipelines import runs
 
@@ -749,6 +749,7 @@ def test_huge_and_unprintable_failures_are_recorded_cut_and_the_worker_goes_on(
     assert worker.running()
 
 
+@pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis"))
 def test_a_stored_too_deep_payload_is_dead_lettered_and_the_worker_goes_on(
     queue: QueueManager, start_worker: StartWorker, tmp_path: Path, backend_url: str
 ) -> None:
@@ -766,14 +767,12 @@ def test_a_stored_too_deep_payload_is_dead_lettered_and_the_worker_goes_on(
         with closing(sqlite3.connect(sqlite_path_from_url(backend_url), timeout=10)) as db, db:
             db.execute("UPDATE tasks SET data = ? WHERE queue = ? AND id = 'deep'",
                        (deep, queue.queue_name))  # fmt: skip
-    elif backend_url.startswith("redis"):
+    else:
         import redis
 
         client = redis.Redis.from_url(backend_url)
         client.hset(f"conveyor:{{{queue.queue_name}}}:task:deep", "data", deep)
         client.close()
-    else:
-        pytest.skip("writes the damage with SQLite or Redis")
     queue.push("next", {**data, "mode": "ok"}, priority=1, type="hostile")
     worker = start_worker()
     dead = wait_status(queue, "deep", FAILED, worker=worker)
