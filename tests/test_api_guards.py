@@ -102,6 +102,8 @@ def upload(port: int, total: int, *, chunked: bool) -> tuple[bytes, int]:
             elif writable:
                 sock.sendall(piece)
                 sent += len(block)
+        if sent >= total and chunked:
+            sock.sendall(b"0\r\n\r\n")  # the last chunk: the server read it all
         while b"\r\n\r\n" not in answer:
             data = sock.recv(65536)
             if not data:
