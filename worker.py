@@ -1,4 +1,4 @@
-"""``python worker.py``: the daemon the seed documents, configured by config/*.yaml and env.
+"""``python worker.py``: the worker daemon, configured by config/*.yaml and env.
 
 Equivalent to ``conveyor worker``. It runs until SIGTERM/SIGINT (drains running tasks up to
 ``worker.max_shutdown_wait``), ``conveyor stop``, or a recycling limit, then exits 0.

@@ -1,4 +1,4 @@
-"""The seed's producer: a FastAPI app that creates a task record, pushes it and returns the
+"""A producer: a FastAPI app that creates a task record, pushes it and returns the
 task id at once; a worker does the work and the client polls for the result.
 
 With Conveyor the push *is* the task record: ``queue.get_task(id)`` shows its status,

@@ -40,7 +40,7 @@ Row = tuple[str, str, float, str]  # key (for --json), metric, value, unit
 
 
 def payload(i: int) -> dict[str, Any]:
-    """A small, realistic task body (the seed's shape)."""
+    """A small, realistic task body (a meeting-transcription job's shape)."""
     return {"audio_files": [f"meeting-{i}.wav"], "meeting_type": "weekly_sync"}
 
 

@@ -1,4 +1,4 @@
-"""Smoke test of a queue backend: the seed's ``python scripts/test_queue.py``, on any backend.
+"""Smoke test of a queue backend: ``python scripts/test_queue.py [URL]``, on any backend.
 
 Usage::
 

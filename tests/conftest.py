@@ -123,7 +123,7 @@ def delete_rabbitmq_queues(queue_name: str) -> None:
 def close_rabbitmq_connection(manager: QueueManager) -> None:
     """Have the broker close one manager's connection (a real fault: its deliveries are
     requeued), found by the ``connection_name`` the backend gives it."""
-    name = manager._backend.link.name  # type: ignore[attr-defined]  # the RabbitMQ backend's
+    name = manager.server.link.name  # type: ignore[attr-defined]  # a RabbitMQServer
     listed = subprocess.run(
         ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q",
          "--no-table-headers"], capture_output=True, text=True, timeout=60, check=True,

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from conveyor import ConfigError, Message, Pipeline, PipelineError, PipelineService
 from conveyor.urls import mask_url
+from conveyor.worker import WorkerOptions
 from conveyor.worker.policy import RetryDefaults, backoff_seconds, max_retries_for, should_retry
 
 
@@ -119,3 +120,14 @@ def test_message_supports_the_seeds_dict_access() -> None:
     assert msg.get("missing", "default") == "default"
     with pytest.raises(KeyError):
         msg["missing"]
+
+
+@pytest.mark.parametrize("visibility", [0.3, 1.0, 2.0, 15.0, 60.0, 3600.0])
+@pytest.mark.parametrize("heartbeat", [0.2, 1.0, 5.0, 30.0])
+def test_a_held_lease_is_renewed_well_inside_its_visibility_timeout(
+    visibility: float, heartbeat: float
+) -> None:
+    """The loop looks every renew_check_period and renews after renew_interval: together at
+    most half the visibility timeout, so one slow round trip never loses a lease."""
+    options = WorkerOptions(heartbeat_interval=heartbeat)
+    assert options.worst_renewal_gap(visibility) <= visibility / 2

@@ -42,7 +42,7 @@ from conveyor import (
     TaskValidationError,
     TaskWorker,
 )
-from conveyor.backends import NewTask
+from conveyor.backends import NewTask, StoreConfig
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -141,13 +141,13 @@ def test_heartbeat_2s_and_a_15s_task_is_acked_on_the_connection_it_started_on(
     assert holder.push("in-this-process", {"n": 2}, priority=5)
     message = holder.reserve(timeout=5)
     assert message is not None
-    name = holder._backend.link.name  # type: ignore[attr-defined]
+    name = holder.server.link.name  # type: ignore[attr-defined]
     assert heartbeat_of(name) == 2 and heartbeat_of(worker_connection) == 2
     before = broker_connections(name)
     time.sleep(15)  # the subject: only the link's I/O thread touches the connection
 
     assert holder.ack(message, result="held 15 s") is True
-    assert holder._backend.link.reconnects == 0  # type: ignore[attr-defined]
+    assert holder.server.link.reconnects == 0  # type: ignore[attr-defined]
     assert broker_connections(name) == before, "the holder's connection was replaced"
     record = holder.get_task("in-this-process")
     assert record is not None and record.status == TaskStatus.SUCCESS and record.attempts == 1
@@ -191,7 +191,7 @@ def test_close_all_connections_mid_drain_of_2000_tasks_loses_nothing(
         return [line.split()[0] for line in ledger.read_text().split("\n")[:-1]]
 
     wait_until(lambda: len(executed()) >= 500, timeout=60, message="500 tasks executed")
-    prefix = f"conveyor {queue_name} pid {consumer.pid} "
+    prefix = f"conveyor pid {consumer.pid} "
     before = broker_connections(prefix)
     assert before, "the consumer's connection is not listed"
     subprocess.run(
@@ -228,12 +228,13 @@ def test_close_all_connections_mid_drain_of_2000_tasks_loses_nothing(
 
 
 def test_a_task_whose_producer_died_before_publishing_is_published_by_a_consumer(
-    make_queue: MakeQueue,
+    make_queue: MakeQueue, queue_name: str
 ) -> None:
     queue = make_queue()
-    store = queue._backend.store  # type: ignore[attr-defined]  # the RabbitMQ backend's
+    task_store = queue.server.task_store  # type: ignore[attr-defined]  # a RabbitMQServer's
+    store = task_store.store(queue_name, StoreConfig(broker_leases=True, publish_grace=0.3))
     # The producer wrote the record and died before the broker had its message.
-    staged = store.stage([NewTask("orphan", 5, '{"x": 1}')], grace=0.3)
+    staged = store.enqueue([NewTask("orphan", 5, '{"x": 1}')])
     assert staged.stored == [True] and staged.tickets
     record = queue.get_task("orphan")
     assert record is not None and record.status == TaskStatus.PENDING
@@ -476,4 +477,4 @@ def test_a_connection_closed_by_the_broker_is_reopened_and_a_late_ack_refused(
     assert events[-1] == "redelivered"
     assert other.ack(second, result="on time") is True
     assert holder.push("after", 2) and holder.get_queue_length() == 1  # waits for the link
-    assert holder._backend.link.reconnects == 1  # type: ignore[attr-defined]
+    assert holder.server.link.reconnects == 1  # type: ignore[attr-defined]

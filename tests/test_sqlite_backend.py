@@ -16,10 +16,15 @@ from typing import Any
 import pytest
 
 from conveyor.backends.base import Claimed, NewTask
-from conveyor.backends.sqlite import SqliteBackend
 from conveyor.errors import BackendError, BrokerUnavailableError
+from helpers.primitive_store import PrimitiveStore
 
 QUEUE = "jobs"
+
+
+def SqliteBackend(path: str, queue: str, **options: Any) -> PrimitiveStore:  # noqa: N802
+    """The SQLite store of one queue, one primitive per call."""
+    return PrimitiveStore(f"sqlite:///{os.path.abspath(path)}", queue, **options)
 
 
 def task(task_id: str, priority: int = 5, **options: Any) -> NewTask:
@@ -38,13 +43,13 @@ def poll(check: Callable[[], Any], timeout: float = 10.0) -> Any:
         time.sleep(0.002)
 
 
-def claim(backend: SqliteBackend, lease: float | None = 30.0, max_deliveries: int = 5) -> Claimed:
+def claim(backend: PrimitiveStore, lease: float | None = 30.0, max_deliveries: int = 5) -> Claimed:
     claimed = backend.claim(lease, max_deliveries).claimed
     assert claimed is not None
     return claimed
 
 
-def events(backend: SqliteBackend, task_id: str) -> list[str]:
+def events(backend: PrimitiveStore, task_id: str) -> list[str]:
     row = backend.get(task_id)
     assert row is not None
     return [json.loads(line)["event"] for line in row["history"].splitlines()]
@@ -56,7 +61,7 @@ def db_path(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def backend(db_path: str) -> Iterator[SqliteBackend]:
+def backend(db_path: str) -> Iterator[PrimitiveStore]:
     opened = SqliteBackend(db_path, QUEUE)
     yield opened
     opened.close()
@@ -65,7 +70,7 @@ def backend(db_path: str) -> Iterator[SqliteBackend]:
 # -- order ------------------------------------------------------------------------------------
 
 
-def test_highest_priority_first_and_fifo_within_a_priority(backend: SqliteBackend) -> None:
+def test_highest_priority_first_and_fifo_within_a_priority(backend: PrimitiveStore) -> None:
     rng = random.Random(7)
     tasks = [task(f"t{i}", rng.randint(0, 10)) for i in range(1000)]
     # Half in one batch (one timestamp for all), half pushed one by one.
@@ -78,7 +83,7 @@ def test_highest_priority_first_and_fifo_within_a_priority(backend: SqliteBacken
     assert backend.claim(30, 5).claimed is None
 
 
-def test_claim_returns_stored_values(backend: SqliteBackend) -> None:
+def test_claim_returns_stored_values(backend: PrimitiveStore) -> None:
     backend.enqueue([task("a", 3, type="meeting", max_retries=2, retry_backoff=1.5)])
     claimed = claim(backend)
     assert (claimed.task_id, claimed.priority, claimed.attempts) == ("a", 3, 1)
@@ -87,10 +92,10 @@ def test_claim_returns_stored_values(backend: SqliteBackend) -> None:
     row = backend.get("a")
     assert row is not None
     assert (row["status"], row["attempts"]) == ("processing", 1) and row["started_at"]
-    assert events(backend, "a") == ["pushed", "reserved"]
+    assert events(backend, "a") == ["pushed", "started"]
 
 
-def test_delayed_task_is_invisible_until_due(backend: SqliteBackend) -> None:
+def test_delayed_task_is_invisible_until_due(backend: PrimitiveStore) -> None:
     backend.enqueue([task("later", 9, delay=0.3)])
     result = backend.claim(30, 5)
     assert result.claimed is None
@@ -100,10 +105,10 @@ def test_delayed_task_is_invisible_until_due(backend: SqliteBackend) -> None:
     assert claim(backend).task_id == "now"  # the delayed one is not ready yet
     claimed = poll(lambda: backend.claim(30, 5).claimed)
     assert claimed.task_id == "later"
-    assert events(backend, "later") == ["scheduled", "reserved"]
+    assert events(backend, "later") == ["scheduled", "due", "started"]
 
 
-def test_delayed_task_takes_its_due_time_as_place_in_line(backend: SqliteBackend) -> None:
+def test_delayed_task_takes_its_due_time_as_place_in_line(backend: PrimitiveStore) -> None:
     backend.enqueue([task("delayed", 5, delay=0.05)])
     row = backend.get("delayed")
     assert row is not None
@@ -115,7 +120,7 @@ def test_delayed_task_takes_its_due_time_as_place_in_line(backend: SqliteBackend
 # -- leases -----------------------------------------------------------------------------------
 
 
-def test_expired_lease_is_redelivered_at_its_original_place(backend: SqliteBackend) -> None:
+def test_expired_lease_is_redelivered_at_its_original_place(backend: PrimitiveStore) -> None:
     backend.enqueue([task("first"), task("second")])
     first = claim(backend, lease=0.05)
     result = backend.claim(30, 5)
@@ -128,18 +133,18 @@ def test_expired_lease_is_redelivered_at_its_original_place(backend: SqliteBacke
     assert again.task_id == "first" and again.attempts == 2 and again.token != first.token
     row = backend.get("first")
     assert row is not None and row["expiries"] == 1
-    assert events(backend, "first") == ["pushed", "reserved", "lease_expired", "reserved"]
+    assert events(backend, "first") == ["pushed", "started", "lease_expired", "started"]
     assert claim(backend).task_id == "third"
 
 
-def test_wait_hint_names_the_next_lease_expiry(backend: SqliteBackend) -> None:
+def test_wait_hint_names_the_next_lease_expiry(backend: PrimitiveStore) -> None:
     backend.enqueue([task("a")])
     claim(backend, lease=5.0)
     hint = backend.claim(30, 5).wait_hint
     assert hint is not None and 4 < hint <= 5
 
 
-def test_poison_after_max_deliveries_expiries(backend: SqliteBackend) -> None:
+def test_poison_after_max_deliveries_expiries(backend: PrimitiveStore) -> None:
     backend.enqueue([task("poison")])
     for _ in range(3):
         assert poll(lambda: backend.claim(0.01, 3).claimed).task_id == "poison"
@@ -156,10 +161,10 @@ def test_poison_after_max_deliveries_expiries(backend: SqliteBackend) -> None:
     error = json.loads(row["error"])
     assert error["type"] == "PoisonTask" and "delivered 3 times" in error["message"]
     assert row["finished_at"] is not None
-    assert events(backend, "poison")[-1] == "dead"
+    assert events(backend, "poison")[-1] == "dead_lettered"
 
 
-def test_pull_without_lease_is_never_redelivered(backend: SqliteBackend) -> None:
+def test_pull_without_lease_is_never_redelivered(backend: PrimitiveStore) -> None:
     backend.enqueue([task("once")])
     claimed = claim(backend, lease=None)
     result = backend.claim(0.01, 1)
@@ -169,7 +174,7 @@ def test_pull_without_lease_is_never_redelivered(backend: SqliteBackend) -> None
     assert row is not None and row["status"] == "processing"
 
 
-def test_old_token_cannot_settle_after_a_reclaim(backend: SqliteBackend) -> None:
+def test_old_token_cannot_settle_after_a_reclaim(backend: PrimitiveStore) -> None:
     backend.enqueue([task("a")])
     old = claim(backend, lease=0.01)
     new = poll(lambda: backend.claim(30, 5).claimed)
@@ -193,17 +198,17 @@ def test_old_token_cannot_settle_after_a_reclaim(backend: SqliteBackend) -> None
 # -- settling ---------------------------------------------------------------------------------
 
 
-def test_nack_goes_to_the_back_of_its_band(backend: SqliteBackend) -> None:
+def test_nack_goes_to_the_back_of_its_band(backend: PrimitiveStore) -> None:
     backend.enqueue([task("a"), task("b"), task("low", 1)])
     a = claim(backend)
     assert backend.nack("a", a.token, 0, '{"type": "E", "message": "m"}', True)
     assert [claim(backend).task_id for _ in range(3)] == ["b", "a", "low"]
     row = backend.get("a")
     assert row is not None and row["attempts"] == 2 and json.loads(row["error"])["type"] == "E"
-    assert events(backend, "a") == ["pushed", "reserved", "requeued", "reserved"]
+    assert events(backend, "a") == ["pushed", "started", "retrying", "started"]
 
 
-def test_nack_with_delay_and_hand_back(backend: SqliteBackend) -> None:
+def test_nack_with_delay_and_hand_back(backend: PrimitiveStore) -> None:
     backend.enqueue([task("a")])
     first = claim(backend)
     assert backend.nack("a", first.token, 60, None, True)
@@ -214,11 +219,11 @@ def test_nack_with_delay_and_hand_back(backend: SqliteBackend) -> None:
     second = claim(backend)
     assert backend.nack("b", second.token, 0, None, count_attempt=False)
     assert claim(backend).attempts == 1  # the handed-back delivery was not counted
-    assert events(backend, "b") == ["pushed", "reserved", "interrupted", "reserved"]
-    assert events(backend, "a")[-1] == "retry_scheduled"
+    assert events(backend, "b") == ["pushed", "started", "interrupted", "started"]
+    assert events(backend, "a")[-1] == "retrying"
 
 
-def test_fail_with_and_without_token(backend: SqliteBackend) -> None:
+def test_fail_with_and_without_token(backend: PrimitiveStore) -> None:
     backend.enqueue([task("a"), task("b")])
     a = claim(backend)
     assert backend.fail("a", a.token, "error", '{"type": "E", "message": "boom"}')
@@ -230,7 +235,7 @@ def test_fail_with_and_without_token(backend: SqliteBackend) -> None:
     assert [row["id"] for row in backend.list("failed", 10, 0)] == ["b", "a"]
 
 
-def test_cancel_and_retry(backend: SqliteBackend) -> None:
+def test_cancel_and_retry(backend: PrimitiveStore) -> None:
     backend.enqueue([task("waiting"), task("running", 9), task("later", delay=60)])
     running = claim(backend)
     assert backend.cancel("waiting") and backend.cancel("later")
@@ -245,10 +250,10 @@ def test_cancel_and_retry(backend: SqliteBackend) -> None:
     assert backend.retry("waiting")
     again = claim(backend)
     assert again.task_id == "waiting" and again.attempts == 1
-    assert events(backend, "waiting") == ["pushed", "canceled", "retried", "reserved"]
+    assert events(backend, "waiting") == ["pushed", "canceled", "redriven", "started"]
 
 
-def test_queue_timeout_marks_tasks_not_started_in_time(backend: SqliteBackend) -> None:
+def test_queue_timeout_marks_tasks_not_started_in_time(backend: PrimitiveStore) -> None:
     backend.enqueue([task("stale", 9, queue_timeout=0.01), task("fresh", 1)])
     row = backend.get("stale")
     assert row is not None
@@ -261,7 +266,7 @@ def test_queue_timeout_marks_tasks_not_started_in_time(backend: SqliteBackend) -
 # -- pushing ----------------------------------------------------------------------------------
 
 
-def test_duplicate_ids(backend: SqliteBackend) -> None:
+def test_duplicate_ids(backend: PrimitiveStore) -> None:
     assert backend.enqueue([task("a"), task("a"), task("b")]) == [True, False, True]
     assert backend.enqueue([task("a", 9)]) == [False]
     row = backend.get("a")
@@ -286,7 +291,7 @@ def test_queues_in_one_file_are_separate(db_path: str) -> None:
     two.close()
 
 
-def test_counts_recent_size_purge(backend: SqliteBackend) -> None:
+def test_counts_recent_size_purge(backend: PrimitiveStore) -> None:
     backend.enqueue([task(f"t{i}") for i in range(4)] + [task("later", delay=60)])
     assert backend.ack("t0", claim(backend).token, None)
     assert backend.fail("t1", claim(backend).token, "error", None)
@@ -304,7 +309,7 @@ def test_counts_recent_size_purge(backend: SqliteBackend) -> None:
     backend.ping()
 
 
-def test_list_all_puts_pending_first_in_claim_order(backend: SqliteBackend) -> None:
+def test_list_all_puts_pending_first_in_claim_order(backend: PrimitiveStore) -> None:
     backend.enqueue([task("low", 1), task("high", 9), task("done", 10)])
     backend.ack("done", claim(backend).token, None)
     assert [row["id"] for row in backend.list(None, 10, 0)] == ["high", "low", "done"]
@@ -327,7 +332,7 @@ def test_retention_deletes_old_successes_but_keeps_failures(db_path: str) -> Non
 # -- damage and errors ------------------------------------------------------------------------
 
 
-def test_corrupt_rows_do_not_stop_good_tasks(db_path: str, backend: SqliteBackend) -> None:
+def test_corrupt_rows_do_not_stop_good_tasks(db_path: str, backend: PrimitiveStore) -> None:
     backend.enqueue([task(f"good{i}", 5) for i in range(3)])
     raw = sqlite3.connect(db_path)
     raw.executemany(
@@ -380,7 +385,7 @@ def test_file_that_is_not_sqlite(tmp_path: Path) -> None:
         SqliteBackend(str(path), QUEUE)
 
 
-def test_closed_backend_raises_conveyor_errors(backend: SqliteBackend) -> None:
+def test_closed_backend_raises_conveyor_errors(backend: PrimitiveStore) -> None:
     backend.close()
     backend.close()  # idempotent
     with pytest.raises(BackendError, match="closed"):
@@ -396,7 +401,7 @@ def _push_later(path: str, task_id: str) -> None:
     SqliteBackend(path, QUEUE).enqueue([task(task_id)])
 
 
-def test_wait_wakes_on_a_push_from_another_process(backend: SqliteBackend, db_path: str) -> None:
+def test_wait_wakes_on_a_push_from_another_process(backend: PrimitiveStore, db_path: str) -> None:
     assert backend.claim(30, 5).claimed is None
     pusher = multiprocessing.get_context("spawn").Process(target=_push_later, args=(db_path, "x"))
     pusher.start()
@@ -411,7 +416,7 @@ def test_wait_wakes_on_a_push_from_another_process(backend: SqliteBackend, db_pa
     pusher.join()
 
 
-def test_wait_wakes_on_a_push_from_this_process(backend: SqliteBackend, db_path: str) -> None:
+def test_wait_wakes_on_a_push_from_this_process(backend: PrimitiveStore, db_path: str) -> None:
     assert backend.claim(30, 5).claimed is None
     other = SqliteBackend(db_path, QUEUE)
     thread = threading.Thread(target=other.enqueue, args=([task("x")],))

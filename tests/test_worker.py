@@ -331,8 +331,8 @@ def test_a_step_that_raises_twice_then_succeeds_runs_earlier_steps_once(
 
     assert record.status == SUCCESS, _describe(record)
     assert record.attempts == 3
-    assert events(record).count("retry_scheduled") == 2, _describe(record)
-    assert events(record).count("reserved") == 3
+    assert events(record).count("retrying") == 2, _describe(record)
+    assert events(record).count("started") == 3
     assert len(runs(tmp_path, "flaky", "prepare")) == 1, "a finished step ran again"
     wobbles = runs(tmp_path, "flaky", "wobble")
     assert [run["attempt"] for run in wobbles] == [1, 2, 3]
@@ -361,8 +361,8 @@ def test_a_step_that_always_raises_backs_off_longer_each_time_then_fails(
     assert record.error.traceback is not None
     assert "explode_always" in record.error.traceback, record.error.traceback
 
-    scheduled = event_times(record, "retry_scheduled")
-    reserved = event_times(record, "reserved")
+    scheduled = event_times(record, "retrying")
+    reserved = event_times(record, "started")
     assert len(scheduled) == 3 and len(reserved) == 4, _describe(record)
     waits = [reserved[i + 1] - scheduled[i] for i in range(3)]
     assert waits[0] < waits[1] < waits[2], f"retry delays did not grow: {waits}"
@@ -585,7 +585,7 @@ def test_unknown_pipeline_and_invalid_data_fail_at_once_without_retries(
         record = queue.get_task(task_id)
         assert record is not None and record.status == FAILED, _describe(record)
         assert record.dead_reason == reason and record.attempts == 1, _describe(record)
-        assert "retry_scheduled" not in events(record), _describe(record)
+        assert "retrying" not in events(record), _describe(record)
         assert record.error is not None and named in record.error.message, record.error
     assert runs(tmp_path, "invalid", "count_up") == [], "a step ran on invalid data"
 

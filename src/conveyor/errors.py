@@ -40,6 +40,12 @@ class BrokerUnavailableError(ConveyorError, ConnectionError):
     """The backend cannot be reached; the message names the URL with its password masked."""
 
 
+class BrokerAuthenticationError(BrokerUnavailableError):
+    """The broker answered but refused the credentials: a configuration error at start
+    (waiting would not help), yet retried like an outage while a worker runs, because
+    credentials can be rotated under a running worker."""
+
+
 class BackendError(ConveyorError):
     """The backend answered, but not as expected (a script error, a corrupt database)."""
 

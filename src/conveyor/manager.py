@@ -1,8 +1,9 @@
 """``QueueManager``: the producer's API and the worker's connection, on any backend.
 
 The manager validates input, encodes JSON, decodes what backends hand out and loops on
-blocking waits; the backend underneath only stores and moves tasks atomically (see
-``backends.base``). That split is why the three backends behave the same.
+blocking waits; underneath, a queue store applies the lifecycle's transitions atomically,
+queue records answer reads and the server registry keeps workers (see ``backends.base``).
+That split is why the backends behave the same.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -18,8 +19,21 @@ from typing import TYPE_CHECKING, Any, Self
 from loguru import logger
 from pydantic import BaseModel
 
-from .backends import Backend, Claimed, ClaimResult, NewTask, QueueBackend, backend_for_url
-from .backends import open_backend as _open_backend
+from .backends import (
+    Claimed,
+    ClaimResult,
+    ClaimSpec,
+    LeaseState,
+    NewTask,
+    Outcome,
+    QueueBackend,
+    Server,
+    Settled,
+    StoreConfig,
+    backend_for_url,
+    open_server,
+    spec_for_kind,
+)
 from .codec import (
     ErrorLike,
     delay_from,
@@ -32,7 +46,8 @@ from .codec import (
 )
 from .errors import ConfigError, TaskNotFoundError, TaskTypeError, TaskValidationError
 from .heartbeat import heartbeat_from
-from .models import FINISHED_STATUSES, Message, TaskRecord, TaskStatus
+from .lifecycle import FINISHED_STATUSES, DeadReason, Op, TaskStatus
+from .models import Message, TaskRecord
 from .records import record_from_row
 from .validation import (
     DEFAULT_JSON_DEPTH,
@@ -71,12 +86,25 @@ class QueueStats(BaseModel):
     mean_run_seconds: float | None
 
 
+class _SharedServer:
+    """A server shared by the managers of several queues: closed with the last of them."""
+
+    def __init__(self, server: Server, owners: int) -> None:
+        self.server, self.owners = server, owners
+
+    def release(self) -> None:
+        self.owners -= 1
+        if self.owners == 0:
+            self.server.close()
+
+
 class QueueManager:
     """One queue on one backend. Not thread-safe: give each thread its own manager.
 
-    ``pull`` is at-most-once (the task is consumed as it is handed out, as in the seed);
+    ``pull`` is at-most-once (the task is consumed as it is handed out);
     ``reserve`` is at-least-once (the task is leased for ``visibility_timeout`` seconds and
-    comes back if the consumer dies before ``ack``/``nack``).
+    comes back if the consumer dies before ``ack``/``nack``). ``for_queue`` opens another
+    queue on the same server connection.
     """
 
     def __init__(
@@ -94,9 +122,11 @@ class QueueManager:
         result_ttl: float = 7 * 24 * 3600,
         connect_timeout: float = 5.0,
         task_store: str | None = None,
+        url: str | None = None,
+        server: Server | None = None,
         max_json_depth: int = DEFAULT_JSON_DEPTH,
     ) -> None:
-        kind = _check_backend(backend)
+        spec = spec_for_kind(backend)
         _check_tuning(
             visibility_timeout, max_deliveries, max_priority, max_payload_bytes, max_json_depth
         )
@@ -110,37 +140,55 @@ class QueueManager:
         self.max_payload_bytes = max_payload_bytes
         #: How deep JSON (data, results, checkpoints) may nest: ``queue.max_json_depth``.
         self.max_json_depth = max_json_depth
-        url = _url_for(kind, sqlite_path, redis_url, rabbitmq_url)
-        options: dict[str, Any] = {"result_ttl": result_ttl}
-        if kind is QueueBackend.REDIS:
-            options["connect_timeout"] = connect_timeout
-        if kind is QueueBackend.RABBITMQ:
-            # RabbitMQ keeps no task state: records live in a SQLite or Redis task store.
-            options.update(
-                connect_timeout=connect_timeout, max_priority=max_priority, task_store=task_store
-            )
-        elif task_store is not None:
-            raise ConfigError("task_store: only the RabbitMQ backend uses a task store")
-        self.backend_kind = kind
+        self.backend_kind = spec.kind
         #: Stored as the ``worker`` of each task this manager claims (a TaskWorker sets it).
         self.consumer_id = ""
-        self._backend: Backend = _open_backend(kind, url, queue_name, options)
+        self._config = StoreConfig(
+            result_ttl=result_ttl, max_deliveries=max_deliveries, max_priority=max_priority
+        )
+        if server is None:
+            options: dict[str, Any] = {"connect_timeout": connect_timeout}
+            if task_store is not None:
+                if spec.kind is not QueueBackend.RABBITMQ:
+                    raise ConfigError("task_store: only the RabbitMQ backend uses a task store")
+                options["task_store"] = task_store
+            target = url or _url_for(
+                spec.kind, spec.default_url, sqlite_path, redis_url, rabbitmq_url
+            )
+            server = open_server(target, **options)
+            self._shared = _SharedServer(server, 1)
+        else:
+            self._shared = _SharedServer(server, 0)  # the caller owns it
+        try:
+            self._store = server.store(self.queue_name, self._config)
+            self._records = server.records(self.queue_name)
+        except BaseException:
+            self._shared.release()
+            raise
+        self._closed = False
 
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
     def from_url(cls, url: str, *, queue_name: str = "default", **options: Any) -> Self:
         """Open the backend a URL names: ``sqlite:///path.db``, ``redis://``, ``amqp://``..."""
-        kind = backend_for_url(url)
-        if kind is QueueBackend.SQLITE:
-            from .backends import sqlite_path_from_url
+        return cls(backend_for_url(url), queue_name=queue_name, url=url, **options)
 
-            return cls(
-                kind, queue_name=queue_name, sqlite_path=sqlite_path_from_url(url), **options
-            )
-        if kind is QueueBackend.REDIS:
-            return cls(kind, queue_name=queue_name, redis_url=url, **options)
-        return cls(kind, queue_name=queue_name, rabbitmq_url=url, **options)
+    def for_queue(self, queue_name: str) -> Self:
+        """Another queue on this manager's server connection, with the same tuning.
+
+        A worker on several queues of one server so holds one connection (on RabbitMQ, one
+        AMQP connection). The server closes with the last manager that uses it.
+        """
+        sibling = type(self)(
+            self.backend_kind, queue_name=queue_name, server=self._shared.server,
+            visibility_timeout=self.visibility_timeout, max_deliveries=self.max_deliveries,
+            max_priority=self.max_priority, max_payload_bytes=self.max_payload_bytes,
+            result_ttl=self._config.result_ttl, max_json_depth=self.max_json_depth,
+        )  # fmt: skip
+        sibling._shared = self._shared
+        self._shared.owners += 1
+        return sibling
 
     @classmethod
     def from_settings(cls, settings: Settings, queue_name: str | None = None) -> Self:
@@ -162,7 +210,12 @@ class QueueManager:
     @property
     def url(self) -> str:
         """The backend URL with its password masked."""
-        return self._backend.safe_url
+        return self._shared.server.safe_url
+
+    @property
+    def server(self) -> Server:
+        """The server this queue lives on (shared with ``for_queue`` siblings)."""
+        return self._shared.server
 
     # -- producing --------------------------------------------------------------------------
 
@@ -195,7 +248,7 @@ class QueueManager:
             "process_timeout": process_timeout,
         }
         task = self._new_task(task_id, data, priority, options)
-        return self._backend.enqueue([task])[0]
+        return self._store.enqueue([task]).stored[0]
 
     def submit(
         self,
@@ -217,7 +270,7 @@ class QueueManager:
         validated before any is written: one bad item rejects the batch, naming its index.
         """
         batch = self._validated(tasks)
-        return self._backend.enqueue(batch) if batch else []
+        return self._store.enqueue(batch).stored if batch else []
 
     def check_many(self, tasks: Iterable[Mapping[str, Any] | tuple[Any, ...]]) -> int:
         """Validate items as ``push_many`` would, writing nothing; returns how many.
@@ -292,24 +345,27 @@ class QueueManager:
         wait_for = math.inf if timeout is None else check_seconds("timeout", timeout) or 0.0
         deadline = time.monotonic() + wait_for
         while True:
-            result = self._backend.claim(lease, self.max_deliveries, consumer=self.consumer_id)
-            message = self._first_message(result, lease is not None)
-            if message is not None:
-                return message
-            if result.claimed is not None:
-                continue  # it was malformed and is dead-lettered now: try the next one
+            result = self._store.claim(self._spec(lease))
+            messages = self._messages(result, lease is not None)
+            if messages:
+                return messages[0]
+            if result.claimed or result.skipped:
+                continue  # malformed (dead-lettered now) or many retired: try again at once
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
             slice_ = min(remaining, _MAX_WAIT_SLICE)
             if result.wait_hint is not None:
                 slice_ = min(slice_, max(result.wait_hint, 0.001))
-            self._backend.wait(slice_)
+            self._store.wait(slice_)
 
-    def _first_message(self, result: ClaimResult, leased: bool) -> Message | None:
-        if result.claimed is None:
-            return None
-        return self._decode(result.claimed, leased)
+    def _spec(self, lease: float | None, count: int = 1) -> ClaimSpec:
+        return ClaimSpec(lease, self.max_deliveries, self.consumer_id, count=count)
+
+    def _messages(self, result: ClaimResult, leased: bool) -> list[Message]:
+        """The claimed tasks as messages; malformed ones are dead-lettered and left out."""
+        decoded = (self._decode(claimed, leased) for claimed in result.claimed)
+        return [message for message in decoded if message is not None]
 
     def _decode(self, claimed: Claimed, leased: bool) -> Message | None:
         """Turn a claimed entry into a Message, dead-lettering it if it is malformed."""
@@ -334,34 +390,47 @@ class QueueManager:
             logger.warning(
                 "queue {} task {}: {}; dead-lettered", self.queue_name, claimed.task_id, reason
             )
-            self._backend.fail(
-                claimed.task_id,
-                None,
-                "malformed",
-                error_json({"type": "MalformedTask", "message": reason, "traceback": None}),
-            )
+            error = {"type": "MalformedTask", "message": reason, "traceback": None}
+            self._settle_one(Op.FAIL, claimed.task_id, None, error_json(error),
+                             reason=DeadReason.MALFORMED)  # fmt: skip
             return None
 
     # -- settling ---------------------------------------------------------------------------
 
+    def _settle_one(
+        self, op: Op, task_id: str, token: str | None, payload: str | None, **extra: Any
+    ) -> Settled:
+        settled, _ = self._store.settle([Outcome(op, task_id, token, payload, **extra)])
+        return settled[0]
+
+    def settle(
+        self, outcomes: Sequence[Outcome], claim: int = 0
+    ) -> tuple[list[Settled], list[Message]]:
+        """Apply outcomes and lease up to ``claim`` more tasks, in one round trip.
+
+        The worker's hot path: the results of every slot that finished, and the claims for
+        every slot that is free, in one atomic step (no blocking).
+        """
+        then = self._spec(self.visibility_timeout, claim) if claim > 0 else None
+        settled, result = self._store.settle(outcomes, then)
+        messages = self._messages(result, True) if result is not None else []
+        if result is not None and len(messages) < claim and (result.claimed or result.skipped):
+            more = self._store.claim(self._spec(self.visibility_timeout, claim - len(messages)))
+            messages += self._messages(more, True)
+        return settled, messages
+
     def ack(self, message: Message, result: Any = None) -> bool:
         """Finish a task as ``success``; False if its lease was lost to another consumer."""
-        return self._backend.ack(message.task_id, message.token, self._result_json(result))
+        settled = self._settle_one(
+            Op.ACK, message.task_id, message.token, self._result_json(result)
+        )
+        return settled.status is not None
 
     def ack_and_reserve(self, message: Message, result: Any = None) -> tuple[bool, Message | None]:
         """Ack ``message`` and lease the next task in the same round trip (no blocking)."""
-        acked, result_ = self._backend.ack_and_claim(
-            message.task_id,
-            message.token,
-            self._result_json(result),
-            self.visibility_timeout,
-            self.max_deliveries,
-            consumer=self.consumer_id,
-        )
-        next_message = self._first_message(result_, True)
-        if next_message is None and result_.claimed is not None:
-            next_message = self.reserve(timeout=0)
-        return acked, next_message
+        outcome = Outcome(Op.ACK, message.task_id, message.token, self._result_json(result))
+        settled, following = self.settle([outcome], claim=1)
+        return settled[0].status is not None, following[0] if following else None
 
     def nack(
         self,
@@ -377,9 +446,10 @@ class QueueManager:
         False if the lease was lost.
         """
         seconds = within_max_delay("delay", check_seconds("delay", delay) or 0.0)
-        return self._backend.nack(
-            message.task_id, message.token, seconds, error_json(error), count_attempt
-        )
+        op = Op.NACK if count_attempt else Op.HAND_BACK
+        settled = self._settle_one(op, message.task_id, message.token, error_json(error),
+                                   delay=seconds)  # fmt: skip
+        return settled.status is not None
 
     def fail(
         self, message: Message | str, *, reason: str = "error", error: ErrorLike = None
@@ -389,14 +459,19 @@ class QueueManager:
         With a Message, only while its lease is held; with a task id, whatever its state.
         """
         if isinstance(message, Message):
-            return self._backend.fail(message.task_id, message.token, reason, error_json(error))
-        return self._backend.fail(check_task_id(message), None, reason, error_json(error))
+            task_id, token = message.task_id, message.token
+        else:
+            task_id, token = check_task_id(message), None
+        settled = self._settle_one(Op.FAIL, task_id, token, error_json(error), reason=reason)
+        return settled.status is not None
 
     def settle_canceled(self, message: Message, *, error: ErrorLike = None) -> bool:
         """Finish a running task whose cancel was asked as ``canceled`` (not dead-lettered)."""
-        return self._backend.fail(
-            message.task_id, message.token, "canceled", error_json(error), status="canceled"
-        )
+        settled = self._settle_one(
+            Op.FAIL, message.task_id, message.token, error_json(error), reason="canceled",
+            status=TaskStatus.CANCELED,
+        )  # fmt: skip
+        return settled.status is not None
 
     def checkpoint(self, message: Message, steps: Mapping[str, Any]) -> bool:
         """Store finished steps' results so a retry of this task resumes after them."""
@@ -404,12 +479,24 @@ class QueueManager:
         steps_json = encode_json(
             "steps", dict(steps), self.max_payload_bytes, self.max_json_depth + 1
         )
-        return self._backend.checkpoint(message.task_id, message.token, steps_json)
+        settled = self._settle_one(Op.CHECKPOINT, message.task_id, message.token, steps_json)
+        return settled.status is not None
 
     def extend(self, message: Message, seconds: float | None = None) -> bool:
-        """Renew a lease for ``seconds`` (default ``visibility_timeout``) from now."""
+        """Renew a lease for ``seconds`` (default ``visibility_timeout``) from now; False
+        once the lease is lost (a pulled task, which has none, stays held: True)."""
         lease = check_seconds("seconds", seconds, allow_zero=False) or self.visibility_timeout
-        return self._backend.extend(message.task_id, message.token, lease)
+        return self._store.renew([(message.task_id, message.token)], lease)[0].held
+
+    def renew(self, messages: Sequence[Message], extend: bool) -> list[LeaseState]:
+        """For each held message: still held, cancel asked? ``extend`` also renews the
+        leases for ``visibility_timeout``. One round trip for all of them."""
+        leases = [(message.task_id, message.token) for message in messages]
+        return self._store.renew(leases, self.visibility_timeout if extend else None)
+
+    def sweep(self) -> None:
+        """Maintenance: time out expired waiting tasks, reap lost leases, apply retention."""
+        self._store.sweep()
 
     def set_progress(self, message: Message, fraction: float, note: str | None = None) -> bool:
         """Record progress 0..1 of a leased task, visible in its record."""
@@ -419,9 +506,9 @@ class QueueManager:
             or not 0 <= fraction <= 1
         ):
             raise ValueError(f"fraction: must be a number between 0 and 1, got {fraction!r}")
-        return self._backend.set_progress(
-            message.task_id, message.token, float(fraction), note_text(note)
-        )
+        settled = self._settle_one(Op.PROGRESS, message.task_id, message.token, note_text(note),
+                                   fraction=float(fraction))  # fmt: skip
+        return settled.status is not None
 
     def _result_json(self, result: Any) -> str | None:
         if result is None:
@@ -432,16 +519,18 @@ class QueueManager:
 
     def get_queue_length(self) -> int:
         """Tasks ready to run now (pending); scheduled and processing ones are not counted."""
-        return self._backend.size()
+        return self._records.size()
 
     def clear(self) -> int:
         """Delete every task of this queue in every state; returns how many were pending."""
-        return self._backend.purge()
+        pending = self._store.purge()
+        self.server.registry.forget_queue(self.queue_name)
+        return pending
 
     def get_task(self, task_id: str) -> TaskRecord | None:
         """The task's record (status, attempts, progress, result, error, history) or None."""
-        row = self._backend.get(check_task_id(task_id))
-        return None if row is None else record_from_row(row, self.queue_name)
+        row = self._records.get(check_task_id(task_id))
+        return None if row is None else record_from_row(row, self.queue_name, time.time())
 
     def require_task(self, task_id: str) -> TaskRecord:
         """Like ``get_task`` but raises ``TaskNotFoundError`` naming the id and queue."""
@@ -452,11 +541,11 @@ class QueueManager:
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a scheduled or pending task now, or a running one between its steps."""
-        return self._backend.cancel(check_task_id(task_id))
+        return self._store.cancel(check_task_id(task_id))
 
     def retry(self, task_id: str) -> bool:
         """Re-drive a failed, timed-out or canceled task: pending again with attempts reset."""
-        return self._backend.retry(check_task_id(task_id))
+        return self._store.retry(check_task_id(task_id)) is not None
 
     def delete_finished(
         self, status: TaskStatus | str = TaskStatus.FAILED, limit: int = 1000
@@ -473,7 +562,7 @@ class QueueManager:
             )
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit: must be an integer >= 1, got {limit!r}")
-        return self._backend.purge_finished(wanted.value, limit)
+        return self._store.purge_finished(wanted.value, limit)
 
     def list_tasks(
         self, status: TaskStatus | str | None = None, limit: int = 50, offset: int = 0
@@ -482,15 +571,19 @@ class QueueManager:
         wanted = None if status is None else TaskStatus(status).value
         if limit < 0 or offset < 0:
             raise ValueError("limit/offset: must be >= 0")
-        rows = self._backend.list(wanted, limit, offset)
-        return [record_from_row(row, self.queue_name) for row in rows]
+        rows = self._records.list(wanted, limit, offset)
+        now = time.time()
+        records = [record_from_row(row, self.queue_name, now) for row in rows]
+        # A waiting task past its queue_timeout shows as timeout before a sweep writes it:
+        # it is no longer listed as pending (see lifecycle.effective_status).
+        return [r for r in records if wanted is None or r.status.value == wanted]
 
     def stats(self) -> QueueStats:
         """Counts per status, successes and failures in the last minute, mean run time."""
-        done, failed, mean = self._backend.recent(60.0)
+        done, failed, mean = self._records.recent(60.0)
         return QueueStats(
             queue=self.queue_name,
-            counts=self._backend.counts(),
+            counts=self._records.counts(),
             done_last_minute=done,
             failed_last_minute=failed,
             mean_run_seconds=mean if mean is not None and math.isfinite(mean) else None,
@@ -502,7 +595,7 @@ class QueueManager:
         A name no queue may have (written by hand: control characters, invalid UTF-8) is
         left out with a warning, so one damaged name cannot break every listing."""
         names = []
-        for name in self._backend.known_queues():
+        for name in self.server.registry.known_queues():
             try:
                 names.append(check_queue_name(name))
             except (TaskValidationError, TaskTypeError) as exc:
@@ -514,11 +607,12 @@ class QueueManager:
     def register_worker(self, worker_id: str, info: Mapping[str, Any], ttl: float) -> bool:
         """Heartbeat: record a live worker for ``ttl`` seconds; True if it was asked to stop."""
         info_json = encode_json("info", dict(info), self.max_payload_bytes, self.max_json_depth)
-        return self._backend.register_worker(check_name("worker_id", worker_id), info_json, ttl)
+        worker = check_name("worker_id", worker_id)
+        return self.server.registry.register_worker(worker, info_json, ttl)
 
     def unregister_worker(self, worker_id: str) -> None:
         """Forget a worker that exits cleanly."""
-        self._backend.unregister_worker(worker_id)
+        self.server.registry.unregister_worker(worker_id)
 
     def workers(self) -> list[dict[str, Any]]:
         """Live workers on this backend (any queue), as their heartbeats describe them.
@@ -526,25 +620,32 @@ class QueueManager:
         Each is decoded by ``heartbeat_from``: known keys only, safe values, and a
         ``damage`` list naming what could not be read (a damaged entry is shown as such).
         """
-        return [heartbeat_from(info) for info in self._backend.list_workers()]
+        return [heartbeat_from(info) for info in self.server.registry.list_workers()]
 
     def request_stop(self, worker_id: str | None = None) -> int:
         """Ask one worker (or all) to shut down gracefully, across hosts; how many asked."""
-        return self._backend.request_stop(worker_id)
+        return self.server.registry.request_stop(worker_id)
 
     def check_time_limit(self, seconds: float | None, what: str) -> None:
         """Raise ``ConfigError`` (naming ``what`` and both values) when the backend would cut
         a run of ``seconds`` short: RabbitMQ redelivers a task whose delivery stays unacked
         past its ``consumer_timeout``. A worker checks its pipelines' hard limits at start."""
-        self._backend.check_time_limit(seconds, what)
+        self.server.check_time_limit(seconds, what)
 
     def ping(self) -> None:
         """Raise ``BrokerUnavailableError`` unless the backend answers."""
-        self._backend.ping()
+        self.server.ping()
 
     def close(self) -> None:
-        """Release the backend's connections; the manager cannot be used afterwards."""
-        self._backend.close()
+        """Release the manager; the server's connections close with the last manager on
+        them. The manager cannot be used afterwards. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._store.close()
+        finally:
+            self._shared.release()
 
     def __enter__(self) -> Self:
         return self
@@ -561,16 +662,6 @@ class QueueManager:
         return (
             f"QueueManager({self.backend_kind.value}, queue={self.queue_name!r}, url={self.url!r})"
         )
-
-
-def _check_backend(backend: QueueBackend | str) -> QueueBackend:
-    try:
-        return QueueBackend(backend)
-    except ValueError:
-        choices = ", ".join(kind.value for kind in QueueBackend)
-        raise ConfigError(
-            f"backend: unknown backend {backend!r}; choose one of {choices}"
-        ) from None
 
 
 def _check_tuning(
@@ -597,13 +688,20 @@ def _check_tuning(
 
 
 def _url_for(
-    kind: QueueBackend, sqlite_path: str, redis_url: str | None, rabbitmq_url: str | None
+    kind: QueueBackend,
+    default: str,
+    sqlite_path: str,
+    redis_url: str | None,
+    rabbitmq_url: str | None,
 ) -> str:
+    """The URL the constructor's per-backend arguments name (the table gives defaults)."""
     if kind is QueueBackend.SQLITE:
         return f"sqlite:///{sqlite_path}"
     if kind is QueueBackend.REDIS:
-        return redis_url or "redis://localhost:6379/0"
-    return rabbitmq_url or "amqp://guest:guest@localhost:5672/"
+        return redis_url or default
+    if kind is QueueBackend.RABBITMQ:
+        return rabbitmq_url or default
+    return default
 
 
 def _store_option(settings: Settings) -> dict[str, Any]:

@@ -7,30 +7,14 @@ state changes go through the queue (``ack``, ``nack``, ``extend``), never by mut
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .lifecycle import ACTIVE_STATUSES, FINISHED_STATUSES, TaskStatus
 
-class TaskStatus(StrEnum):
-    """Where a task is in its lifecycle (see the diagram in the README)."""
-
-    SCHEDULED = "scheduled"
-    PENDING = "pending"
-    PROCESSING = "processing"
-    SUCCESS = "success"
-    FAILED = "failed"
-    CANCELED = "canceled"
-    TIMEOUT = "timeout"
-
-
-#: A task in one of these states is "live": pushing its id again is refused.
-ACTIVE_STATUSES = frozenset({TaskStatus.SCHEDULED, TaskStatus.PENDING, TaskStatus.PROCESSING})
-#: Terminal states; a task leaves them only through an explicit retry (re-drive).
-FINISHED_STATUSES = frozenset(
-    {TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELED, TaskStatus.TIMEOUT}
-)
+__all__ = ["ACTIVE_STATUSES", "FINISHED_STATUSES", "Message", "TaskError", "TaskEvent",
+           "TaskRecord", "TaskStatus", "from_timestamp"]  # fmt: skip
 
 
 class TaskError(BaseModel):
@@ -94,7 +78,7 @@ class TaskRecord(BaseModel):
 class Message(BaseModel):
     """A delivered task, as ``pull`` and ``reserve`` return it.
 
-    Supports the seed's dict-style access (``message["task_id"]``, ``message["data"]``,
+    Supports dict-style access (``message["task_id"]``, ``message["data"]``,
     ``message["priority"]``). ``token`` is the lease's fencing token: ``ack``/``nack``/
     ``extend`` present it, and the backend refuses it once the lease was given to another
     consumer. ``attempts`` counts deliveries including this one.
@@ -123,7 +107,7 @@ class Message(BaseModel):
             raise KeyError(key) from None
 
     def get(self, key: str, default: Any = None) -> Any:
-        """``dict.get`` for seed-style code."""
+        """``dict.get`` for dict-style code."""
         return getattr(self, key, default)
 
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import TaskValidationError
+from .lifecycle import LEGACY_EVENTS, effective_status
 from .models import TaskError, TaskEvent, TaskRecord, TaskStatus, from_timestamp
 from .validation import (
     MAX_JSON_DEPTH,
@@ -31,11 +32,15 @@ _INT_RANGE = (-(2**63), 2**63 - 1)
 _EPOCH = 0.0
 
 
-def record_from_row(row: dict[str, Any], queue: str, max_depth: int = MAX_JSON_DEPTH) -> TaskRecord:
+def record_from_row(
+    row: dict[str, Any], queue: str, now: float | None = None, max_depth: int = MAX_JSON_DEPTH
+) -> TaskRecord:
     """Build the typed record of one stored row (see ``backends.base.ROW_FIELDS``).
 
-    ``max_depth`` bounds the JSON fields; the default is the ceiling of the setting, so a
-    read never hides what some producer's configuration accepted.
+    With ``now``, a waiting task past its queue_timeout shows as ``timeout`` already (see
+    ``lifecycle.effective_status``): no worker may be running to sweep it. ``max_depth``
+    bounds the JSON fields; the default is the ceiling of the setting, so a read never hides
+    what some producer's configuration accepted.
     """
     read = _Reader(row, max_depth)
     created = read.moment("created_at")
@@ -45,7 +50,7 @@ def record_from_row(row: dict[str, Any], queue: str, max_depth: int = MAX_JSON_D
         type=read.text("type"),
         priority=read.integer("priority", 0),
         data=read.json("data"),
-        status=read.status(),
+        status=read.status(now),
         attempts=read.integer("attempts", 0),
         max_retries=read.optional_integer("max_retries"),
         retry_backoff=read.number("retry_backoff"),
@@ -169,8 +174,10 @@ class _Reader:
             self.note(field, f"{number!r} is not a time between the years 1 and 9999")
         return moment
 
-    def status(self) -> TaskStatus:
+    def status(self, now: float | None) -> TaskStatus:
         text = self.text("status")
+        if now is not None:
+            text = effective_status(text or "", self.number("expire_at"), now)
         try:
             return TaskStatus(text or "")
         except ValueError:
@@ -264,7 +271,7 @@ def _event(line: str, max_depth: int) -> TaskEvent | None:
         return None
     return TaskEvent(
         at=moment,
-        event=clip_text(event, MAX_NAME_LENGTH),
+        event=clip_text(str(LEGACY_EVENTS.get(event, event)), MAX_NAME_LENGTH),
         attempt=int(attempts),
         note=None if note is None else clip_text(str(note)),
     )

@@ -4,7 +4,7 @@ Precedence, highest first: keyword arguments > environment > YAML file > default
 Environment names use the ``CONVEYOR_`` prefix and ``__`` between levels
 (``CONVEYOR_QUEUE__NAME``, ``CONVEYOR_WORKER__CONCURRENCY``); ``CONVEYOR_URL`` names the
 backend by URL and beats every other backend setting; ``REDIS_URL`` and ``RABBITMQ_URL``
-are honoured because deployments (docker-compose, the seeds) already set them, and
+are honoured because deployments (docker-compose files, existing deployments) already set them, and
 ``CONVEYOR_API_TOKEN`` (the HTTP API's bearer token) as the name people expect.
 
 Nothing is read at import: the environment and the file are read when a ``Settings`` is
@@ -46,7 +46,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from .backends import QueueBackend, backend_for_url
+from .backends import QueueBackend, backend_for_url, spec_for_kind
 from .errors import ConfigError, TaskTypeError, TaskValidationError
 from .urls import mask_url
 from .validation import DEFAULT_JSON_DEPTH, MAX_JSON_DEPTH, MAX_SECONDS, check_queue_name
@@ -122,7 +122,7 @@ class SqliteSettings(_Section):
 
 
 class RedisSettings(_Section):
-    url: RedisUrl = "redis://localhost:6379/0"
+    url: RedisUrl = spec_for_kind(QueueBackend.REDIS).default_url
 
 
 class RabbitMQSettings(_Section):
@@ -130,7 +130,7 @@ class RabbitMQSettings(_Section):
     ``sqlite:///conveyor-rabbitmq.db`` in the working directory. Use Redis when workers run
     on several hosts."""
 
-    url: AmqpUrl = "amqp://guest:guest@localhost:5672/"
+    url: AmqpUrl = spec_for_kind(QueueBackend.RABBITMQ).default_url
     task_store: str | None = Field(default=None, pattern=r"^(sqlite|redis|rediss|unix)://")
 
 
@@ -249,7 +249,10 @@ class Settings(BaseSettings):
             return self.url
         if self.backend is QueueBackend.SQLITE:
             return f"sqlite:///{self.sqlite.path}"
-        return self.redis.url if self.backend is QueueBackend.REDIS else self.rabbitmq.url
+        # A backend's section (redis, rabbitmq, ...) names its URL; else the table's default.
+        section = getattr(self, self.backend.value, None)
+        url = getattr(section, "url", None)
+        return url if isinstance(url, str) else spec_for_kind(self.backend).default_url
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         return _masked(super().__repr_args__())

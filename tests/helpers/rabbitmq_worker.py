@@ -36,7 +36,7 @@ def main() -> int:
     logger.remove()
     logger.add(sys.stderr, level="INFO")
     queue = QueueManager.from_url(args.url, queue_name=args.queue)
-    link = queue._backend.link  # type: ignore[attr-defined]  # the RabbitMQ backend's
+    link = queue.server.link  # type: ignore[attr-defined]  # the RabbitMQ backend's
     worker = TaskWorker(
         queue, PipelineService([slow]), max_shutdown_wait=5,
         options=WorkerOptions(max_jobs=args.jobs, heartbeat_interval=1),

@@ -54,7 +54,7 @@ PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=Fal
 
 class TaskIn(BaseModel):
     """A task to push. ``payload`` and ``max_retry`` are accepted for ``data`` and
-    ``max_retries``, as the XQueue-style services in the seeds name them."""
+    ``max_retries``, as XQueue-style task services name them."""
 
     # Strict: JSON "5" or true is not a priority, "30" not a delay (a 422 names the field).
     model_config = ConfigDict(

@@ -1,24 +1,34 @@
-"""The narrow storage interface every backend implements.
+"""The three storage seams every backend implements, and the values that cross them.
 
-Semantics (validation, retry policy, logging, record decoding) live once in
-``QueueManager``; a backend only stores and moves tasks atomically. Each primitive is one
-atomic step on the backend (a Lua script, a ``BEGIN IMMEDIATE`` transaction, ...), so two
-workers can never both own a task and a crash between two calls never loses one.
+* :class:`QueueStore` — one queue's atomic transitions (enqueue, claim, settle, renew,
+  cancel, retry, purge, sweep). Each call is one atomic step on the backend (a Lua script,
+  a ``BEGIN IMMEDIATE`` transaction), so two consumers never both own a task and a crash
+  between two calls never loses one. The rules they apply are ``conveyor.lifecycle``'s
+  table; a store implements that table and adds no rule of its own.
+* :class:`QueueRecords` — one queue's reads (get, list, counts, recent throughput, size).
+* :class:`ServerRegistry` — what spans queues on one server: live workers, stop requests,
+  the known queue names. A process opens it once per server: a worker on several queues
+  of one server uses one connection.
 
-Conventions every backend follows (the conformance suite in ``tests/`` checks them):
+A :class:`Server` (one per URL per process) hands out all three. Semantics that are not
+storage (validation, JSON encoding, retry policy, record decoding) live once above, in
+``QueueManager``.
 
-* Times are epoch seconds taken from the backend's own clock where it has one (Redis
-  ``TIME``), so lease deadlines do not depend on each worker's clock.
-* ``attempts`` counts deliveries: ``claim`` adds one. A lease that expires returns the task
-  to pending at its original place in line; once ``expiries`` reaches ``max_deliveries``
-  the task is dead-lettered (status ``failed``, ``dead_reason`` ``poison``) instead.
-* Order: highest priority first; within a priority, the order tasks became ready (push
-  time, or due time for delayed tasks); a task whose lease expired keeps its place.
-* A ``token`` is a fencing token minted by ``claim``. ``ack``/``nack``/``fail``/``extend``/
-  ``set_progress`` succeed only while the task is ``processing`` with that same token;
-  otherwise they change nothing and return False.
-* Rows returned by ``get``/``list`` are dicts with the keys of :data:`ROW_FIELDS`; values
-  may be raw (strings from Redis); ``conveyor.records`` decodes them.
+Conventions every store follows (the conformance, transition-table and differential
+suites in ``tests/`` check them):
+
+* Times are epoch seconds from the backend's own clock where it has one (Redis ``TIME``),
+  so lease deadlines do not depend on each worker's clock.
+* ``attempts`` counts deliveries: a claim adds one. Order is highest priority first; within
+  a priority, the order tasks became ready (push, due time, a counted nack, a re-drive); a
+  task whose lease expired or that was handed back keeps its place.
+* A ``token`` is a fencing token minted by a claim. Outcomes and renewals succeed only
+  while the task is ``processing`` with that same token; otherwise nothing changes.
+* A *ticket* is the generation of a task's place in line: it changes whenever the task
+  gets a new place. A transport that carries tasks as messages (RabbitMQ) publishes a
+  task's ticket, and a claim presenting a ticket that is no longer current claims nothing.
+* Rows returned by :class:`QueueRecords` are dicts with the keys of :data:`ROW_FIELDS`;
+  values may be raw (strings from Redis): ``conveyor.records`` decodes them.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from ..lifecycle import Op, TaskStatus
 
 #: The fields of a stored task, shared by every backend's rows.
 ROW_FIELDS = (
@@ -56,6 +68,7 @@ ROW_FIELDS = (
     "history",  # JSON lines, one {"at", "event", "attempt", "note"} object per line
     "steps",  # JSON object: results of the pipeline steps finished so far (checkpoints)
     "worker",  # id of the consumer that claimed it last, or None
+    "expire_at",  # epoch seconds a never-started task times out (queue_timeout), or None
 )
 
 
@@ -70,13 +83,64 @@ class NewTask:
     delay: float = 0.0  # seconds from now (backend clock) until it may be claimed
     max_retries: int | None = None
     retry_backoff: float | None = None
-    queue_timeout: float | None = None  # seconds after it becomes due before status timeout
+    queue_timeout: float | None = None  # seconds after it becomes ready before status timeout
     process_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
+class Ticket:
+    """A task's current place in line, for a transport to publish (RabbitMQ)."""
+
+    task_id: str
+    number: int
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """What ``enqueue`` did: one flag per task (False: a live duplicate), and the tickets of
+    the stored tasks that are ready now (a transport publishes them)."""
+
+    stored: list[bool]
+    tickets: list[Ticket]
+
+
+@dataclass(frozen=True, slots=True)
+class TicketClaim:
+    """A delivered message to claim: the task and ticket it names, and which copy it is.
+
+    ``copy`` tells apart the physical messages of one ticket (each publish makes a new one):
+    only the copy that was claimed, coming back ``redelivered``, means its holder died.
+    """
+
+    task_id: str
+    number: int
+    copy: str
+    redelivered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimSpec:
+    """How to claim: the lease, and which tasks qualify.
+
+    ``lease`` None is at-most-once (``pull``): the task is marked processing with no lease
+    and never redelivered. ``count`` claims up to that many tasks in one step (a worker with
+    several free slots). ``min_priority`` takes a task only if the most urgent ready one has
+    at least that declared priority (a reserved slot). ``ticket`` claims exactly the task a
+    delivered message names, if that ticket is still current (RabbitMQ).
+    """
+
+    lease: float | None
+    max_deliveries: int
+    consumer: str = ""
+    count: int = 1
+    min_priority: int | None = None
+    ticket: TicketClaim | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Claimed:
-    """A task a backend handed out. Values are as stored: the manager parses and checks them."""
+    """A task a store handed out. Values are as stored: the manager parses and checks them."""
 
     task_id: str
     token: str
@@ -91,48 +155,150 @@ class Claimed:
     steps_json: Any = None
 
 
+#: Why a ticket claim took nothing: ``drop`` (a stale ticket, a duplicate copy, a finished
+#: task: ack the message and forget it) or ``missing`` (no record: dead-letter the message).
+UNCLAIMED_DROP, UNCLAIMED_MISSING = "drop", "missing"
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
-    """What one claim attempt found: a task, or how long until one may become ready.
+    """What one claim found: tasks, or how long until one may become ready.
 
     ``wait_hint`` is the number of seconds until the earliest delayed task is due or the
     earliest lease expires (None: nothing scheduled), so a blocked reserve can sleep
-    exactly that long instead of polling.
+    exactly that long instead of polling. ``skipped`` is True when the claim retired
+    entries (timed out, malformed) and stopped early: the caller may claim again at once.
     """
 
-    claimed: Claimed | None
+    claimed: list[Claimed]
     wait_hint: float | None = None
+    unclaimed: str | None = None
+    skipped: bool = False
 
 
-class Backend(ABC):
-    """Storage for one queue. Instances are used from one thread at a time."""
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One settling step for a held task; a store applies a batch of them atomically.
 
-    #: The backend's URL with any password masked: safe for logs and error messages.
-    safe_url: str
+    ``op`` is ``ACK`` (``payload``: result JSON), ``NACK`` (a counted try back in line after
+    ``delay``; ``payload``: error JSON), ``HAND_BACK`` (back in line at its place, the try
+    returned), ``FAIL`` (``reason``, ``payload``: error JSON; ``status`` ``failed`` or
+    ``canceled``), ``CHECKPOINT`` (``payload``: steps JSON) or ``PROGRESS`` (``fraction``,
+    ``payload``: message). ``token`` None (``FAIL`` only) acts whatever the task's state.
+    """
+
+    op: Op
+    task_id: str
+    token: str | None
+    payload: str | None = None
+    delay: float = 0.0
+    reason: str | None = None
+    fraction: float = 0.0
+    status: TaskStatus = TaskStatus.FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The effect of one outcome: the task's status after it (None: refused, because the
+    token is not the holder's), and its new ticket when it went back in line at a new place
+    (a transport publishes it)."""
+
+    status: str | None
+    ticket: Ticket | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    """A running task as its holder's renewal sees it."""
+
+    held: bool
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Per-queue settings of a store.
+
+    ``max_deliveries``: lease expiries before a task is dead-lettered as poison (the
+    sweep's reaping uses it; claims pass their own). ``max_priority``: the highest priority
+    (RabbitMQ declares its queue with it). ``broker_leases``: a transport (RabbitMQ) owns
+    delivery: leases end when its delivery does, not by time (no reaping), and due tasks
+    are promoted only through ``due`` so each gets published. ``publish_grace``: seconds a
+    publisher has to get its broker's confirm before a consumer publishes the ticket again.
+    """
+
+    result_ttl: float = 7 * 24 * 3600
+    max_deliveries: int = 5
+    max_priority: int = 10
+    broker_leases: bool = False
+    publish_grace: float = 30.0
+
+
+class QueueStore(ABC):
+    """One queue's atomic transitions. Instances are used from one thread at a time."""
+
     queue_name: str
 
     @abstractmethod
-    def enqueue(self, tasks: Sequence[NewTask]) -> list[bool]:
-        """Store tasks in one round trip; True for each stored, False for a live duplicate.
+    def enqueue(self, tasks: Sequence[NewTask]) -> Enqueued:
+        """Store tasks in one step. A task whose id is live (scheduled, pending, processing)
+        is not touched (False); an id whose task finished is replaced by a fresh record."""
 
-        A task whose id is scheduled, pending or processing is not touched (False). An id
-        whose task finished is replaced by the new task (a fresh record).
+    @abstractmethod
+    def claim(self, spec: ClaimSpec) -> ClaimResult:
+        """Atomically take the most urgent ready task(s), without blocking.
+
+        First promotes due tasks, reaps expired leases and times out expired waiting tasks
+        (bounded work per call). Ids without a readable record are dead-lettered
+        (``missing``/``malformed``); neither they nor timed-out tasks are returned.
         """
 
     @abstractmethod
-    def claim(
-        self, lease_seconds: float | None, max_deliveries: int, *, consumer: str = ""
-    ) -> ClaimResult:
-        """Atomically take the most urgent ready task, without blocking.
+    def settle(
+        self, outcomes: Sequence[Outcome], then: ClaimSpec | None = None
+    ) -> tuple[list[Settled], ClaimResult | None]:
+        """Apply outcomes of held tasks in order, then (``then``) claim, in one step."""
 
-        ``consumer`` (a worker id, may be empty) is stored in the record's ``worker`` field.
+    @abstractmethod
+    def renew(self, leases: Sequence[tuple[str, str]], seconds: float | None) -> list[LeaseState]:
+        """For each held ``(task_id, token)``: is it still held, and was a cancel asked?
 
-        First promotes due delayed tasks and reaps expired leases (bounded work per call).
-        ``lease_seconds`` None means at-most-once (``pull``): the task is marked processing
-        with no lease and is never redelivered. Tasks whose ``queue_timeout`` passed are
-        marked ``timeout`` and skipped; ids without a readable record are dead-lettered with
-        ``dead_reason`` ``missing``; neither is returned.
+        ``seconds`` extends each held lease to now + seconds; None only reads (a cheap poll
+        that brings cancel requests to a running task within a second).
         """
+
+    @abstractmethod
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task: a scheduled or pending one becomes ``canceled`` at once; a running
+        one is flagged (its worker stops between steps). False if finished or unknown."""
+
+    @abstractmethod
+    def retry(self, task_id: str) -> Ticket | None:
+        """Re-drive a failed, timed-out or canceled task: pending again, attempts reset, at
+        the back of its band. Its new ticket, or None when it was not re-drivable."""
+
+    @abstractmethod
+    def due(self, limit: int) -> tuple[list[Ticket], float | None]:
+        """Broker mode: promote due tasks (each with a new ticket) and hand out again the
+        tickets whose publisher died (past ``publish_grace``); also seconds to the next due
+        task (None: none). Each ticket returned is to be published now."""
+
+    @abstractmethod
+    def published(self, tickets: Sequence[Ticket]) -> None:
+        """Broker mode: these tickets were confirmed by the broker: clear their deadlines."""
+
+    @abstractmethod
+    def sweep(self) -> None:
+        """Maintenance: time out expired waiting tasks, reap expired leases, forget finished
+        records past ``result_ttl``. Bounded work per call; a worker calls it now and then."""
+
+    @abstractmethod
+    def purge(self) -> int:
+        """Delete every task of the queue, whatever its state; return how many were ready."""
+
+    @abstractmethod
+    def purge_finished(self, status: str, limit: int) -> int:
+        """Delete up to ``limit`` records with a finished ``status``, oldest first; how many."""
 
     @abstractmethod
     def wait(self, timeout: float) -> None:
@@ -141,72 +307,12 @@ class Backend(ABC):
         May return early (spuriously); the caller claims again and loops.
         """
 
-    @abstractmethod
-    def ack(self, task_id: str, token: str, result_json: str | None) -> bool:
-        """Finish a claimed task as ``success``, storing its result."""
+    def close(self) -> None:  # noqa: B027 (most stores hold nothing of their own)
+        """Flush what the store keeps for later; its server's connection stays open."""
 
-    def ack_and_claim(
-        self,
-        task_id: str,
-        token: str,
-        result_json: str | None,
-        lease_seconds: float,
-        max_deliveries: int,
-        *,
-        consumer: str = "",
-    ) -> tuple[bool, ClaimResult]:
-        """Ack one task and claim the next; backends that can do both in one round trip do."""
-        acked = self.ack(task_id, token, result_json)
-        return acked, self.claim(lease_seconds, max_deliveries, consumer=consumer)
 
-    @abstractmethod
-    def nack(
-        self, task_id: str, token: str, delay: float, error_json: str | None, count_attempt: bool
-    ) -> bool:
-        """Return a claimed task to the queue, ready after ``delay`` seconds.
-
-        ``count_attempt`` False gives back the delivery (a shutdown hand-back is not a try).
-        """
-
-    @abstractmethod
-    def fail(
-        self,
-        task_id: str,
-        token: str | None,
-        reason: str,
-        error_json: str | None,
-        *,
-        status: str = "failed",
-    ) -> bool:
-        """Finish a task that did not succeed: ``failed`` (dead-letter, kept until retried or
-        purged) with ``dead_reason``, or ``canceled`` (a running task that saw its cancel flag).
-
-        ``token`` None fails the task whatever its state (used for malformed entries found
-        by the manager right after a claim, and by operators).
-        """
-
-    @abstractmethod
-    def checkpoint(self, task_id: str, token: str, steps_json: str) -> bool:
-        """Store the results of the steps finished so far, so a retry resumes after them."""
-
-    @abstractmethod
-    def extend(self, task_id: str, token: str, lease_seconds: float) -> bool:
-        """Push the lease deadline to now + ``lease_seconds``; False if the lease is lost."""
-
-    @abstractmethod
-    def set_progress(self, task_id: str, token: str, progress: float, message: str | None) -> bool:
-        """Record progress of a claimed task."""
-
-    @abstractmethod
-    def cancel(self, task_id: str) -> bool:
-        """Cancel a task: a scheduled or pending one becomes ``canceled`` at once; a processing
-        one gets ``cancel_requested`` (its worker stops between steps). False if finished or
-        unknown.
-        """
-
-    @abstractmethod
-    def retry(self, task_id: str) -> bool:
-        """Re-drive a finished (failed, timeout, canceled) task: pending again, attempts reset."""
+class QueueRecords(ABC):
+    """One queue's reads. They never change a task, and a damaged entry never fails them."""
 
     @abstractmethod
     def get(self, task_id: str) -> dict[str, Any] | None:
@@ -229,20 +335,12 @@ class Backend(ABC):
         """Number of pending (ready) tasks."""
 
     @abstractmethod
-    def purge(self) -> int:
-        """Delete every task of the queue, whatever its state; return how many were ready."""
+    def now(self) -> float:
+        """The backend's clock (epoch seconds), for what readers derive from stored times."""
 
-    @abstractmethod
-    def purge_finished(self, status: str, limit: int) -> int:
-        """Delete up to ``limit`` records with a finished ``status``, oldest first; how many.
 
-        Bounded work per call so a long dead-letter list is purged in steps (and can show
-        progress); the caller repeats until it returns 0.
-        """
-
-    @abstractmethod
-    def known_queues(self) -> Sequence[str]:
-        """Names of the queues that hold tasks or were opened on this backend, sorted."""
+class ServerRegistry(ABC):
+    """What spans the queues of one server."""
 
     @abstractmethod
     def register_worker(self, worker_id: str, info_json: str, ttl: float) -> bool:
@@ -254,14 +352,42 @@ class Backend(ABC):
 
     @abstractmethod
     def list_workers(self) -> Sequence[str]:
-        """The info JSON of every live worker on this backend (any queue)."""
+        """The info JSON of every live worker on this server (any queue)."""
 
     @abstractmethod
     def request_stop(self, worker_id: str | None) -> int:
-        """Ask one worker, or every live one (None), to shut down gracefully; how many asked."""
+        """Ask one worker, or every live one (None), to shut down gracefully; how many."""
+
+    @abstractmethod
+    def known_queues(self) -> Sequence[str]:
+        """Names of the queues that hold tasks or were opened on this server, sorted."""
+
+    @abstractmethod
+    def note_queue(self, queue_name: str) -> None:
+        """Remember a queue name (a producer or worker used it)."""
+
+    @abstractmethod
+    def forget_queue(self, queue_name: str) -> None:
+        """Forget a queue name (it was cleared)."""
+
+
+class Server(ABC):
+    """One backend server, opened once per process: its connection(s), and the seams."""
+
+    #: The server's URL with any password masked: safe for logs and error messages.
+    safe_url: str
+    registry: ServerRegistry
+
+    @abstractmethod
+    def store(self, queue_name: str, config: StoreConfig) -> QueueStore:
+        """The transitions of one queue (cheap: shares this server's connection)."""
+
+    @abstractmethod
+    def records(self, queue_name: str) -> QueueRecords:
+        """The reads of one queue (cheap: shares this server's connection)."""
 
     def check_time_limit(self, seconds: float | None, what: str) -> None:
-        """Raise ConfigError if a run of ``seconds`` would be cut short by the backend itself.
+        """Raise ConfigError if a run of ``seconds`` would be cut short by the server itself.
 
         Only RabbitMQ has such a limit (its ``consumer_timeout``); the others accept any.
         """
@@ -269,7 +395,7 @@ class Backend(ABC):
 
     @abstractmethod
     def ping(self) -> None:
-        """Raise BrokerUnavailableError unless the backend answers."""
+        """Raise BrokerUnavailableError unless the server answers."""
 
     @abstractmethod
     def close(self) -> None:

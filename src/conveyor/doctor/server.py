@@ -157,7 +157,7 @@ def _redis_config(url: str, timeout: float) -> dict[str, str] | str:
 
 def check_rabbitmq(settings: Settings) -> list[Finding]:
     """Pipelines whose hard time limit is above the broker's consumer_timeout: the broker
-    would close the channel mid-run and deliver the task again (RELIABILITY.md)."""
+    would close the channel mid-run and deliver the task again."""
     if backend_for_url(settings.backend_url()) is not QueueBackend.RABBITMQ:
         return [Finding("rabbitmq timeout", "skipped", "the backend is not RabbitMQ")]
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+from types import FrameType
 
 from loguru import logger
 
@@ -35,8 +37,44 @@ def options_from(settings: Settings) -> WorkerOptions:
     )
 
 
+class StartupSignals:
+    """SIGTERM/SIGINT before the worker's own handlers are in place: noted (no logging in a
+    handler), passed on to the worker once it exists, so a stop during start-up is a clean
+    exit 0 rather than the default handler's death."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.worker: TaskWorker | None = None
+        self._previous = {
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if self.worker is not None:
+            self.worker.stop(signal.Signals(signum).name)
+
+    def hand_to(self, worker: TaskWorker) -> None:
+        self.worker = worker
+        for signum in self.received:
+            worker.stop(signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def run_worker(settings: Settings) -> int:
     """Run until stopped; 0 after a clean stop, 2 when the setup is wrong (one clear line)."""
+    startup = StartupSignals()
+    try:
+        return _run(settings, startup)
+    finally:
+        startup.restore()
+
+
+def _run(settings: Settings, startup: StartupSignals) -> int:
     configure_logging(settings.logging)
     # Pipelines are named by import path relative to the project, as Celery's `include`;
     # a console script (`conveyor worker`) does not put the working directory on sys.path.
@@ -45,8 +83,10 @@ def run_worker(settings: Settings) -> int:
     queues: list[QueueManager] = []
     try:
         service = PipelineService.from_import_paths(settings.worker.pipelines)
-        for name in settings.worker.queues:
-            queues.append(QueueManager.from_settings(settings, queue_name=name))
+        # One server connection for every queue (on RabbitMQ: one AMQP connection).
+        first, *others = settings.worker.queues
+        queues.append(QueueManager.from_settings(settings, queue_name=first))
+        queues += [queues[0].for_queue(name) for name in others]
         worker = TaskWorker(
             queues,
             service,
@@ -54,6 +94,10 @@ def run_worker(settings: Settings) -> int:
             concurrency=settings.worker.concurrency,
             options=options_from(settings),
         )
+        startup.hand_to(worker)
+        if startup.received:
+            logger.info("conveyor worker: stopped during start-up; no task was taken")
+            return 0
         worker.start()
     except ConveyorError as exc:
         logger.error("conveyor worker: {}", exc)

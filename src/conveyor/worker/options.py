@@ -1,4 +1,4 @@
-"""Worker tuning that is not part of the seed's constructor (a settings object, not 16 kwargs)."""
+"""Worker tuning beyond TaskWorker's own arguments (a settings object, not 16 kwargs)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ class WorkerOptions:
     def renew_interval(self, visibility_timeout: float) -> float:
         """Renew a lease three times per visibility window, so one slow round trip is safe."""
         return max(min(visibility_timeout / 3, self.heartbeat_interval), 0.05)
+
+    def renew_check_period(self, visibility_timeout: float) -> float:
+        """How often the loop checks whether a renewal is due. A lease is so renewed at most
+        ``renew_interval + renew_check_period`` after the last renewal: half the visibility
+        timeout at worst (see tests/test_pure_logic.py)."""
+        return self.renew_interval(visibility_timeout) / 2
+
+    def worst_renewal_gap(self, visibility_timeout: float) -> float:
+        """The longest a held lease goes without renewal, loop latency aside."""
+        return self.renew_interval(visibility_timeout) + self.renew_check_period(visibility_timeout)

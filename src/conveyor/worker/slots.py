@@ -30,7 +30,6 @@ class RunningTask:
     started: float = field(default_factory=time.monotonic)
     step_started: float = field(default_factory=time.monotonic)
     renewed: float = field(default_factory=time.monotonic)
-    cancel_checked: float = field(default_factory=time.monotonic)
 
     def current_step(self) -> str | None:
         """The first step without a stored result: the one the child is running now."""

@@ -40,7 +40,8 @@ from .policy import backoff_seconds, should_retry
 from .slots import Slot
 from .usage import resident_mb
 
-_CANCEL_POLL = 1.0  # seconds between checks of a running task's cancel flag
+_CANCEL_POLL = 1.0  # seconds between checks of running tasks' cancel flags (one call a queue)
+_SWEEP_INTERVAL = 5.0  # seconds between maintenance sweeps (timeouts, lost leases, retention)
 _BUSY_POLL = 0.05  # longest wait for results while a slot is free and the queue is empty
 
 
@@ -86,6 +87,16 @@ class TaskWorker:
         self._started = time.time()
         self._slots: list[Slot] = []
         self._next_heartbeat = 0.0
+        self._next_renewal = 0.0
+        # How often running tasks are looked at: for cancel flags every second, and often
+        # enough that a lease is renewed well inside its visibility timeout.
+        self._renewal_period = min(
+            _CANCEL_POLL,
+            *(self.options.renew_check_period(q.visibility_timeout) for q in self.queues),
+        )
+        self._next_sweep = 0.0
+        self._signals: list[int] = []  # signals received, logged by the loop
+        self._signals_logged = 0
         self._shutdown_flag = multiprocessing.get_context("fork").Value("b", 0)
 
     # -- public ----------------------------------------------------------------------------
@@ -130,6 +141,7 @@ class TaskWorker:
 
     def _loop(self) -> None:
         while True:
+            self._log_signals()
             self._maintain()
             busy = [slot for slot in self._slots if slot.busy]
             if self.stop_reason is not None:
@@ -309,7 +321,8 @@ class TaskWorker:
     # -- upkeep ----------------------------------------------------------------------------
 
     def _maintain(self) -> None:
-        """Renew leases, enforce time limits, pass on cancels, heartbeat, check recycling."""
+        """Enforce time limits, renew leases and pass on cancels, sweep, heartbeat, check
+        recycling."""
         now = time.monotonic()
         for slot in self._slots:
             task = slot.task
@@ -320,20 +333,37 @@ class TaskWorker:
             deadline = task.deadline()
             if deadline is not None and now > deadline:
                 self._time_limit(slot)
-                continue
-            if now - task.renewed >= self.options.renew_interval(task.queue.visibility_timeout):
-                task.renewed = now
-                if not task.queue.extend(task.message):
-                    self._log(task.message).warning("lease lost: another worker may run it")
-            if now - task.cancel_checked >= _CANCEL_POLL:
-                task.cancel_checked = now
-                record = task.queue.get_task(task.message.task_id)
-                if record is not None and record.cancel_requested:
-                    slot.cancel_flag.value = 1
+        if now >= self._next_renewal:
+            self._next_renewal = now + self._renewal_period
+            self._renew(now)
+        if now >= self._next_sweep and self.stop_reason is None:
+            self._next_sweep = now + _SWEEP_INTERVAL
+            for queue in self.queues:
+                queue.sweep()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.options.heartbeat_interval
             self._heartbeat()
             self._check_limits()
+
+    def _renew(self, now: float) -> None:
+        """One call per queue for all its running tasks: cancel flags every second, and the
+        leases extended when the oldest renewal is due (see WorkerOptions.renew_interval)."""
+        for queue in self.queues:
+            slots = [s for s in self._slots if s.task is not None and s.task.queue is queue]
+            if not slots:
+                continue
+            interval = self.options.renew_interval(queue.visibility_timeout)
+            extend = any(now - s.task.renewed >= interval for s in slots if s.task)
+            states = queue.renew([s.task.message for s in slots if s.task], extend)
+            for slot, state in zip(slots, states, strict=True):
+                task = slot.task
+                assert task is not None
+                if extend:
+                    task.renewed = now
+                if not state.held:
+                    self._log(task.message).warning("lease lost: another worker may run it")
+                elif state.cancel_requested:
+                    slot.cancel_flag.value = 1
 
     def _time_limit(self, slot: Slot) -> None:
         task = slot.task
@@ -402,16 +432,22 @@ class TaskWorker:
         return previous
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.stop_reason is None:
-            self.stop(name)
-            logger.info(
-                "{}: stop taking work; waiting up to {:g}s for running tasks (again to skip)",
-                name, self.max_shutdown_wait,
-            )  # fmt: skip
-        else:
-            self._force = True
-            logger.warning("{} again: not waiting any longer", name)
+        """Only flags: loguru's lock is not re-entrant, so logging here could deadlock a loop
+        that was logging when the signal came. The loop logs (``_log_signals``)."""
+        self._signals.append(signum)
+        self.stop(signal.Signals(signum).name)
+
+    def _log_signals(self) -> None:
+        while self._signals:
+            name = signal.Signals(self._signals.pop(0)).name
+            self._signals_logged += 1
+            if self._signals_logged == 1:
+                logger.info(
+                    "{}: stop taking work; waiting up to {:g}s for running tasks (again to "
+                    "skip)", name, self.max_shutdown_wait,
+                )  # fmt: skip
+            else:
+                logger.warning("{} again: not waiting any longer", name)
 
     def _finish(self) -> None:
         for slot in self._slots:

@@ -16,11 +16,16 @@ Design (the decisions the issue left open, and why):
   empty, ``wait`` subscribes a consumer with prefetch 1 as a doorbell: the message it
   receives is the next one handed out, and it is cancelled when the wait ends, so an idle
   ``QueueManager`` holds nothing.
-* **State lives in a task store** (``store``): the SQLite or Redis backend's own storage
-  (``task_store=sqlite:///...`` or ``redis://...``; default ``sqlite:///conveyor-rabbitmq.db``).
-  A message is a ticket ``{"id", "ticket", "copy"}`` (JSON, never pickle); the store
-  honours only a live task's current ticket, once, which makes duplicate copies, cancel
-  tombstones and stale tickets harmless.
+* **State lives in a task store**: any backend whose table row says it can keep records
+  (``task_store=sqlite:///...`` or ``redis://...``; default ``sqlite:///conveyor-rabbitmq.db``),
+  used through its public seams only, in *broker mode* (``StoreConfig.broker_leases``): the
+  store does not reap leases by time and promotes due tasks only when asked (``due``), so
+  each gets published. A message is a ticket ``{"id", "ticket", "copy"}`` (JSON, never
+  pickle); the store honours only a live task's current ticket, once, which makes duplicate
+  copies, cancel tombstones and stale tickets harmless. A task's ticket changes whenever it
+  gets a new place in line (due, a counted nack, a re-drive): a nack publishes the new
+  ticket at the back of its band and acks the old message; a hand-back requeues the held
+  message, which keeps its place.
 * **Delays stay in the store.** ``delay``/``eta`` and ``nack(delay)`` keep the task
   ``scheduled`` in the store; a consumer publishes it when due, claiming the publication
   atomically in the store first (so two consumers never publish one task twice), in due
@@ -46,6 +51,6 @@ Design (the decisions the issue left open, and why):
   1,800 s unless the URL says otherwise (``?consumer_timeout=<seconds>``).
 """
 
-from .backend import RabbitMQBackend
+from .server import RabbitMQServer
 
-__all__ = ["RabbitMQBackend"]
+__all__ = ["RabbitMQServer"]

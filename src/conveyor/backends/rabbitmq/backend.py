@@ -1,7 +1,8 @@
-"""``RabbitMQBackend``: RabbitMQ orders and delivers, the task store remembers.
+"""``RabbitMQQueue``: RabbitMQ orders and delivers, the task store remembers.
 
-See the package docstring for the design; this module maps each Backend primitive onto a
-broker step and a store step, always in the order that keeps "nothing lost":
+See the package docstring for the design. Each transition is a broker step and a store
+step, always in the order that keeps "nothing lost", and the store step is the store's own
+public transition (``enqueue``, ``claim`` with a ticket, ``settle``...) in broker mode:
 
 * push: store first (the record, with a publish deadline), publish, then clear the
   deadline. A crash in between leaves a record a consumer republishes; never a message
@@ -14,33 +15,38 @@ broker step and a store step, always in the order that keeps "nothing lost":
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 from loguru import logger
 
-from ...errors import ConfigError, TaskValidationError
-from ..base import Claimed, ClaimResult, NewTask
-from .calls import Delivery, Outgoing
-from .delegate import StoreDelegate
-from .link import Link
-from .store import (
-    PUBLISH_GRACE,
-    TaskStore,
+from ...errors import TaskValidationError
+from ...lifecycle import Op, TaskStatus
+from ..base import (
+    UNCLAIMED_MISSING,
+    Claimed,
+    ClaimResult,
+    ClaimSpec,
+    Enqueued,
+    LeaseState,
+    NewTask,
+    Outcome,
+    QueueStore,
+    Settled,
     Ticket,
     TicketClaim,
-    Unclaimed,
-    default_task_store,
-    open_store,
 )
-from .topology import Topology, parse_url
+from .calls import Delivery, Outgoing
+from .link import Link
+from .topology import Topology, limit_text
 
 _MAX_SKIPS = 500  # dropped tickets skipped per claim before yielding to the caller
 _DUE_RECHECK = 0.25  # seconds between looks for due scheduled tasks (per consumer)
 _DUE_BATCH = 500  # scheduled tasks published per look
 _MARKS_BATCH, _MARKS_AGE = 256, 1.0  # confirmed tickets noted in the store in batches
+_RELEASING = frozenset({Op.ACK, Op.NACK, Op.HAND_BACK, Op.FAIL})
 
 
 def _message(ticket: Ticket) -> Outgoing:
@@ -55,9 +61,9 @@ def _new_copy(message: Outgoing) -> Outgoing:
     return _message(Ticket(value["id"], value["ticket"], message.priority))
 
 
-def _read_ticket(body: bytes) -> tuple[str, int, str] | None:
+def _read_ticket(delivery: Delivery) -> TicketClaim | None:
     try:
-        value = json.loads(body)
+        value = json.loads(delivery.body)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(value, dict):
@@ -65,87 +71,46 @@ def _read_ticket(body: bytes) -> tuple[str, int, str] | None:
     task_id, number, copy = value.get("id"), value.get("ticket"), value.get("copy", "")
     if not isinstance(task_id, str) or not task_id or type(number) is not int:
         return None
-    return task_id, number, copy if isinstance(copy, str) else ""
+    return TicketClaim(task_id, number, copy if isinstance(copy, str) else "", delivery.redelivered)
 
 
-class RabbitMQBackend(StoreDelegate):
-    """One Conveyor queue on RabbitMQ, with its records in a task store."""
+class RabbitMQQueue(QueueStore):
+    """One Conveyor queue on RabbitMQ, with its records in a task store (in broker mode)."""
 
     def __init__(
-        self,
-        url: str,
-        queue_name: str,
-        *,
-        task_store: str | None = None,
-        max_priority: int = 10,
-        connect_timeout: float = 5.0,
-        result_ttl: float = 7 * 24 * 3600,
+        self, link: Link, topology: Topology, store: QueueStore, *, consumer_timeout: float
     ) -> None:
-        broker = parse_url(url)
-        self.queue_name, self.safe_url = queue_name, broker.safe_url
-        #: Seconds the broker lets a delivery stay unacked (the URL's ``consumer_timeout``).
-        self.consumer_timeout = broker.consumer_timeout
-        self.topology = Topology.for_queue(queue_name, max_priority)
-        store_url = task_store or broker.task_store or default_task_store()
-        self.store: TaskStore = open_store(
-            store_url, queue_name, result_ttl=result_ttl, connect_timeout=connect_timeout
-        )
-        try:
-            self.link = Link(
-                broker, self.topology, connect_timeout=connect_timeout,
-                name=f"conveyor {queue_name} pid {os.getpid()} {uuid.uuid4().hex[:8]}",
-            )  # fmt: skip
-        except BaseException:
-            self.store.close()
-            raise
+        self.queue_name = store.queue_name
+        self.link, self.topology, self.store = link, topology, store
+        self.consumer_timeout = consumer_timeout
         self._held: dict[str, tuple[str, Delivery]] = {}  # task id -> (token, its delivery)
         self._next_due_check = 0.0
         self._due_at: float | None = None
         # Confirmed tickets whose publish deadlines are not cleared in the store yet: cleared
-        # with the next push's write, in batches, or within a second, instead of one more
-        # write (an fsync on SQLite) per push. Lost marks only cost a duplicate message.
+        # in batches, or within a second, instead of one more store write per push. Lost
+        # marks only cost a duplicate message, which the store drops.
         self._confirmed: list[Ticket] = []
         self._confirmed_at = 0.0
 
     # -- producing ------------------------------------------------------------------------
 
-    def enqueue(self, tasks: Sequence[NewTask]) -> list[bool]:
+    def enqueue(self, tasks: Sequence[NewTask]) -> Enqueued:
         for task in tasks:
             limit = task.process_timeout
             if limit is not None and limit > self.consumer_timeout:
-                raise TaskValidationError("process_timeout", self._limit_text(limit, task.task_id))
-        confirmed, self._confirmed = self._confirmed, []
-        staged = self.store.stage(tasks, PUBLISH_GRACE, confirmed)
-        if staged.tickets:
-            self._publish(staged.tickets)
+                text = limit_text(limit, self.consumer_timeout, self.link.safe_url, task.task_id)
+                raise TaskValidationError("process_timeout", text)
+        self._publish_due()  # as every store does first: due tasks enter the line first
+        enqueued = self.store.enqueue(tasks)
+        if enqueued.tickets:
+            self._publish(enqueued.tickets)
         if any(task.delay > 0 for task in tasks):
             self._next_due_check = 0.0
-        return staged.stored
-
-    def check_time_limit(self, seconds: float | None, what: str) -> None:
-        """Refuse a hard time limit the broker would cut short (RELIABILITY.md); warn when
-        there is none, since a run past ``consumer_timeout`` is delivered a second time."""
-        if seconds is not None and seconds > self.consumer_timeout:
-            raise ConfigError(f"{what}: {self._limit_text(seconds, None)}")
-        if seconds is None:
-            logger.warning(
-                "{} has no hard time limit: on RabbitMQ ({}) a run longer than the broker's "
-                "consumer_timeout ({:g}s) is delivered again while it still runs; give it a "
-                "timeout", what, self.safe_url, self.consumer_timeout,
-            )  # fmt: skip
-
-    def _limit_text(self, seconds: float, task_id: str | None) -> str:
-        whose = f" of task {task_id!r}" if task_id else ""
-        return (
-            f"the hard time limit{whose} ({seconds:g}s) is above the RabbitMQ consumer timeout "
-            f"({self.consumer_timeout:g}s) of {self.safe_url}: the broker would close the "
-            "channel while the task runs and deliver it again. Lower the limit, or raise "
-            "consumer_timeout on the broker (rabbitmq.conf, milliseconds) and tell Conveyor "
-            "with ?consumer_timeout=<seconds> in the URL"
-        )
+        return enqueued
 
     def _publish(self, tickets: Sequence[Ticket]) -> None:
-        self.link.publish([_message(ticket) for ticket in tickets], again=_new_copy)
+        messages = [_message(ticket) for ticket in tickets]
+        self.link.publish(self.topology, messages, again=_new_copy)
         if not self._confirmed:
             self._confirmed_at = time.monotonic()
         self._confirmed += tickets
@@ -157,12 +122,12 @@ class RabbitMQBackend(StoreDelegate):
             confirmed, self._confirmed = self._confirmed, []
             self.store.published(confirmed)
 
-    def _publish_due(self) -> float | None:
+    def _publish_due(self, *, force: bool = False) -> float | None:
         """Publish what became due (at most every _DUE_RECHECK s); seconds to the next."""
         self._note_confirmed()
         now = time.monotonic()
-        if now >= self._next_due_check:
-            tickets, due_in = self.store.due(_DUE_BATCH, PUBLISH_GRACE)
+        if force or now >= self._next_due_check:
+            tickets, due_in = self.store.due(_DUE_BATCH)
             if tickets:
                 self._publish(tickets)
             self._due_at = None if due_in is None else now + due_in
@@ -172,51 +137,25 @@ class RabbitMQBackend(StoreDelegate):
 
     # -- consuming ------------------------------------------------------------------------
 
-    def claim(
-        self, lease_seconds: float | None, max_deliveries: int, *, consumer: str = ""
-    ) -> ClaimResult:
+    def claim(self, spec: ClaimSpec) -> ClaimResult:
         hint = self._publish_due()
+        claimed: list[Claimed] = []
         for _ in range(_MAX_SKIPS):
-            delivery = self.link.get()
-            if delivery is None:
-                return ClaimResult(None, hint)
-            claimed = self._take(delivery, lease_seconds, max_deliveries, consumer)
-            if claimed is not None:
+            if len(claimed) >= max(1, spec.count):
                 return ClaimResult(claimed)
-        return ClaimResult(None, 0.0)
+            delivery = self.link.get(self.topology)
+            if delivery is None:
+                return ClaimResult(claimed, None if claimed else hint)
+            ticket = self._ticket_of(delivery)
+            if ticket is None:
+                continue
+            result = self.store.claim(replace(spec, ticket=ticket, count=1))
+            claimed += self._hold(delivery, ticket, spec, result)
+        return ClaimResult(claimed, 0.0, skipped=not claimed)
 
-    def ack_and_claim(
-        self,
-        task_id: str,
-        token: str,
-        result_json: str | None,
-        lease_seconds: float,
-        max_deliveries: int,
-        *,
-        consumer: str = "",
-    ) -> tuple[bool, ClaimResult]:
-        """Take the next message first (``basic.get`` needs no free prefetch slot), then ack
-        this task and claim the next in one store step, then ack this task's message: one
-        broker round trip and one store write per task, the store still settled first."""
-        hint = self._publish_due()
-        delivery = self.link.get()
-        if delivery is None:
-            return self.ack(task_id, token, result_json), ClaimResult(None, hint)
-        ticket = self._ticket_of(delivery)
-        if ticket is None:
-            acked = self.ack(task_id, token, result_json)
-            return acked, self.claim(lease_seconds, max_deliveries, consumer=consumer)
-        claim = TicketClaim(*ticket, delivery.redelivered, lease_seconds, max_deliveries, consumer)
-        acked, claimed = self.store.ack_and_claim_ticket(task_id, token, result_json, claim)
-        self._release(task_id, token)
-        self._hold(delivery, claim, claimed)
-        if isinstance(claimed, Unclaimed):
-            return acked, self.claim(lease_seconds, max_deliveries, consumer=consumer)
-        return acked, ClaimResult(claimed)
-
-    def _ticket_of(self, delivery: Delivery) -> tuple[str, int, str] | None:
+    def _ticket_of(self, delivery: Delivery) -> TicketClaim | None:
         """The ticket a message carries; an unreadable message goes to the dead queue."""
-        ticket = _read_ticket(delivery.body)
+        ticket = _read_ticket(delivery)
         if ticket is None:
             logger.warning(
                 "queue {}: a message in {} is not a Conveyor ticket; dead-lettered to {}",
@@ -225,103 +164,114 @@ class RabbitMQBackend(StoreDelegate):
             self.link.reject(delivery, requeue=False)
         return ticket
 
-    def _take(
-        self, delivery: Delivery, lease: float | None, max_deliveries: int, consumer: str
-    ) -> Claimed | None:
-        ticket = self._ticket_of(delivery)
-        if ticket is None:
-            return None
-        claim = TicketClaim(*ticket, delivery.redelivered, lease, max_deliveries, consumer)
-        claimed = self.store.claim_ticket(claim)
-        self._hold(delivery, claim, claimed)
-        return None if isinstance(claimed, Unclaimed) else claimed
-
-    def _hold(self, delivery: Delivery, claim: TicketClaim, claimed: Claimed | Unclaimed) -> None:
+    def _hold(
+        self, delivery: Delivery, ticket: TicketClaim, spec: ClaimSpec, result: ClaimResult
+    ) -> list[Claimed]:
         """Keep the message of a claimed task unacked (its lease); settle any other at once."""
-        if claimed is Unclaimed.MISSING:
+        if result.unclaimed == UNCLAIMED_MISSING:
             logger.warning(
-                "queue {}: task {!r} has no record in the task store {}; its message is "
+                "queue {}: task {!r} has no record in the task store; its message is "
                 "dead-lettered to {}. Do all producers and workers use the same task store?",
-                self.queue_name, claim.task_id, self.store.safe_url, self.topology.dead,
+                self.queue_name, ticket.task_id, self.topology.dead,
             )  # fmt: skip
             self.link.reject(delivery, requeue=False)
-        elif isinstance(claimed, Unclaimed) or claim.lease_seconds is None:
+        elif not result.claimed or spec.lease is None:
             self.link.ack(delivery)  # a stale or tombstoned ticket, or a pull: consumed now
         else:
-            self._held[claim.task_id] = (claimed.token, delivery)
+            self._held[ticket.task_id] = (result.claimed[0].token, delivery)
+        return result.claimed
 
     def wait(self, timeout: float) -> None:
-        self.link.wait(timeout)
+        hint = self._due_at
+        if hint is not None:
+            timeout = min(timeout, max(0.001, hint - time.monotonic()))
+        self.link.wait(self.topology, timeout)
 
     # -- settling -------------------------------------------------------------------------
 
-    def _release(self, task_id: str, token: str | None, *, requeue: bool = False) -> None:
-        """Settle our delivery of a task at the broker (after the store settled the task)."""
-        held = self._held.get(task_id)
-        if held is None or (token is not None and held[0] != token):
-            return
-        del self._held[task_id]
-        if requeue:
-            self.link.reject(held[1], requeue=True)
+    def settle(
+        self, outcomes: Sequence[Outcome], then: ClaimSpec | None = None
+    ) -> tuple[list[Settled], ClaimResult | None]:
+        """The store settles first, then the broker. With ``then``, the next message is
+        taken first (``basic.get`` needs no free prefetch slot) so that settling this task
+        and claiming the next is one store step: one broker round trip and one store write
+        per task on a worker's hot path."""
+        self._publish_due()
+        claimed: ClaimResult | None = None
+        delivery = self.link.get(self.topology) if then is not None and then.count == 1 else None
+        ticket = self._ticket_of(delivery) if delivery is not None else None
+        if then is not None and delivery is not None and ticket is not None:
+            settled, result = self.store.settle(outcomes, replace(then, ticket=ticket))
+            assert result is not None
+            claimed = ClaimResult(self._hold(delivery, ticket, then, result))
         else:
-            self.link.ack(held[1])
+            settled, _ = self.store.settle(outcomes)
+        for outcome, effect in zip(outcomes, settled, strict=True):
+            if outcome.op in _RELEASING:
+                self._release(outcome, effect)
+        if then is not None and (claimed is None or not claimed.claimed):
+            claimed = self.claim(then)
+        return settled, claimed
 
-    def ack(self, task_id: str, token: str, result_json: str | None) -> bool:
-        acked = self.store.ack(task_id, token, result_json)
-        self._release(task_id, token)
-        return acked
-
-    def nack(
-        self, task_id: str, token: str, delay: float, error_json: str | None, count_attempt: bool
-    ) -> bool:
-        back = self.store.requeue(task_id, token, delay, error_json, count_attempt)
-        self._release(task_id, token, requeue=bool(back))
-        if delay > 0:
+    def _release(self, outcome: Outcome, effect: Settled) -> None:
+        """Settle our delivery of a task at the broker, as the store's outcome says."""
+        held = self._held.get(outcome.task_id)
+        if held is None or (outcome.token is not None and held[0] != outcome.token):
+            return
+        del self._held[outcome.task_id]
+        if effect.status == TaskStatus.PENDING and effect.ticket is None:
+            self.link.reject(held[1], requeue=True)  # handed back: it keeps its place
+            return
+        if effect.status == TaskStatus.PENDING and effect.ticket is not None:
+            self._publish([effect.ticket])  # a new place: the new ticket, then ack the old
+        elif effect.status == TaskStatus.SCHEDULED:
             self._next_due_check = 0.0
-        return back is not None
+        self.link.ack(held[1])
 
-    def fail(
-        self,
-        task_id: str,
-        token: str | None,
-        reason: str,
-        error_json: str | None,
-        *,
-        status: str = "failed",
-    ) -> bool:
-        failed = self.store.fail(task_id, token, reason, error_json, status=status)
-        self._release(task_id, token)
-        return failed
-
-    def extend(self, task_id: str, token: str, lease_seconds: float) -> bool:
+    def renew(self, leases: Sequence[tuple[str, str]], seconds: float | None) -> list[LeaseState]:
         """The lease is the unacked delivery: lost when its channel closed, not by time."""
-        held = self._held.get(task_id)
-        if held is not None and held[0] == token and not self.link.holds(held[1]):
-            return False
-        return self.store.extend(task_id, token, lease_seconds)
+        states = self.store.renew(leases, seconds)
+        for i, (task_id, token) in enumerate(leases):
+            held = self._held.get(task_id)
+            if held is not None and held[0] == token and not self.link.holds(held[1]):
+                states[i] = LeaseState(False)
+        return states
 
-    def retry(self, task_id: str) -> bool:
-        ticket = self.store.restage(task_id, PUBLISH_GRACE)
+    # -- the rest -------------------------------------------------------------------------
+
+    def cancel(self, task_id: str) -> bool:
+        self._publish_due()
+        return self.store.cancel(task_id)  # a pending task's message becomes a tombstone
+
+    def retry(self, task_id: str) -> Ticket | None:
+        self._publish_due()
+        ticket = self.store.retry(task_id)
         if ticket is not None:
             self._publish([ticket])
-        return ticket is not None
+        return ticket
+
+    def due(self, limit: int) -> tuple[list[Ticket], float | None]:
+        return self.store.due(limit)
+
+    def published(self, tickets: Sequence[Ticket]) -> None:
+        self.store.published(tickets)
+
+    def sweep(self) -> None:
+        self._publish_due(force=True)
+        self.store.sweep()
 
     def purge(self) -> int:
         """The broker's queues first: if that fails, no record is gone either."""
-        self.link.purge()
+        self.link.purge(self.topology)
         self._held.clear()
         return self.store.purge()
 
-    def ping(self) -> None:
-        self.link.ready_count()
-        self.store.ping()
+    def purge_finished(self, status: str, limit: int) -> int:
+        return self.store.purge_finished(status, limit)  # finished tasks have no message left
 
     def close(self) -> None:
+        """Note what the broker confirmed, so consumers need not publish it again."""
         try:
             self._note_confirmed(force=True)
         except Exception as exc:  # the store is gone: a consumer republishes them later
             logger.warning("queue {}: could not note confirmed messages: {}", self.queue_name, exc)
-        try:
-            self.link.close()
-        finally:
-            self.store.close()

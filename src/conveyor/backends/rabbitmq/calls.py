@@ -27,6 +27,7 @@ class Delivery:
     tag: int
     redelivered: bool
     body: bytes
+    queue: str = ""  # the broker queue it came from
 
 
 @dataclass(frozen=True, slots=True)

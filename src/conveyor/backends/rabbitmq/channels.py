@@ -15,8 +15,10 @@ goes up, so a late ack of such a delivery is dropped instead of settling a diffe
 message on the new channel (delivery tags are per channel).
 
 Two channels: ``pub`` in confirm mode (mandatory publishes), and ``sub`` for
-``basic.get``, the doorbell consumer, acks and declarations. ``link.Link`` adds the
-operations; this class knows nothing about what they mean.
+``basic.get``, the doorbell consumers, acks and declarations. One connection serves every
+queue of a server in this process; each queue is declared on first use on a connection
+(and again after ``purge`` deleted it). ``link.Link`` adds the operations; this class knows
+nothing about what they mean.
 """
 
 from __future__ import annotations
@@ -43,10 +45,8 @@ Start = Callable[[Call], None]
 class Channels:
     """A connection, its two channels and the thread that owns them."""
 
-    def __init__(
-        self, url: BrokerUrl, topology: Topology, *, connect_timeout: float, name: str
-    ) -> None:
-        self.safe_url, self.topology, self.name = url.safe_url, topology, name
+    def __init__(self, url: BrokerUrl, *, connect_timeout: float, name: str) -> None:
+        self.safe_url, self.name = url.safe_url, name
         self._connect_timeout = connect_timeout
         self._params = pika.URLParameters(url.pika_url)
         self._params.client_properties = {"connection_name": name, "product": "conveyor"}
@@ -62,12 +62,14 @@ class Channels:
         self._pub: Any = None
         self._sub: Any = None
         self._epoch = 0
-        self._ready = self._declared = self._closing = self._ever_connected = False
+        self._ready = self._closing = self._ever_connected = False
+        self._declared: set[str] = set()  # queues declared on this connection
+        self._declaring: Topology | None = None  # for the error of a failed declare
         self._fresh = False  # the connection being opened replaces a lost one
         self._down_since: float | None = time.monotonic()
         self._error: BaseException | None = None
         self._failures = 0
-        self._waiting: list[tuple[Call, Start]] = []  # run once ready
+        self._waiting: list[tuple[Call, Start, Topology | None]] = []  # run once ready
         self._sub_calls: list[Call] = []  # answered on the sub channel: fail if it closes
         self._thread = threading.Thread(target=self._run, name=f"conveyor-amqp:{name}", daemon=True)
         self._thread.start()
@@ -87,16 +89,18 @@ class Channels:
         if self._thread.is_alive():
             self._loop.add_callback_threadsafe(fn)
 
-    def _call(self, start: Start, deadline: float | None = None) -> Any:
+    def _call(
+        self, start: Start, deadline: float | None = None, topology: Topology | None = None
+    ) -> Any:
         """Run ``start`` on the I/O thread once connected and declared; wait for its answer.
 
         Gives up after ``deadline`` (monotonic), or after ``connect_timeout`` without a
         connection, raising BrokerUnavailableError with the last connection error. May raise
         LinkLostError (the connection or channel closed meanwhile): callers retry.
         """
-        return self._await(self._submit(start), deadline)
+        return self._await(self._submit(start, topology), deadline)
 
-    def _submit(self, start: Start) -> Call:
+    def _submit(self, start: Start, topology: Topology | None = None) -> Call:
         """Hand ``start`` to the I/O thread; ``_await`` its answer (the caller may work
         meanwhile)."""
         if self._closed:
@@ -107,7 +111,7 @@ class Channels:
                 "a forked child must open its own QueueManager"
             )
         call = Call()
-        self._post(lambda: self._when_ready(call, start))
+        self._post(lambda: self._when_ready(call, start, topology))
         return call
 
     def _await(self, call: Call, deadline: float | None = None) -> Any:
@@ -122,12 +126,14 @@ class Channels:
                 )
         return call.result()
 
-    def _retrying(self, start: Start, deadline: float | None = None) -> Any:
+    def _retrying(
+        self, start: Start, deadline: float | None = None, topology: Topology | None = None
+    ) -> Any:
         """``_call`` again after a lost connection or channel, until the deadline."""
         deadline = deadline or time.monotonic() + self._connect_timeout
         while True:
             try:
-                return self._call(start, deadline)
+                return self._call(start, deadline, topology)
             except LinkLostError:
                 continue
 
@@ -192,8 +198,8 @@ class Channels:
         self._ready, self._ever_connected, self._down_since = True, True, None
         self._failures, self._error = 0, None
         waiting, self._waiting = self._waiting, []
-        for call, start in waiting:
-            self._when_ready(call, start)
+        for call, start, topology in waiting:
+            self._when_ready(call, start, topology)
 
     def _on_open_error(self, conn: Any, exc: BaseException) -> None:
         self._conn, self._error = None, connect_error(self.safe_url, exc)
@@ -203,7 +209,7 @@ class Channels:
 
     def _on_closed(self, conn: Any, reason: BaseException) -> None:
         self._conn = self._pub = self._sub = None
-        self._declared = False
+        self._declared = set()
         self._sub_lost(LinkLostError(str(reason)))
         self._pub_lost(LinkLostError(str(reason)))
         if not self._closing:
@@ -226,7 +232,7 @@ class Channels:
     def _on_sub_closed(self, channel: Any, reason: BaseException) -> None:
         if channel is not self._sub:
             return
-        self._sub, self._declared = None, False
+        self._sub, self._declared = None, set()
         failure = self._channel_failure(reason)
         calls, self._sub_calls = self._sub_calls, []
         for call in calls:
@@ -246,8 +252,10 @@ class Channels:
         """Declaration and permission errors are the caller's to see; the rest is retried."""
         text = str(getattr(reason, "reply_text", "") or reason)
         code = getattr(reason, "reply_code", None)
-        if code == 403 or (code == 406 and "inequivalent arg" in text):
-            return channel_error(self.safe_url, self.topology, reason)
+        if self._declaring is not None and (
+            code == 403 or (code == 406 and "inequivalent arg" in text)
+        ):
+            return channel_error(self.safe_url, self._declaring, reason)
         if code is not None and self._conn is not None and self._conn.is_open:
             # e.g. 406 "delivery acknowledgement timed out" (consumer_timeout), 404 queue gone
             logger.warning("RabbitMQ at {} closed a channel: {} {}", self.safe_url, code, text)
@@ -261,7 +269,7 @@ class Channels:
 
     def _fail_waiting(self, error: BaseException) -> None:
         waiting, self._waiting = self._waiting, []
-        for call, _ in waiting:
+        for call, _, _ in waiting:
             call.fail(error)
 
     def _shutdown(self) -> None:
@@ -275,30 +283,32 @@ class Channels:
                 pass
         self._reconnect_later()  # stops the loop
 
-    def _when_ready(self, call: Call, start: Start) -> None:
+    def _when_ready(self, call: Call, start: Start, topology: Topology | None = None) -> None:
         if call.abandoned:
             return
         if self._closing:
             call.fail(BackendError(f"the RabbitMQ link to {self.safe_url} is closed"))
         elif not self._ready:
-            self._waiting.append((call, start))
-        elif not self._declared:
-            self._declare(call, start)
+            self._waiting.append((call, start, topology))
+        elif topology is not None and topology.queue not in self._declared:
+            self._declare(call, start, topology)
         else:
             try:
                 start(call)
             except Exception as exc:  # pika refused the call: the channel is closing
                 call.fail(LinkLostError(repr(exc)))
 
-    def _declare(self, call: Call, start: Start) -> None:
-        """Declare both queues (lazily: again after ``purge`` deleted them), then run."""
-        topology = self.topology
+    def _declare(self, call: Call, start: Start, topology: Topology) -> None:
+        """Declare a queue and its dead queue (lazily: again after ``purge`` deleted them),
+        then run."""
 
         def declared(_: Any) -> None:
-            self._declared = True
+            self._declared.add(topology.queue)
+            self._declaring = None
             self._answered(call)
-            self._when_ready(call, start)
+            self._when_ready(call, start, topology)
 
+        self._declaring = topology
         self._sub_calls.append(call)
         self._sub.queue_declare(
             topology.queue, durable=True, arguments=topology.queue_arguments(),

@@ -1,8 +1,9 @@
 """The broker operations the backend needs, each run on the connection's I/O thread.
 
-``publish`` waits once for the confirms of a whole batch; ``get`` takes the head of the
-queue; ``wait`` rings a doorbell consumer while the queue is empty; ``ack``/``reject`` are
-fire-and-forget and dropped when their channel has closed since (see ``channels``).
+``publish`` waits once for the confirms of a whole batch; ``get`` takes the head of a
+queue; ``wait`` rings a doorbell consumer while a queue is empty; ``ack``/``reject`` are
+fire-and-forget and dropped when their channel has closed since (see ``channels``). One
+link serves every queue of a server: each operation names the queue's topology.
 """
 
 from __future__ import annotations
@@ -51,26 +52,28 @@ def _connected(call: Call) -> None:
 
 
 class Link(Channels):
-    """The connection of one backend to RabbitMQ, for one Conveyor queue.
+    """The connection of a process to one RabbitMQ server, shared by its queues.
 
-    Construction connects and declares the queues, or raises the conveyor error that says
-    why not (broker down, credentials, a queue declared with other arguments).
+    Construction connects, or raises the conveyor error that says why not (broker down,
+    credentials); a queue is declared on its first use (a queue declared with other
+    arguments raises then).
     """
 
-    def __init__(
-        self, url: BrokerUrl, topology: Topology, *, connect_timeout: float, name: str
-    ) -> None:
+    def __init__(self, url: BrokerUrl, *, connect_timeout: float, name: str) -> None:
         # The I/O thread's own state (set before the thread starts).
         self._next_tag, self._unconfirmed = 1, dict[int, tuple[_Batch, Outgoing]]()
-        self._get_call: Call | None = None
-        self._stash: deque[Delivery] = deque()  # delivered but not handed out yet
-        self._doorbell: str | None = None  # consumer tag of the doorbell consumer
-        self._rung: list[Call] = []  # callers waiting on the doorbell
+        # basic.get answers carry no queue name: one get is in flight at a time, the rest
+        # wait their turn here (a call abandoned by its caller still holds its place).
+        self._gets: deque[tuple[Call, str]] = deque()
+        self._get_busy = False
+        self._stash: dict[str, deque[Delivery]] = {}  # delivered but not handed out yet
+        self._doorbells: dict[str, str] = {}  # queue -> consumer tag of its doorbell
+        self._rung: dict[str, list[Call]] = {}  # queue -> callers waiting on its doorbell
         # Acks are sent in batches, _ACK_DELAY after the first one waiting: no thread hand-off
         # per ack, and a basic.get is not queued behind an ack on a worker's hot path.
         self._acks: deque[Delivery] = deque()
         self._flush_armed = False
-        super().__init__(url, topology, connect_timeout=connect_timeout, name=name)
+        super().__init__(url, connect_timeout=connect_timeout, name=name)
         try:
             self._call(_connected)  # connected and declared, or raise
         except BaseException:
@@ -80,7 +83,10 @@ class Link(Channels):
     # -- the caller's side -------------------------------------------------------------------
 
     def publish(
-        self, messages: Sequence[Outgoing], again: Callable[[Outgoing], Outgoing] | None = None
+        self,
+        topology: Topology,
+        messages: Sequence[Outgoing],
+        again: Callable[[Outgoing], Outgoing] | None = None,
     ) -> None:
         """Publish persistent messages and return once the broker confirmed every one.
 
@@ -90,15 +96,19 @@ class Link(Channels):
         extra copy when it meets it. ``again`` turns a message into the one to publish next
         time (the backend makes each copy distinguishable).
         """
-        self.publish_wait(self.publish_start(messages), again)
+        self.publish_wait(topology, self.publish_start(topology, messages), again)
 
-    def publish_start(self, messages: Sequence[Outgoing]) -> Publishing:
+    def publish_start(self, topology: Topology, messages: Sequence[Outgoing]) -> Publishing:
         """Start publishing; the caller may work (e.g. stage the next batch) meanwhile."""
         todo = list(messages)
-        return Publishing(self._submit(partial(self._start_publish, messages=todo)), todo)
+        start = partial(self._start_publish, queue=topology.queue, messages=todo)
+        return Publishing(self._submit(start, topology), todo)
 
     def publish_wait(
-        self, publishing: Publishing, again: Callable[[Outgoing], Outgoing] | None = None
+        self,
+        topology: Topology,
+        publishing: Publishing,
+        again: Callable[[Outgoing], Outgoing] | None = None,
     ) -> None:
         """Wait for ``publish_start``'s confirms; publish again what needs it (see publish)."""
         deadline = time.monotonic() + max(30.0, self._connect_timeout)
@@ -110,24 +120,26 @@ class Link(Channels):
                 return
             if again is not None:
                 todo = [again(message) for message in todo]
-            call = self._submit(partial(self._start_publish, messages=todo))
+            start = partial(self._start_publish, queue=topology.queue, messages=todo)
+            call = self._submit(start, topology)
 
-    def get(self) -> Delivery | None:
-        """The head of the queue (``basic.get``, manual ack), or None when it is empty."""
-        delivery: Delivery | None = self._retrying(self._start_get)
+    def get(self, topology: Topology) -> Delivery | None:
+        """The head of a queue (``basic.get``, manual ack), or None when it is empty."""
+        start = partial(self._start_get, queue=topology.queue)
+        delivery: Delivery | None = self._retrying(start, topology=topology)
         return delivery
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, topology: Topology, timeout: float) -> None:
         """Block until a message may be ready, or ``timeout`` seconds.
 
         A consumer (prefetch 1) is subscribed for the wait only; a message it receives is
         kept for the next ``get``, and the consumer is cancelled when the wait ends, so no
         message sits in this process while the caller is not asking for one.
         """
-        call = Call()
-        self._post(lambda: self._when_ready(call, self._start_wait))
+        call, queue = Call(), topology.queue
+        self._post(lambda: self._when_ready(call, partial(self._start_wait, queue=queue), topology))
         call.wait(max(timeout, 0.0))
-        self._post(lambda: self._end_wait(call))
+        self._post(lambda: self._end_wait(call, queue))
 
     def ack(self, delivery: Delivery) -> None:
         """Settle a delivery (no answer awaited; sent within _ACK_DELAY seconds); dropped if
@@ -145,14 +157,25 @@ class Link(Channels):
         """Is the delivery still ours? False once its channel closed (the broker requeued it)."""
         return delivery.epoch == self._epoch and self._sub is not None
 
-    def purge(self) -> None:
-        """Delete both queues (ready and unacked messages); they are declared again on use."""
-        self._retrying(self._start_purge)
+    def purge(self, topology: Topology) -> None:
+        """Delete a queue and its dead queue (ready and unacked messages); they are declared
+        again on use."""
+        self._retrying(partial(self._start_purge, topology=topology), topology=topology)
 
-    def ready_count(self) -> int:
-        """Messages ready in the work queue (a passive declare; also proves the link works)."""
-        count: int = self._retrying(self._start_count)
+    def ready_count(self, topology: Topology) -> int:
+        """Messages ready in a work queue (a passive declare; also proves the link works)."""
+        start = partial(self._start_count, queue=topology.queue)
+        count: int = self._retrying(start, topology=topology)
         return count
+
+    def declare(self, topology: Topology) -> None:
+        """Declare a queue now (not at its first use), so a queue that exists with other
+        arguments is a ConfigError when the queue is opened."""
+        self._retrying(_connected, topology=topology)
+
+    def ping(self) -> None:
+        """Return once connected; raise BrokerUnavailableError after connect_timeout."""
+        self._retrying(_connected)
 
     # -- the I/O thread ----------------------------------------------------------------------
 
@@ -161,16 +184,16 @@ class Link(Channels):
         channel.add_on_return_callback(self._on_return)
 
     def _sub_opened(self, channel: Any) -> None:
-        channel.add_on_cancel_callback(lambda _: self._doorbell_gone())
+        channel.add_on_cancel_callback(self._on_consumer_cancelled)
         channel.add_callback(self._on_get_empty, [pika.spec.Basic.GetEmpty], one_shot=False)
 
     def _sub_lost(self, error: BaseException) -> None:
         self._epoch += 1
-        self._doorbell = None
+        self._doorbells.clear()
         self._stash.clear()  # unacked on the dead channel: the broker has requeued them
-        get_call, self._get_call = self._get_call, None
-        rung, self._rung = self._rung, []
-        for call in [*rung, *([get_call] if get_call else [])]:
+        gets, self._gets, self._get_busy = self._gets, deque(), False
+        rung, self._rung = self._rung, {}
+        for call in [*(c for calls in rung.values() for c in calls), *(c for c, _ in gets)]:
             call.fail(error)
 
     def _pub_lost(self, error: BaseException) -> None:
@@ -184,9 +207,9 @@ class Link(Channels):
         for batch in batches.values():
             batch.call.resolve(batch.again)
 
-    def _start_publish(self, call: Call, messages: list[Outgoing]) -> None:
+    def _start_publish(self, call: Call, queue: str, messages: list[Outgoing]) -> None:
         batch = _Batch(call, len(messages))
-        publish, queue = self._pub.basic_publish, self.topology.queue
+        publish = self._pub.basic_publish
         for message in messages:
             publish("", queue, message.body, _properties(message.priority), mandatory=True)
             self._unconfirmed[self._next_tag] = (batch, message)
@@ -213,7 +236,7 @@ class Link(Channels):
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         # Unroutable: the queue was deleted (by clear() elsewhere). Its confirm follows.
-        self._declared = False
+        self._declared.discard(method.routing_key)
         for batch, message in self._unconfirmed.values():
             if message.body == body:  # a ticket's body names its task: unique
                 batch.again.append(message)
@@ -228,55 +251,73 @@ class Link(Channels):
         while self._acks:
             self._settle(self._acks.popleft(), None)
 
-    def _start_get(self, call: Call) -> None:
-        if self._stash:
-            call.resolve(self._stash.popleft())
+    def _start_get(self, call: Call, queue: str) -> None:
+        stash = self._stash.get(queue)
+        if stash:
+            call.resolve(stash.popleft())
             return
-        busy = self._get_call is not None  # an abandoned get is still in flight: adopt it
-        self._get_call = call
-        if not busy:
-            self._sub.basic_get(self.topology.queue, self._on_get_ok, auto_ack=False)
+        self._gets.append((call, queue))
+        self._next_get()
+
+    def _next_get(self) -> None:
+        if not self._get_busy and self._gets and self._sub is not None:
+            self._get_busy = True
+            self._sub.basic_get(self._gets[0][1], self._on_get_ok, auto_ack=False)
 
     def _on_get_ok(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        delivery = Delivery(self._epoch, method.delivery_tag, bool(method.redelivered), body)
-        call, self._get_call = self._get_call, None
-        if call is None or not call.resolve(delivery):
-            self._stash.append(delivery)  # its caller gave up: hand it to the next one
+        call, queue = self._gets.popleft()
+        self._get_busy = False
+        delivery = Delivery(self._epoch, method.delivery_tag, bool(method.redelivered), body, queue)
+        if not call.resolve(delivery):
+            self._stash.setdefault(queue, deque()).append(delivery)  # its caller gave up
+        self._next_get()
 
     def _on_get_empty(self, frame: Any) -> None:
-        call, self._get_call = self._get_call, None
-        if call is not None:
+        if self._gets:
+            call, _ = self._gets.popleft()
             call.resolve(None)
+        self._get_busy = False
+        self._next_get()
 
-    def _start_wait(self, call: Call) -> None:
-        if self._stash:
+    def _start_wait(self, call: Call, queue: str) -> None:
+        if self._stash.get(queue):
             call.resolve(None)
             return
-        self._rung.append(call)
-        if self._doorbell is None:
-            self._doorbell = self._sub.basic_consume(
-                self.topology.queue, self._on_doorbell, auto_ack=False
+        self._rung.setdefault(queue, []).append(call)
+        if queue not in self._doorbells:
+            self._doorbells[queue] = self._sub.basic_consume(
+                queue, partial(self._on_doorbell, queue), auto_ack=False
             )
 
-    def _on_doorbell(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+    def _on_doorbell(
+        self, queue: str, channel: Any, method: Any, properties: Any, body: bytes
+    ) -> None:
         redelivered = bool(method.redelivered)
-        self._stash.append(Delivery(self._epoch, method.delivery_tag, redelivered, body))
-        self._doorbell_gone(cancel=True)
+        delivery = Delivery(self._epoch, method.delivery_tag, redelivered, body, queue)
+        self._stash.setdefault(queue, deque()).append(delivery)
+        self._doorbell_gone(queue, cancel=True)
 
-    def _doorbell_gone(self, *, cancel: bool = False) -> None:
-        if cancel and self._doorbell is not None and self._sub is not None:
-            self._sub.basic_cancel(self._doorbell)
-        self._doorbell = None
-        rung, self._rung = self._rung, []
-        for call in rung:
+    def _doorbell_gone(self, queue: str, *, cancel: bool = False) -> None:
+        tag = self._doorbells.pop(queue, None)
+        if cancel and tag is not None and self._sub is not None:
+            self._sub.basic_cancel(tag)
+        for call in self._rung.pop(queue, []):
             call.resolve(None)
 
-    def _end_wait(self, call: Call) -> None:
+    def _on_consumer_cancelled(self, frame: Any) -> None:
+        """The broker cancelled a doorbell (its queue was deleted): ring it."""
+        tag = getattr(frame.method, "consumer_tag", None)
+        for queue, doorbell in list(self._doorbells.items()):
+            if doorbell == tag:
+                self._doorbell_gone(queue)
+
+    def _end_wait(self, call: Call, queue: str) -> None:
         call.abandon()
-        if call in self._rung:
-            self._rung.remove(call)
-        if not self._rung and self._doorbell is not None:
-            self._doorbell_gone(cancel=self._sub is not None and self._sub.is_open)
+        rung = self._rung.get(queue, [])
+        if call in rung:
+            rung.remove(call)
+        if not rung and queue in self._doorbells:
+            self._doorbell_gone(queue, cancel=self._sub is not None and self._sub.is_open)
 
     def _settle(self, delivery: Delivery, requeue: bool | None) -> None:
         if delivery.epoch != self._epoch or self._sub is None or not self._sub.is_open:
@@ -286,28 +327,29 @@ class Link(Channels):
         else:
             self._sub.basic_reject(delivery.tag, requeue=requeue)
 
-    def _start_purge(self, call: Call) -> None:
-        if self._doorbell is not None:
-            self._doorbell_gone(cancel=True)
-        while self._stash:
-            self._sub.basic_ack(self._stash.popleft().tag)
+    def _start_purge(self, call: Call, topology: Topology) -> None:
+        if topology.queue in self._doorbells:
+            self._doorbell_gone(topology.queue, cancel=True)
+        stash = self._stash.pop(topology.queue, deque())
+        while stash:
+            self._sub.basic_ack(stash.popleft().tag)
         self._sub_calls.append(call)
 
         def deleted(_: Any) -> None:
-            self._declared = False
+            self._declared.discard(topology.queue)
             self._answered(call)
             call.resolve(None)
 
         self._sub.queue_delete(
-            self.topology.queue,
-            callback=lambda _: self._sub.queue_delete(self.topology.dead, callback=deleted),
+            topology.queue,
+            callback=lambda _: self._sub.queue_delete(topology.dead, callback=deleted),
         )
 
-    def _start_count(self, call: Call) -> None:
+    def _start_count(self, call: Call, queue: str) -> None:
         self._sub_calls.append(call)
 
         def counted(frame: Any) -> None:
             self._answered(call)
             call.resolve(int(frame.method.message_count))
 
-        self._sub.queue_declare(self.topology.queue, passive=True, callback=counted)
+        self._sub.queue_declare(queue, passive=True, callback=counted)

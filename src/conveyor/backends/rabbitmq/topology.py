@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ...errors import BrokerUnavailableError, ConfigError, ConveyorError
+from ...errors import (
+    BrokerAuthenticationError,
+    BrokerUnavailableError,
+    ConfigError,
+    ConveyorError,
+)
 from ...urls import mask_url
 
 #: The broker's default ``consumer_timeout`` (RabbitMQ 3.8.15+: 30 minutes).
@@ -84,13 +89,25 @@ class Topology:
         }
 
 
+def limit_text(seconds: float, consumer_timeout: float, safe_url: str, task_id: str | None) -> str:
+    """Why a hard time limit above the broker's consumer_timeout is refused, and what to do."""
+    whose = f" of task {task_id!r}" if task_id else ""
+    return (
+        f"the hard time limit{whose} ({seconds:g}s) is above the RabbitMQ consumer timeout "
+        f"({consumer_timeout:g}s) of {safe_url}: the broker would close the channel while "
+        "the task runs and deliver it again. Lower the limit, or raise consumer_timeout on "
+        "the broker (rabbitmq.conf, milliseconds) and tell Conveyor with "
+        "?consumer_timeout=<seconds> in the URL"
+    )
+
+
 def connect_error(safe_url: str, exc: BaseException) -> ConveyorError:
     """The conveyor error for a connection that could not be opened, saying what to do."""
     import pika.exceptions as pe
 
     text = str(exc) or type(exc).__name__
     if isinstance(exc, pe.ProbableAuthenticationError) or "ACCESS_REFUSED" in text:
-        return BrokerUnavailableError(
+        return BrokerAuthenticationError(
             f"RabbitMQ at {safe_url} refused the credentials ({text}); check the user and "
             "password in the URL (--url, CONVEYOR_URL or RABBITMQ_URL)"
         )

@@ -1,0 +1,478 @@
+-- The lifecycle of conveyor/lifecycle.py, in Lua: every script includes this file (after the
+-- generated header of constants ST, EV, DR, LIVE, FINISHED, REDRIVABLE, WAITING, UNRECORDED,
+-- PRIORITY_BAND), and every transition goes through the functions below.
+--
+-- KEYS (the same layout for every script; all share the queue's hash tag, so one script
+-- touches one Redis Cluster slot):
+--   KEYS[1]  conveyor:{q}:pending        ZSET id -> -(priority * 2^40) + seq   (ready tasks)
+--   KEYS[2]  conveyor:{q}:delayed        ZSET id -> due time (epoch s)        (scheduled)
+--   KEYS[3]  conveyor:{q}:leases         ZSET id -> lease deadline (epoch s)  (processing)
+--   KEYS[4]  conveyor:{q}:task:          prefix of the per-task HASH keys (prefix .. id)
+--   KEYS[5]  conveyor:{q}:seq            STRING counter: places in line, FIFO within a band
+--   KEYS[6]  conveyor:{q}:wake           LIST of wake-up markers a blocked reserve BLPOPs
+--   KEYS[7]  conveyor:{q}:done:success   ZSET id -> finished time
+--   KEYS[8]  conveyor:{q}:done:failed    ZSET id -> finished time (the dead-letter list)
+--   KEYS[9]  conveyor:{q}:done:canceled  ZSET id -> finished time
+--   KEYS[10] conveyor:{q}:done:timeout   ZSET id -> finished time
+--   KEYS[11] conveyor:{q}:pulled         ZSET id -> pull time (at-most-once, no lease)
+--   KEYS[12] conveyor:{q}:publishing     ZSET id -> deadline of a publish in flight (broker)
+--   KEYS[13] conveyor:{q}:expiring       ZSET id -> expire_at of a never-started task
+--   KEYS[14] conveyor:{q}:layout         STRING the keyspace layout version
+-- ARGV[1] queue name, ARGV[2] result_ttl (s), ARGV[3] 'broker' when a transport (RabbitMQ)
+-- owns delivery, ARGV[4] publish grace (s); each script's own values start at ARGV[5].
+--
+-- Scripts validate what they read before they write: a number field is read with
+-- tonumber() (never HINCRBY on a value someone damaged), and a record that fails is
+-- dead-lettered with the reason, so an error can never stop a script halfway through.
+
+local QUEUE, TTL = ARGV[1], tonumber(ARGV[2]) or 0
+local BROKER, GRACE = ARGV[3] == 'broker', tonumber(ARGV[4]) or 30
+local A = 5 -- the first of a script's own ARGV
+local WAKE_CAP = 1000
+local SCAN_LIMIT = 100 -- bounded work per call: promote, reap or time out at most this many
+local PROMOTE_ALL = 1000 -- due tasks promoted at the start of every transition (see begin)
+local DONE_KEY = {success = KEYS[7], failed = KEYS[8], canceled = KEYS[9], timeout = KEYS[10]}
+
+local function now_seconds()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- Every script reads the server clock once: deadlines never depend on a worker's clock.
+local NOW = now_seconds()
+
+local function fmt(x)
+  return string.format('%.6f', x)
+end
+
+local function readable(key)
+  return redis.call('TYPE', key).ok == 'hash'
+end
+
+-- A numeric field, or nil when it is missing or damaged.
+local function num(key, field)
+  return tonumber(redis.call('HGET', key, field))
+end
+
+-- The one place a transition is recorded: the task's history.
+local function record(key, event, attempt, note)
+  if UNRECORDED[event] then return end
+  local line = {at = tonumber(fmt(NOW)), event = event, attempt = tonumber(attempt) or 0}
+  if note and note ~= '' then line.note = note end
+  local encoded = cjson.encode(line)
+  local history = redis.call('HGET', key, 'history')
+  if history and history ~= '' then encoded = history .. '\n' .. encoded end
+  redis.call('HSET', key, 'history', encoded)
+end
+
+local function wake()
+  redis.call('RPUSH', KEYS[6], '1')
+  redis.call('LTRIM', KEYS[6], 0, WAKE_CAP - 1)
+end
+
+-- Remove an id from the indexes of the state it leaves (every index when unknown).
+local function leave(id, status)
+  if status == ST.PENDING or status == ST.SCHEDULED or not LIVE[status] then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZREM', KEYS[12], id)
+    redis.call('ZREM', KEYS[13], id)
+  end
+  if status == ST.PROCESSING or not LIVE[status] then
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('ZREM', KEYS[11], id)
+  end
+end
+
+-- Broker mode: the task's place changed, so any message still carrying the old ticket is
+-- stale. Returns the new ticket.
+local function bump_ticket(key)
+  local ticket = (num(key, 'ticket') or 0) + 1
+  redis.call('HSET', key, 'ticket', ticket)
+  return ticket
+end
+
+-- Finish a task (success, failed, canceled, timeout): index it and let it expire if kept.
+local function finish(key, id, from, status)
+  leave(id, from)
+  if DONE_KEY[from] then redis.call('ZREM', DONE_KEY[from], id) end
+  redis.call('HSET', key, 'status', status, 'finished_at', fmt(NOW), 'updated_at', fmt(NOW))
+  redis.call('HDEL', key, 'token', 'expire_at')
+  redis.call('ZADD', DONE_KEY[status], NOW, id)
+  if status == ST.FAILED then
+    redis.call('PERSIST', key) -- the dead-letter list is kept until purged or retried
+  elseif TTL > 0 then
+    redis.call('EXPIRE', key, math.ceil(TTL))
+    redis.call('ZREMRANGEBYSCORE', DONE_KEY[status], '-inf', NOW - TTL)
+  end
+end
+
+-- End a task that did not succeed: failed (dead-lettered, with a reason) or canceled.
+local function dead_letter(key, id, from, reason, error_json, status, event)
+  status = status or ST.FAILED
+  if status == ST.FAILED then redis.call('HSET', key, 'dead_reason', reason) end
+  if error_json and error_json ~= '' then redis.call('HSET', key, 'error', error_json) end
+  finish(key, id, from, status)
+  record(key, event or EV.DEAD_LETTERED, num(key, 'attempts'), reason)
+end
+
+local function malformed(key, id, from, what)
+  dead_letter(key, id, from, DR.MALFORMED, cjson.encode({type = 'MalformedTask',
+    message = 'stored record is damaged: ' .. what}))
+end
+
+-- An id in an index with no readable task hash: record why it is dead, keep going.
+local function dead_unreadable(id, reason, message)
+  local key = KEYS[4] .. id
+  leave(id, nil)
+  if redis.call('TYPE', key).ok ~= 'none' then
+    redis.call('ZADD', KEYS[8], NOW, id) -- cannot write the record: list it as dead anyway
+    return
+  end
+  redis.call('HSET', key, 'id', id, 'queue', QUEUE, 'priority', '0', 'created_at', fmt(NOW))
+  local error_json = cjson.encode({type = 'MalformedTask', message = message})
+  redis.call('HSET', key, 'dead_reason', reason, 'error', error_json)
+  finish(key, id, nil, ST.FAILED)
+  record(key, EV.DEAD_LETTERED, 0, reason)
+end
+
+-- What is wrong with a record's numbers, or nil when a transition can trust them.
+local function damage(key)
+  local f = redis.call('HMGET', key, 'priority', 'attempts', 'expiries', 'status')
+  if not tonumber(f[1]) then return 'priority is not a number' end
+  if f[2] and not tonumber(f[2]) then return 'attempts is not a number' end
+  if f[3] and not tonumber(f[3]) then return 'expiries is not a number' end
+  if not f[4] then return 'no status' end
+  return nil
+end
+
+-- A new place at the back of the task's priority band (ready now), or its kept place.
+-- Returns the new ticket in broker mode when the place is new.
+local function enter_line(key, id, keep_place)
+  local score = keep_place and num(key, 'score')
+  local ticket = nil
+  if not score then
+    local priority = num(key, 'priority') or 0
+    score = -priority * PRIORITY_BAND + redis.call('INCR', KEYS[5])
+    redis.call('HSET', key, 'score', score, 'ready_at', fmt(NOW))
+    if BROKER then
+      ticket = bump_ticket(key)
+      redis.call('ZADD', KEYS[12], NOW + GRACE, id)
+    end
+  end
+  redis.call('ZADD', KEYS[1], score, id)
+  redis.call('HSET', key, 'status', ST.PENDING, 'updated_at', fmt(NOW))
+  return ticket
+end
+
+-- Wait until `due_at`, then enter the line in due order (`seq` breaks ties of equal times).
+local function schedule(key, id, due_at)
+  redis.call('ZADD', KEYS[2], due_at, id)
+  redis.call('HSET', key, 'status', ST.SCHEDULED, 'scheduled_for', fmt(due_at),
+    'seq', redis.call('INCR', KEYS[5]), 'updated_at', fmt(NOW))
+  if BROKER then bump_ticket(key) end -- a copy still held or queued is stale now
+end
+
+local function expired(key)
+  local expire_at = num(key, 'expire_at')
+  return expire_at ~= nil and NOW > expire_at
+end
+
+local function time_out(key, id, from)
+  finish(key, id, from, ST.TIMEOUT)
+  record(key, EV.TIMEOUT, num(key, 'attempts'), 'not started in time')
+end
+
+-- Due scheduled tasks enter the line in due order. Called before any new place is given
+-- (a push, a counted nack, a re-drive, a claim), so a task that came due before another
+-- task of its band got its place stands ahead of it: the due time decides, not the moment
+-- a script happened to look. `promoted(key, id, ticket)`, when given, hears of each.
+local function promote_due(limit, promoted)
+  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', NOW, 'WITHSCORES', 'LIMIT', 0, limit)
+  local batch = {}
+  for i = 1, #due, 2 do
+    local id, key = due[i], KEYS[4] .. due[i]
+    if not readable(key) then
+      dead_unreadable(id, DR.MISSING, 'scheduled id has no task record')
+    elseif damage(key) then
+      malformed(key, id, ST.SCHEDULED, damage(key))
+    else
+      batch[#batch + 1] = {id, key, tonumber(due[i + 1]), num(key, 'seq') or 0}
+    end
+  end
+  table.sort(batch, function(a, b)
+    if a[3] ~= b[3] then return a[3] < b[3] end
+    return a[4] < b[4]
+  end)
+  for _, entry in ipairs(batch) do
+    local id, key = entry[1], entry[2]
+    redis.call('ZREM', KEYS[2], id)
+    local ticket = enter_line(key, id, false)
+    redis.call('HSET', key, 'ready_at', fmt(entry[3]))
+    record(key, EV.DUE, num(key, 'attempts'))
+    if promoted then promoted(key, id, ticket) end
+  end
+end
+
+-- The lease-expiry rules: canceled if a cancel was asked, poison at max_deliveries, else
+-- back in line at its place. Returns the status it ends in.
+local function expire_lease(key, id, max_deliveries)
+  local expiries = (num(key, 'expiries') or 0) + 1
+  redis.call('HSET', key, 'expiries', expiries)
+  redis.call('HDEL', key, 'token')
+  if redis.call('HGET', key, 'cancel_requested') == '1' then
+    dead_letter(key, id, ST.PROCESSING, nil, nil, ST.CANCELED, EV.CANCELED)
+    return ST.CANCELED
+  end
+  if expiries >= max_deliveries then
+    dead_letter(key, id, ST.PROCESSING, DR.POISON, cjson.encode({type = 'PoisonTask', message =
+      'delivered ' .. (num(key, 'attempts') or 0) .. ' times without an ack (the lease ran out '
+      .. 'each time)'}))
+    return ST.FAILED
+  end
+  leave(id, ST.PROCESSING)
+  enter_line(key, id, true)
+  record(key, EV.LEASE_EXPIRED, num(key, 'attempts'))
+  return ST.PENDING
+end
+
+local function reap_expired(max_deliveries)
+  local expired_leases = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', NOW, 'LIMIT', 0, SCAN_LIMIT)
+  for _, id in ipairs(expired_leases) do
+    local key = KEYS[4] .. id
+    if not readable(key) then
+      dead_unreadable(id, DR.MISSING, 'leased id has no task record')
+    else
+      expire_lease(key, id, max_deliveries)
+    end
+  end
+end
+
+-- Waiting tasks past their queue_timeout end as timeout (the sweep; claims check too).
+local function sweep_expired(limit)
+  local due = redis.call('ZRANGEBYSCORE', KEYS[13], '-inf', NOW, 'LIMIT', 0, limit)
+  for _, id in ipairs(due) do
+    local key = KEYS[4] .. id
+    local status = readable(key) and redis.call('HGET', key, 'status')
+    if status and WAITING[status] and expired(key) then
+      time_out(key, id, status)
+    else
+      redis.call('ZREM', KEYS[13], id)
+    end
+  end
+end
+
+-- Every transition starts here: due tasks enter the line and expired waiting tasks time
+-- out first, so whatever the transition does (a push, a nack, a claim, a cancel) sees the
+-- state a reader already shows, on every backend alike. In broker mode only `due` promotes:
+-- each task must be published as it becomes pending.
+local function begin()
+  if not BROKER then promote_due(PROMOTE_ALL) end
+  sweep_expired(SCAN_LIMIT)
+end
+
+-- Seconds until a scheduled task is due, a lease runs out or a waiting task expires; -1
+-- when none of them exists.
+local function wait_hint()
+  local hint = -1
+  local indexes = BROKER and {KEYS[2], KEYS[13]} or {KEYS[2], KEYS[3], KEYS[13]}
+  for _, index in ipairs(indexes) do
+    local first = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
+    if first[2] then
+      local left = math.max(tonumber(first[2]) - NOW, 0)
+      if hint < 0 or left < hint then hint = left end
+    end
+  end
+  return hint
+end
+
+-- Hand a task to a consumer: processing, attempts + 1, a fencing token, and a lease (or, for
+-- a pull, the pulled index: consumed, never redelivered, forgotten after result_ttl unless
+-- settled). Its queue_timeout no longer applies. Returns the new attempt count.
+local function take(key, id, token, lease, consumer, event)
+  local attempts = (num(key, 'attempts') or 0) + 1
+  redis.call('HSET', key, 'status', ST.PROCESSING, 'token', token, 'attempts', attempts,
+    'started_at', fmt(NOW), 'updated_at', fmt(NOW), 'worker', consumer)
+  if redis.call('HDEL', key, 'expire_at') == 1 then redis.call('ZREM', KEYS[13], id) end
+  if lease then
+    redis.call('ZADD', KEYS[3], NOW + lease, id)
+  else
+    redis.call('ZADD', KEYS[11], NOW, id)
+    if TTL > 0 then
+      redis.call('EXPIRE', key, math.ceil(TTL))
+      redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', NOW - TTL)
+    end
+  end
+  record(key, event or (lease and EV.STARTED or EV.PULLED), attempts)
+  return attempts
+end
+
+local CLAIMED_FIELDS = {'priority', 'data', 'type', 'max_retries', 'retry_backoff',
+  'process_timeout', 'created_at', 'steps'}
+
+-- The 11 reply values of one claimed task.
+local function claimed_reply(out, key, id, token, attempts)
+  local f = redis.call('HMGET', key, unpack(CLAIMED_FIELDS))
+  out[#out + 1] = id
+  out[#out + 1] = token
+  out[#out + 1] = attempts
+  for i = 1, #CLAIMED_FIELDS do out[#out + 1] = f[i] or '' end
+end
+
+-- A claim spec is 8 + count values at ARGV[i]: lease ('' = pull), max_deliveries, consumer,
+-- min_priority ('' = any), ticket id ('' = the most urgent task), ticket number, ticket copy,
+-- '1' if redelivered, then `count` values: one fresh fencing token per task to claim.
+local function read_spec(i, count)
+  local tokens = {}
+  for j = 1, count do tokens[j] = ARGV[i + 7 + j] end
+  return {lease = tonumber(ARGV[i]), max_deliveries = tonumber(ARGV[i + 1]),
+    consumer = ARGV[i + 2], min_priority = tonumber(ARGV[i + 3]), ticket_id = ARGV[i + 4],
+    ticket = ARGV[i + 5], copy = ARGV[i + 6], redelivered = ARGV[i + 7] == '1', tokens = tokens}
+end
+
+-- Claim the task a delivered message names (broker mode). Returns the reply described in
+-- claim(), claiming one task or none with unclaimed 'drop' or 'missing'.
+local function claim_ticket(spec)
+  local id = spec.ticket_id
+  local key = KEYS[4] .. id
+  if not readable(key) then return {'-1', 'missing', '0'} end
+  if tostring(num(key, 'ticket') or 0) ~= spec.ticket then return {'-1', 'drop', '0'} end
+  local problem = damage(key)
+  local status = redis.call('HGET', key, 'status')
+  if problem then
+    if LIVE[status] then malformed(key, id, status, problem) end
+    return {'-1', 'drop', '0'}
+  end
+  local event = spec.lease and EV.STARTED or EV.PULLED
+  if status == ST.PROCESSING then
+    -- Only the copy it was claimed with, redelivered, means its holder's connection died.
+    if not spec.redelivered or redis.call('HGET', key, 'copy') ~= spec.copy
+        or not redis.call('ZSCORE', KEYS[3], id) then
+      return {'-1', 'drop', '0'}
+    end
+    if expire_lease(key, id, spec.max_deliveries) ~= ST.PENDING then return {'-1', 'drop', '0'} end
+    event = EV.REDELIVERED
+  elseif status == ST.PENDING then
+    if expired(key) then
+      time_out(key, id, status)
+      return {'-1', 'drop', '0'}
+    end
+  else
+    return {'-1', 'drop', '0'}
+  end
+  leave(id, ST.PENDING)
+  redis.call('HSET', key, 'copy', spec.copy)
+  local out = {'-1', '', '0'}
+  claimed_reply(out, key, id, spec.tokens[1], take(key, id, spec.tokens[1], spec.lease,
+    spec.consumer, event))
+  return out
+end
+
+-- The claim: {wait_hint, unclaimed, skipped ('1': entries were retired and the claim
+-- stopped early), then 11 values per claimed task: id, token, attempts, priority, data,
+-- type, max_retries, retry_backoff, process_timeout, created_at, steps}.
+local function claim(spec)
+  if spec.ticket_id ~= '' then return claim_ticket(spec) end
+  begin()
+  if not BROKER then reap_expired(spec.max_deliveries) end
+  local out, taken, retired = {'', '', '0'}, 0, 0
+  while taken < #spec.tokens and retired < SCAN_LIMIT do
+    local head = redis.call('ZRANGE', KEYS[1], 0, 0)
+    if not head[1] then break end
+    local id, key = head[1], KEYS[4] .. head[1]
+    if not readable(key) then
+      dead_unreadable(id, DR.MISSING, 'pending id has no task record')
+      retired = retired + 1
+    elseif damage(key) then
+      malformed(key, id, ST.PENDING, damage(key))
+      retired = retired + 1
+    elseif expired(key) then
+      time_out(key, id, ST.PENDING)
+      retired = retired + 1
+    elseif spec.min_priority and num(key, 'priority') < spec.min_priority then
+      break
+    else
+      redis.call('ZREM', KEYS[1], id)
+      taken = taken + 1
+      local token = spec.tokens[taken]
+      claimed_reply(out, key, id, token, take(key, id, token, spec.lease, spec.consumer))
+    end
+  end
+  if redis.call('ZCARD', KEYS[1]) == 0 then
+    redis.call('DEL', KEYS[6]) -- nothing ready: stale wake-up markers would only spin waiters
+  end
+  if retired >= SCAN_LIMIT then out[3] = '1' end
+  if taken == 0 then out[1] = fmt(wait_hint()) end
+  return out
+end
+
+-- Give a held task back: canceled if a cancel was asked while it ran; else scheduled after
+-- `delay`, or pending now. A counted try goes to the back of its band; a hand-back keeps its
+-- place and returns the attempt. Returns the new status and, in broker mode, a new ticket.
+local function give_back(key, id, delay, counted, error_json)
+  leave(id, ST.PROCESSING)
+  redis.call('PERSIST', key)
+  redis.call('HDEL', key, 'token')
+  if error_json and error_json ~= '' then redis.call('HSET', key, 'error', error_json) end
+  if redis.call('HGET', key, 'cancel_requested') == '1' then
+    dead_letter(key, id, ST.PROCESSING, nil, nil, ST.CANCELED, EV.CANCELED)
+    return ST.CANCELED
+  end
+  local attempts = num(key, 'attempts') or 0
+  if not counted then
+    attempts = math.max(attempts - 1, 0)
+    redis.call('HSET', key, 'attempts', attempts)
+  end
+  local event = counted and EV.RETRYING or EV.INTERRUPTED
+  if delay > 0 then
+    schedule(key, id, NOW + delay)
+    record(key, event, attempts)
+    return ST.SCHEDULED
+  end
+  local ticket = enter_line(key, id, not counted)
+  record(key, event, attempts)
+  return ST.PENDING, ticket
+end
+
+-- Store one new task from the 9 values at ARGV[i] (id, priority, data, type, delay,
+-- max_retries, retry_backoff, queue_timeout, process_timeout; '' = not set). A live id is
+-- left alone; a finished one is replaced by a fresh record.
+-- Returns 'live' (refused), 'scheduled' or 'pending', and the ticket (broker mode).
+local function store_task(i)
+  local id, delay = ARGV[i], tonumber(ARGV[i + 4]) or 0
+  local key = KEYS[4] .. id
+  local old = readable(key) and redis.call('HGET', key, 'status')
+  if old and LIVE[old] then return 'live' end
+  local ticket = readable(key) and num(key, 'ticket') or 0
+  if old and DONE_KEY[old] then redis.call('ZREM', DONE_KEY[old], id) end
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'id', id, 'queue', QUEUE, 'priority', ARGV[i + 1], 'data', ARGV[i + 2],
+    'attempts', 0, 'expiries', 0, 'created_at', fmt(NOW), 'updated_at', fmt(NOW), 'progress', 0,
+    'ticket', ticket)
+  local optional = {type = ARGV[i + 3], max_retries = ARGV[i + 5], retry_backoff = ARGV[i + 6],
+    queue_timeout = ARGV[i + 7], process_timeout = ARGV[i + 8]}
+  for field, value in pairs(optional) do
+    if value ~= '' then redis.call('HSET', key, field, value) end
+  end
+  local queue_timeout = tonumber(ARGV[i + 7])
+  if queue_timeout then
+    local expire_at = NOW + math.max(delay, 0) + queue_timeout
+    redis.call('HSET', key, 'expire_at', fmt(expire_at))
+    redis.call('ZADD', KEYS[13], expire_at, id)
+  end
+  if delay > 0 then
+    schedule(key, id, NOW + delay)
+    record(key, EV.SCHEDULED, 0)
+    return 'scheduled'
+  end
+  local new_ticket = enter_line(key, id, false)
+  record(key, EV.PUSHED, 0)
+  return 'pending', new_ticket
+end
+
+-- The fencing check: the task is processing and the token is the current one.
+local function held(key, token)
+  if not readable(key) then return false end
+  local f = redis.call('HMGET', key, 'status', 'token')
+  return f[1] == ST.PROCESSING and f[2] == token
+end

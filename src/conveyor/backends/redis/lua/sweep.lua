@@ -1,0 +1,20 @@
+-- sweep: a worker's maintenance pass: promote due tasks, reap expired leases (not in broker
+-- mode: there the transport owns leases), time out expired waiting tasks, trim old index
+-- entries whose records expired.
+-- ARGV[A] max_deliveries.
+-- Returns the wait hint (seconds until something may become ready, or -1).
+-- @include _lifecycle.lua
+
+if not BROKER then
+  promote_due(SCAN_LIMIT)
+  reap_expired(tonumber(ARGV[A]))
+  if redis.call('ZCARD', KEYS[1]) > 0 then wake() end
+end
+sweep_expired(SCAN_LIMIT)
+if TTL > 0 then
+  for status, index in pairs(DONE_KEY) do
+    if status ~= ST.FAILED then redis.call('ZREMRANGEBYSCORE', index, '-inf', NOW - TTL) end
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', NOW - TTL)
+end
+return fmt(wait_hint())

@@ -1,0 +1,105 @@
+"""One queue's reads on Redis: plain commands, pipelined; a damaged entry never fails them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ...lifecycle import TaskStatus
+from ..base import QueueRecords
+from .client import RedisClient, wire
+from .keys import QueueKeys
+
+#: Successes sampled for the mean run time in ``recent`` (keeps stats() cheap on busy queues).
+_RUNTIME_SAMPLE = 1000
+
+
+class RedisRecords(QueueRecords):
+    def __init__(self, client: RedisClient, queue_name: str) -> None:
+        self.queue_name = queue_name
+        self._client = client
+        self._keys = QueueKeys.for_queue(queue_name)
+
+    def _rows(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        pipe = self._client.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(wire(self._keys.task(task_id)))
+        with self._client.translate():
+            replies = pipe.execute(raise_on_error=False)
+        rows = []
+        for task_id, reply in zip(ids, replies, strict=True):
+            if isinstance(reply, Exception):  # not a hash: garbage someone wrote by hand
+                rows.append({"id": task_id, "status": "failed", "dead_reason": "malformed"})
+            elif reply:
+                rows.append({"id": task_id, **reply})
+        return rows
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        rows = self._rows([task_id])
+        return rows[0] if rows else None
+
+    def list(self, status: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
+        if limit == 0:
+            return []
+        if status is not None:
+            key, stop = self._keys.index(status), offset + limit - 1
+            redis = self._client.redis
+            with self._client.translate():
+                if status == TaskStatus.PROCESSING:  # leased first, then pulled ones
+                    ids = redis.zrange(key, 0, stop) + redis.zrange(self._keys.pulled, 0, stop)
+                    ids = ids[offset : offset + limit]
+                elif status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
+                    ids = redis.zrange(key, offset, stop)
+                else:
+                    ids = redis.zrevrange(key, offset, stop)
+            return self._rows([str(task_id) for task_id in ids])
+        rows = []
+        for each in TaskStatus:
+            rows += self.list(each.value, offset + limit, 0)
+        rows.sort(key=lambda row: _number(row.get("updated_at")), reverse=True)
+        return rows[offset : offset + limit]
+
+    def counts(self) -> dict[str, int]:
+        pipe = self._client.redis.pipeline(transaction=False)
+        for status in TaskStatus:
+            pipe.zcard(self._keys.index(status.value))
+        pipe.zcard(self._keys.pulled)
+        with self._client.translate():
+            *replies, pulled = pipe.execute()
+        counts = {status.value: int(n) for status, n in zip(TaskStatus, replies, strict=True)}
+        counts[TaskStatus.PROCESSING.value] += int(pulled)
+        return counts
+
+    def recent(self, seconds: float) -> tuple[int, int, float | None]:
+        redis = self._client.redis
+        since = self._client.now() - seconds
+        with self._client.translate():
+            pipe = redis.pipeline(transaction=False)
+            pipe.zcount(self._keys.done("success"), since, "+inf")
+            pipe.zcount(self._keys.done("failed"), since, "+inf")
+            pipe.zrevrangebyscore(self._keys.done("success"), "+inf", since, 0, _RUNTIME_SAMPLE)
+            done, failed, ids = pipe.execute()
+            pipe = redis.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hmget(wire(self._keys.task(task_id)), "started_at", "finished_at")
+            times = pipe.execute(raise_on_error=False)
+        runs = [
+            _number(end) - _number(start)
+            for start, end in (t for t in times if isinstance(t, list))
+            if start and end
+        ]
+        return int(done), int(failed), (sum(runs) / len(runs) if runs else None)
+
+    def size(self) -> int:
+        with self._client.translate():
+            return int(self._client.redis.zcard(self._keys.pending))
+
+    def now(self) -> float:
+        return self._client.now()
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0

@@ -1,0 +1,242 @@
+"""One queue's transitions on Redis: each call is one Lua script (see ``lua/``).
+
+A task is always in exactly one index — pending, delayed, leases, pulled or a done set —
+and never only in a worker's memory. A blocked reserve waits on ``BLPOP`` of a wake-up list
+that every push appends to, bounded by how long until a delayed task is due, a lease
+expires or a waiting task times out, so it wakes within a round trip of a push without
+polling.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from ...lifecycle import Op
+from ..base import (
+    Claimed,
+    ClaimResult,
+    ClaimSpec,
+    Enqueued,
+    LeaseState,
+    NewTask,
+    Outcome,
+    QueueStore,
+    Settled,
+    StoreConfig,
+    Ticket,
+)
+from .client import RedisClient
+from .keys import QueueKeys
+
+#: The keyspace layout this code writes; ``migrate.lua`` brings older ones up to it.
+LAYOUT = 2
+_MIGRATE_SLICE = 1000
+
+
+def _opt(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _priority(value: Any) -> int:
+    """The AMQP priority of a stored priority (damaged values publish as 0)."""
+    try:
+        return max(0, min(int(value), 255))
+    except (TypeError, ValueError):
+        return 0
+
+
+def spec_args(spec: ClaimSpec) -> list[Any]:
+    """A claim spec as ARGV, in read_spec's order (``_lifecycle.lua``)."""
+    ticket = spec.ticket
+    count = 1 if ticket is not None else max(1, spec.count)
+    return [
+        _opt(spec.lease), spec.max_deliveries, spec.consumer, _opt(spec.min_priority),
+        ticket.task_id if ticket else "", ticket.number if ticket else "",
+        ticket.copy if ticket else "", "1" if ticket and ticket.redelivered else "0",
+        *(uuid.uuid4().hex for _ in range(count)),
+    ]  # fmt: skip
+
+
+def claim_result(reply: list[Any]) -> ClaimResult:
+    """Parse claim()'s reply: {wait_hint, unclaimed, skipped, 11 values per task...}."""
+    hint_text, unclaimed, skipped = reply[0], reply[1], reply[2]
+    claimed = []
+    for i in range(3, len(reply), 11):
+        task_id, token, attempts, priority, data, type_, retries, backoff, limit, created, steps = (
+            reply[i : i + 11]
+        )
+        claimed.append(
+            Claimed(
+                task_id=task_id,
+                token=token,
+                attempts=int(attempts),
+                priority=priority,
+                data_json=data,
+                type=type_ or None,
+                max_retries=retries or None,
+                retry_backoff=backoff or None,
+                process_timeout=limit or None,
+                created_at=created or None,
+                steps_json=steps or None,
+            )
+        )
+    hint = float(hint_text) if hint_text not in ("", None) else -1.0
+    return ClaimResult(claimed, None if hint < 0 else hint, unclaimed or None, skipped == "1")
+
+
+class RedisStore(QueueStore):
+    """The transitions of one queue, on a server's shared client."""
+
+    def __init__(self, client: RedisClient, queue_name: str, config: StoreConfig) -> None:
+        self.queue_name = queue_name
+        self._client = client
+        self.keys = QueueKeys.for_queue(queue_name)
+        mode = "broker" if config.broker_leases else ""
+        self._max_deliveries = config.max_deliveries
+        self._head = (queue_name, str(config.result_ttl), mode, str(config.publish_grace))
+        self._migrate()
+
+    def _run(self, name: str, *args: Any) -> Any:
+        return self._client.run(name, self.keys.all, (*self._head, *args))
+
+    def _migrate(self) -> None:
+        """Bring a queue an earlier version wrote up to LAYOUT, in slices (once per queue)."""
+        with self._client.translate():
+            version = self._client.redis.get(self.keys.layout)
+        if version is not None and int(version) >= LAYOUT:
+            return
+        for index in ("pending", "delayed"):
+            start = 0
+            while self._run("migrate", index, start, _MIGRATE_SLICE, "") == _MIGRATE_SLICE:
+                start += _MIGRATE_SLICE
+        self._run("migrate", "pending", 0, 0, str(LAYOUT))
+
+    # -- transitions ------------------------------------------------------------------------
+
+    def enqueue(self, tasks: Sequence[NewTask]) -> Enqueued:
+        args: list[Any] = []
+        for task in tasks:
+            args += (
+                task.task_id, task.priority, task.data_json, task.type or "", task.delay,
+                _opt(task.max_retries), _opt(task.retry_backoff), _opt(task.queue_timeout),
+                _opt(task.process_timeout),
+            )  # fmt: skip
+        reply = self._run("enqueue", *args) if tasks else []
+        tickets = [
+            Ticket(task.task_id, int(number), task.priority)
+            for task, number in zip(tasks, reply, strict=True)
+            if int(number) > 0
+        ]
+        return Enqueued([int(number) != 0 for number in reply], tickets)
+
+    def claim(self, spec: ClaimSpec) -> ClaimResult:
+        return claim_result(self._run("claim", *spec_args(spec)))
+
+    def settle(
+        self, outcomes: Sequence[Outcome], then: ClaimSpec | None = None
+    ) -> tuple[list[Settled], ClaimResult | None]:
+        args: list[Any] = [len(outcomes)]
+        for outcome in outcomes:
+            extra: Any = outcome.status.value
+            if outcome.op is Op.PROGRESS:
+                extra = outcome.fraction
+            args += (
+                outcome.op.value, outcome.task_id, outcome.token or "", outcome.payload or "",
+                outcome.delay, outcome.reason or "", extra,
+            )  # fmt: skip
+        if then is not None:
+            args += spec_args(then)
+        reply = self._run("settle", *args)
+        flat = reply[0]
+        settled = []
+        for outcome, i in zip(outcomes, range(0, len(flat), 2), strict=True):
+            status, ticket = flat[i] or None, flat[i + 1]
+            number = int(ticket) if ticket not in ("", None) else None
+            settled.append(
+                Settled(
+                    status,
+                    Ticket(outcome.task_id, number, 0) if number else None,
+                )
+            )
+        claimed = claim_result(reply[1]) if then is not None else None
+        return self._with_priorities(settled), claimed
+
+    def _with_priorities(self, settled: list[Settled]) -> list[Settled]:
+        """A new ticket carries its task's priority (for the broker message property)."""
+        if not any(item.ticket for item in settled):
+            return settled
+        pipe = self._client.redis.pipeline(transaction=False)
+        for item in settled:
+            if item.ticket is not None:
+                pipe.hget(self.keys.task(item.ticket.task_id), "priority")
+        with self._client.translate():
+            priorities = iter(pipe.execute())
+        return [
+            Settled(
+                item.status,
+                Ticket(item.ticket.task_id, item.ticket.number, _priority(next(priorities))),
+            )
+            if item.ticket is not None
+            else item
+            for item in settled
+        ]
+
+    def renew(self, leases: Sequence[tuple[str, str]], seconds: float | None) -> list[LeaseState]:
+        if not leases:
+            return []
+        args: list[Any] = [_opt(seconds)]
+        for task_id, token in leases:
+            args += (task_id, token)
+        return [LeaseState(int(flag) > 0, int(flag) == 2) for flag in self._run("renew", *args)]
+
+    def cancel(self, task_id: str) -> bool:
+        return bool(self._run("cancel", task_id))
+
+    def retry(self, task_id: str) -> Ticket | None:
+        reply = self._run("retry", task_id)
+        if not reply:
+            return None
+        return Ticket(task_id, int(reply[0]), _priority(reply[1]))
+
+    def due(self, limit: int) -> tuple[list[Ticket], float | None]:
+        reply = self._run("due", limit)
+        hint = float(reply[0])
+        found = [
+            Ticket(str(reply[i]), int(reply[i + 1]), _priority(reply[i + 2]))
+            for i in range(1, len(reply), 3)
+        ]
+        return found, None if hint < 0 else hint
+
+    def published(self, tickets: Sequence[Ticket]) -> None:
+        args: list[Any] = []
+        for ticket in tickets:
+            args += (ticket.task_id, str(ticket.number))
+        if args:
+            self._run("published", *args)
+
+    def sweep(self) -> None:
+        self._run("sweep", self._max_deliveries)
+
+    def purge(self) -> int:
+        with self._client.translate():
+            pending = int(self._client.redis.zcard(self.keys.pending))
+            batch: list[str] = []
+            for key in self._client.redis.scan_iter(match=self.keys.pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    self._client.redis.unlink(*batch)
+                    batch.clear()
+            if batch:
+                self._client.redis.unlink(*batch)
+        return pending
+
+    def purge_finished(self, status: str, limit: int) -> int:
+        return int(self._run("purge", status, limit))
+
+    def wait(self, timeout: float) -> None:
+        with self._client.translate():
+            self._client.redis.blpop(
+                [self.keys.wake], timeout=min(max(timeout, 0.001), self._client.max_block)
+            )

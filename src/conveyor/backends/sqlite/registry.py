@@ -1,0 +1,55 @@
+"""What spans the queues of one SQLite file: live workers, stop requests, queue names."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from ..base import ServerRegistry
+from . import sql
+from .connection import Database
+
+_STOP = "UPDATE workers SET stop_requested = 1 WHERE expires_at >= ?"
+
+
+class SqliteRegistry(ServerRegistry):
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._noted: set[str] = set()  # queue names opened here that hold no task yet
+
+    def register_worker(self, worker_id: str, info_json: str, ttl: float) -> bool:
+        with self._database.write() as now:
+            db = self._database.db()
+            db.execute("DELETE FROM workers WHERE expires_at < ?", (now,))
+            row = db.execute(sql.HEARTBEAT, (worker_id, info_json, now, now + ttl)).fetchone()
+        return bool(row and row[0])
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._database.write():
+            self._database.db().execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def list_workers(self) -> Sequence[str]:
+        with self._database.errors():
+            rows = self._database.db().execute(
+                "SELECT info FROM workers WHERE expires_at >= ? ORDER BY id", (time.time(),)
+            )
+            return [str(row[0]) for row in rows]
+
+    def request_stop(self, worker_id: str | None) -> int:
+        with self._database.write() as now:
+            db = self._database.db()
+            if worker_id is None:
+                return int(db.execute(_STOP, (now,)).rowcount)
+            return int(db.execute(f"{_STOP} AND id = ?", (now, worker_id)).rowcount)
+
+    def known_queues(self) -> Sequence[str]:
+        with self._database.errors():
+            rows = self._database.db().execute("SELECT DISTINCT queue FROM tasks ORDER BY queue")
+            names = {str(row[0]) for row in rows if row[0] is not None}
+        return sorted(names | self._noted)
+
+    def note_queue(self, queue_name: str) -> None:
+        self._noted.add(queue_name)  # the file lists every queue that holds a task
+
+    def forget_queue(self, queue_name: str) -> None:
+        self._noted.discard(queue_name)
