@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import os
 import queue as queue_module
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,10 @@ from typing import Any, TypeVar
 import pytest
 
 from conveyor import QueueManager
+from helpers.private_rabbitmq import PrivateRabbitMQ, rabbitmq_installed
+from helpers.private_redis import PrivateRedis
+from helpers.tcp_proxy import TcpProxy
+from helpers.worker_process import WorkerProcess
 
 T = TypeVar("T")
 
@@ -363,3 +368,86 @@ def spawn_helper(tmp_path: Path) -> Iterator[Callable[..., Helper]]:
     yield factory
     for helper in started:
         helper.stop()
+
+
+# -- servers a test may break (outage tests) ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def private_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of this test run's own (``helpers.private_rabbitmq``), started once
+    per session on free ports (2-4 s here, 10-20 s on a slow machine) and stopped at the
+    end. Tests take it through ``rabbitmq_node``, which restarts the app if a test left it
+    stopped. Use ``node.amqp_url("task_store=sqlite:///...")``, ``node.stop_app()``,
+    ``node.start_app()``."""
+    if not rabbitmq_installed():
+        unavailable("rabbitmq-server is not installed")
+    node = PrivateRabbitMQ(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        node.start()
+    except BaseException:
+        node.stop()
+        raise
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def rabbitmq_node(private_rabbitmq: PrivateRabbitMQ) -> PrivateRabbitMQ:
+    """The session's private RabbitMQ node, its app running (a ``PrivateRabbitMQ``)."""
+    private_rabbitmq.ensure_running()
+    return private_rabbitmq
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
+    """Factory: ``private_redis(aof=True, password=None, start=True, *args)`` gives a
+    ``helpers.private_redis.PrivateRedis`` in the test's tmp dir (10-50 ms to start) that
+    the test may ``kill()``, ``start()`` again on the same port, ``pause()``/``resume()``;
+    all are killed at teardown."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not installed")
+    started: list[PrivateRedis] = []
+
+    def start(*args: str, **options: Any) -> PrivateRedis:
+        server = PrivateRedis(tmp_path / f"redis{len(started)}", *args, **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
+    """Factory: ``tcp_proxy(broker_port)`` gives a ``helpers.tcp_proxy.TcpProxy`` on a free
+    port (``.port``) with ``drop()``, ``blackhole()``, ``reject()``, ``restore()``; all are
+    closed at teardown."""
+    made: list[TcpProxy] = []
+
+    def make(port: int) -> TcpProxy:
+        proxy = TcpProxy(port)
+        made.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in made:
+        proxy.close()
+
+
+@pytest.fixture
+def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: ``worker_process(url, *args, env={...})`` starts ``conveyor worker`` (a
+    ``helpers.worker_process.WorkerProcess``: ``wait_for(text)``, ``signal()``, ``wait()``)
+    on the ``ops_pipeline``; all are killed at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(url: str, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess(tmp_path / f"worker{len(started)}", url, *args, env=env)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()

@@ -284,7 +284,11 @@ def test_conveyor_api_serves_the_dashboard_and_stops_on_sigterm(tmp_path: Path) 
     port = free_port()
     url = f"sqlite:///{tmp_path}/api.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    proc = subprocess.Popen([str(CONVEYOR), "api", "--url", url, "--port", str(port)],
+    # The API logs to its own file, never to the worker's logging.file.
+    config = tmp_path / "conveyor.yaml"
+    config.write_text("logging:\n  file: logs/worker.log\napi:\n  log_file: logs/api.log\n")
+    proc = subprocess.Popen([str(CONVEYOR), "api", "--url", url, "--port", str(port),
+                             "--config", str(config)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -301,6 +305,8 @@ def test_conveyor_api_serves_the_dashboard_and_stops_on_sigterm(tmp_path: Path) 
     output = proc.stdout.read() if proc.stdout else ""
     assert f"http://127.0.0.1:{port}/" in output
     assert "Traceback" not in output
+    assert f"http://127.0.0.1:{port}/" in (tmp_path / "logs" / "api.log").read_text()
+    assert not (tmp_path / "logs" / "worker.log").exists()
 
 
 def _get(url: str) -> str | None:

@@ -345,10 +345,43 @@ def test_workers_lists_heartbeats_and_stop_asks_one(
         assert code == 1
         one_line_error(err, "no-such-worker")
         if backend_name == "sqlite":  # "stop all" on a shared Redis would stop other tests' workers
-            code, out, _ = cli("stop", queue=False)
+            code, out, _ = cli("stop", "--all", queue=False)
             assert (code, "asked 1 worker(s)" in out) == (0, True)
     finally:
         queue.unregister_worker(worker_id)
+
+
+def test_stop_needs_an_id_all_or_a_queue_and_q_stops_only_that_queues_workers(
+    cli: Run, queue: QueueManager, queue_name: str
+) -> None:
+    other = f"{queue_name}-other"
+    serving = {
+        f"{queue_name}-a": [queue_name],
+        f"{queue_name}-b": [other, queue_name],  # serves it as its second choice
+        f"{queue_name}-c": [other],
+    }
+
+    def beat(worker_id: str) -> bool:
+        info = {"id": worker_id, "host": "h", "pid": 1, "queues": serving[worker_id]}
+        return queue.register_worker(worker_id, info, ttl=60)
+
+    try:
+        assert not any(beat(worker_id) for worker_id in serving)
+        code, out, err = cli("stop", queue=False)
+        assert (code, out) == (2, "")
+        one_line_error(err, "WORKER_ID", "-Q QUEUE", "--all")
+        code, _, err = cli("stop", f"{queue_name}-a", "--all", queue=False)
+        assert code == 2
+        one_line_error(err, "not both")
+        assert not any(beat(worker_id) for worker_id in serving)  # nobody was asked
+
+        code, out, _ = cli("stop", "-Q", queue_name, queue=False)
+        assert code == 0 and f"asked 2 worker(s) serving '{queue_name}'" in out
+        asked = {worker_id: beat(worker_id) for worker_id in serving}
+        assert asked == {f"{queue_name}-a": True, f"{queue_name}-b": True, f"{queue_name}-c": False}
+    finally:
+        for worker_id in serving:
+            queue.unregister_worker(worker_id)
 
 
 # -- settings and broker errors -------------------------------------------------------------

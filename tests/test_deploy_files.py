@@ -200,3 +200,25 @@ def test_systemd_unit_outwaits_the_drain(tmp_path: Path) -> None:
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_production_api_and_worker_write_separate_log_files() -> None:
+    settings = load_settings(PRODUCTION)
+    assert settings.logging.file and settings.api.log_file
+    assert Path(settings.api.log_file) != Path(settings.logging.file)
+
+
+def test_the_supervisor_log_directory_ships_with_the_checkout() -> None:
+    """supervisor opens stdout_logfile before the worker runs and never creates its folder:
+    a fresh clone must already have logs/."""
+    program = ini(ROOT / "supervisor" / "conveyor-worker.conf")["program:conveyor-worker"]
+    assert program["stdout_logfile"].startswith("%(ENV_CONVEYOR_HOME)s/logs/")
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed")
+    done = subprocess.run(
+        [git, "-C", str(ROOT), "ls-files", "logs"], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"not a git checkout: {done.stderr.strip()}")
+    assert "logs/.gitkeep" in done.stdout.split()

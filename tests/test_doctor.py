@@ -177,6 +177,82 @@ def test_a_supervisor_stopwaitsecs_shorter_than_the_drain_is_flagged(
     assert statuses[0][0] == "ok" and statuses[1][0] == "problem" and "KILL" in statuses[1][1]
 
 
+def test_a_supervisor_log_directory_that_does_not_exist_is_flagged(
+    doctor: Doctor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "logs").mkdir()
+    conf = write_program(
+        tmp_path / "logs.conf",
+        "stopwaitsecs=400",
+        f"stdout_logfile={tmp_path}/missing/%(program_name)s_%(process_num)02d.log",
+        "stderr_logfile=%(ENV_DOCTOR_TEST_HOME)s/logs/%(program_name)s.err",
+    )
+    args = ("--url", sqlite_url(tmp_path), "--config", str(PRODUCTION))
+    monkeypatch.setenv("DOCTOR_TEST_HOME", str(tmp_path))
+    code, findings, _ = doctor(*args, "--supervisor-conf", str(conf))
+    monkeypatch.delenv("DOCTOR_TEST_HOME")
+    assert code == 1
+    (problem,) = by_check(findings, "supervisor logs")
+    assert problem["status"] == "problem"
+    assert f"directory {tmp_path}/missing does not exist" in problem["message"]
+    assert f"mkdir -p {tmp_path}/missing" in (problem["fix"] or "")
+    assert "conveyor-worker_00.log" in problem["message"]  # expanded as supervisor does
+
+    code, findings, _ = doctor(*args, "--supervisor-conf", str(conf))  # $DOCTOR_TEST_HOME unset
+    (unknown,) = by_check(findings, "supervisor logs")
+    assert unknown["status"] == "unchecked" and "ENV_DOCTOR_TEST_HOME" in unknown["message"]
+
+
+def test_start_retries_that_give_up_during_an_outage_are_flagged(
+    doctor: Doctor, tmp_path: Path
+) -> None:
+    # The old shipped pair, with a worker that does not wait for its broker.
+    quitter = write_program(
+        tmp_path / "quitter.conf",
+        "stopwaitsecs=400",
+        "startsecs=3",
+        "startretries=5",
+        f'environment=CONVEYOR_CONFIG="{PRODUCTION}",CONVEYOR_WORKER__BROKER_WAIT="0"',
+    )
+    args = ("--url", sqlite_url(tmp_path))
+    code, findings, text = doctor(*args, "--supervisor-conf", str(quitter))
+    assert code == 1
+    (finding,) = by_check(findings, "supervisor starts")
+    assert finding["status"] == "problem"
+    message = finding["message"]
+    assert "startsecs=3s, startretries=5" in message and "after 6 starts" in message
+    assert "about 33s" in message and "1 + 2 + 3 + 4 + 5 s" in message
+    assert "outage longer than about 33s leaves these workers FATAL" in message
+    assert "CONVEYOR_WORKER__BROKER_WAIT" in message
+    assert "worker.broker_wait: forever" in (finding["fix"] or "")
+    assert "startretries=22" in (finding["fix"] or "")  # keeps trying for 300 s
+    assert "PROBLEM    supervisor starts" in text
+
+    # The same pair with a worker that waits (production.yaml: forever) is fine.
+    waiter = write_program(
+        tmp_path / "waiter.conf",
+        "stopwaitsecs=400",
+        "startsecs=3",
+        "startretries=5",
+        f'environment=CONVEYOR_CONFIG="{PRODUCTION}"',
+    )
+    code, findings, _ = doctor(*args, "--supervisor-conf", str(waiter))
+    (finding,) = by_check(findings, "supervisor starts")
+    assert finding["status"] == "ok" and "an outage is never a failed start" in finding["message"]
+    assert code == 0
+
+    # A worker that gives up, but a supervisor that keeps trying for 5 minutes: fine too.
+    patient = write_program(
+        tmp_path / "patient.conf",
+        "stopwaitsecs=400",
+        "startsecs=3",
+        "startretries=22",
+        f'environment=CONVEYOR_CONFIG="{PRODUCTION}",CONVEYOR_WORKER__BROKER_WAIT="1"',
+    )
+    code, findings, _ = doctor(*args, "--supervisor-conf", str(patient))
+    assert by_check(findings, "supervisor starts")[0]["status"] == "ok"
+
+
 def test_the_shipped_supervisor_and_compose_files_pass(doctor: Doctor, tmp_path: Path) -> None:
     code, findings, _ = doctor(
         "--url", sqlite_url(tmp_path), "--supervisor-conf",
@@ -186,6 +262,11 @@ def test_the_shipped_supervisor_and_compose_files_pass(doctor: Doctor, tmp_path:
     assert code == 0, findings
     checks = {f["check"]: f for f in findings}
     assert checks["supervisor"]["status"] == "ok" and "330s" in checks["supervisor"]["message"]
+    # logs/ ships with the checkout (CONVEYOR_HOME is unset here: taken as the checkout).
+    assert checks["supervisor logs"]["status"] == "ok"
+    assert str(ROOT / "logs") in checks["supervisor logs"]["message"]
+    assert checks["supervisor starts"]["status"] == "ok"
+    assert "waits for its broker (forever" in checks["supervisor starts"]["message"]
     assert checks["compose"]["status"] == "ok" and "production.yaml" in checks["compose"]["message"]
     assert checks["compose redis"]["status"] == "ok"
 
@@ -197,14 +278,23 @@ def test_a_running_supervisord_is_checked_over_xml_rpc(doctor: Doctor, tmp_path:
         "command": f"{sys.executable} {ROOT / 'worker.py'}",
         "autostart": "false",  # only its settings matter: nothing needs to run
         "stopwaitsecs": "5",
+        "stdout_logfile": f"{tmp_path}/no-such-dir/worker.log",
     }
+    # supervisord refuses a config whose log directory is missing; one removed later (a
+    # log cleanup, a fresh volume) is found only when a process starts.
+    (tmp_path / "no-such-dir").mkdir()
     supervisord = Supervisord(tmp_path / "sv", {"conveyor-worker": program}, {})
+    (tmp_path / "no-such-dir").rmdir()
     try:
         args = ("--url", sqlite_url(tmp_path), "--config", str(PRODUCTION))
         code, findings, _ = doctor(*args, "--supervisor-url", supervisord.url)
         assert code == 1
         (finding,) = by_check(findings, "supervisord")
         assert finding["status"] == "problem" and "stopwaitsecs is 5s" in finding["message"]
+        (logs,) = by_check(findings, "supervisord logs")
+        assert logs["status"] == "problem" and f"{tmp_path}/no-such-dir" in logs["message"]
+        (starts,) = by_check(findings, "supervisord starts")
+        assert starts["status"] == "ok" and "startsecs=1s, startretries=3" in starts["message"]
     finally:
         supervisord.stop()
     code, findings, _ = doctor(*args, "--supervisor-url", supervisord.url)  # now gone

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,11 +28,13 @@ import pytest
 from conftest import HELPERS, REDIS_URL, require_redis_server, unavailable, wait_until
 from conveyor import QueueManager
 from conveyor.cli import main
+from conveyor.doctor.starts import give_up_seconds
 from conveyor.errors import ConveyorError
 from helpers.private_redis import PrivateRedis
 from helpers.supervision import (
     ROOT,
     Supervisord,
+    fresh_checkout,
     program_section,
     supervisor_env,
     supervisord_installed,
@@ -44,10 +47,18 @@ PROCESSES = ("conveyor-worker_00", "conveyor-worker_01", "conveyor-worker_02")
 
 
 class Deployment:
-    """supervisord running the shipped program, and a manager on the workers' queue."""
+    """supervisord running the shipped program, and a manager on the workers' queue.
 
-    def __init__(self, workdir: Path, url: str) -> None:
+    ``home`` is the checkout the program runs from (CONVEYOR_HOME); with ``shipped_logs``
+    the log files stay where the shipped program puts them (``home/logs/``), otherwise
+    they go to ``workdir``. The manager opens on first use (the broker may be down).
+    """
+
+    def __init__(
+        self, workdir: Path, url: str, home: Path = ROOT, *, shipped_logs: bool = False
+    ) -> None:
         self.url = url
+        self.home = home
         self.queue_name = f"sv-{uuid.uuid4().hex[:8]}"
         program = program_section()
         env = {
@@ -56,16 +67,26 @@ class Deployment:
             "CONVEYOR_WORKER__PIPELINES": "ops_pipeline", "PYTHONPATH": str(HELPERS),
             "CONVEYOR_WORKER__HEARTBEAT_INTERVAL": "0.5",
             "CONVEYOR_QUEUE__VISIBILITY_TIMEOUT": "3",
-            "CONVEYOR_LOGGING__FILE": str(workdir / "worker_%(process_num)02d.log"),
             "CONVEYOR_LOGGING__JSON": "false",
         }  # fmt: skip
+        if not shipped_logs:
+            env["CONVEYOR_LOGGING__FILE"] = str(workdir / "worker_%(process_num)02d.log")
+            program["stdout_logfile"] = str(workdir / "%(program_name)s_%(process_num)02d.out")
         # The shipped environment first; later keys win in supervisor's parser.
         program["environment"] = program["environment"] + "," + supervisor_env(env)
-        program["stdout_logfile"] = str(workdir / "%(program_name)s_%(process_num)02d.out")
-        self.queue = QueueManager.from_url(url, queue_name=self.queue_name, visibility_timeout=3)
+        self.program = program
+        self._queue: QueueManager | None = None
         self.supervisord = Supervisord(
-            workdir, {"conveyor-worker": program}, {"CONVEYOR_HOME": str(ROOT)}
+            workdir, {"conveyor-worker": program}, {"CONVEYOR_HOME": str(home)}
         )
+
+    @property
+    def queue(self) -> QueueManager:
+        if self._queue is None:
+            self._queue = QueueManager.from_url(
+                self.url, queue_name=self.queue_name, visibility_timeout=3
+            )
+        return self._queue
 
     def workers(self) -> list[dict[str, Any]]:
         return [w for w in self.queue.workers() if w.get("queues") == [self.queue_name]]
@@ -101,19 +122,20 @@ class Deployment:
 
     def close(self) -> None:
         self.supervisord.stop()
-        with contextlib.suppress(ConveyorError):
-            self.queue.clear()
-        self.queue.close()
+        if self._queue is not None:
+            with contextlib.suppress(ConveyorError):
+                self._queue.clear()
+            self._queue.close()
 
 
 @pytest.fixture
-def deploy(tmp_path: Path) -> Iterator[Callable[[str], Deployment]]:
+def deploy(tmp_path: Path) -> Iterator[Callable[..., Deployment]]:
     if not supervisord_installed():
         unavailable("supervisord is not installed: pip install -e '.[dev]'")
     started: list[Deployment] = []
 
-    def start(url: str) -> Deployment:
-        deployment = Deployment(tmp_path / f"d{len(started)}", url)
+    def start(url: str, home: Path = ROOT, *, shipped_logs: bool = False) -> Deployment:
+        deployment = Deployment(tmp_path / f"d{len(started)}", url, home, shipped_logs=shipped_logs)
         started.append(deployment)
         return deployment
 
@@ -123,7 +145,7 @@ def deploy(tmp_path: Path) -> Iterator[Callable[[str], Deployment]]:
 
 
 @pytest.fixture
-def on_redis(deploy: Callable[[str], Deployment]) -> Deployment:
+def on_redis(deploy: Callable[..., Deployment]) -> Deployment:
     require_redis_server()
     return deploy(REDIS_URL)
 
@@ -214,7 +236,7 @@ def private_server(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 def test_conveyor_stop_drains_every_worker(
-    private_server: PrivateRedis, deploy: Callable[[str], Deployment]
+    private_server: PrivateRedis, deploy: Callable[..., Deployment]
 ) -> None:
     server = private_server
     deployment = deploy(server.url)
@@ -223,7 +245,7 @@ def test_conveyor_stop_drains_every_worker(
     deployment.queue.push_many([(f"s{i}", {"sleep": 2}, 5) for i in range(3)])
     deployment.running_tasks(3)
     done = subprocess.run(
-        [str(CONVEYOR), "stop", "--url", server.url, "--wait", "60"],
+        [str(CONVEYOR), "stop", "--all", "--url", server.url, "--wait", "60"],
         capture_output=True, text=True, timeout=90, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -245,3 +267,64 @@ def test_conveyor_stop_drains_every_worker(
     # autorestart: supervisor starts fresh workers, which the old request does not stop.
     fresh = deployment.wait_for_workers(3, exclude=first)
     assert not fresh & first
+
+
+# -- a broker outage at start -------------------------------------------------------------------
+
+
+def test_the_shipped_program_from_a_fresh_checkout_rides_out_a_long_redis_outage(
+    deploy: Callable[..., Deployment], private_redis: Callable[..., PrivateRedis], tmp_path: Path
+) -> None:
+    """Redis is down for longer than supervisor's start retries last (startsecs x
+    (startretries + 1) plus its 1 + 2 + ... s backoff: about 26 s with the old 3 s / 5
+    retries, which left every worker FATAL). The workers wait for Redis instead of exiting,
+    stay RUNNING with the same pids throughout, and drain the queue once Redis is up.
+
+    The program is the shipped one, run from a fresh checkout (only the files git tracks)
+    with its own log files: supervisor opens them in logs/, which must be in the checkout.
+    """
+    try:
+        home = fresh_checkout(tmp_path / "checkout")
+    except RuntimeError as exc:
+        unavailable(str(exc))
+    server = private_redis(aof=True, start=False)  # its port is known; it is not running
+    deployment = deploy(server.url, home, shipped_logs=True)
+    startsecs = float(deployment.program["startsecs"])
+    retries = int(deployment.program["startretries"])
+    outage = max(give_up_seconds(startsecs, retries), 26.0) + 4.0
+    began = time.monotonic()
+    pids: dict[str, int | None] = {}
+    seen: set[str] = set()
+    while (elapsed := time.monotonic() - began) < outage:
+        states = deployment.supervisord.status()
+        seen |= {state for state, _ in states.values()}
+        assert seen <= {"STARTING", "RUNNING"}, deployment.why(f"no exit after {elapsed:.0f}s")()
+        if elapsed > startsecs + 5:  # supervisor has had time to call them started
+            assert [state for state, _ in states.values()] == ["RUNNING"] * 3, states
+            pids = pids or {name: pid for name, (_, pid) in states.items()}
+            assert {name: pid for name, (_, pid) in states.items()} == pids  # never restarted
+        time.sleep(0.5)
+    log = deployment.supervisord.log()
+    assert "FATAL" not in log and "BACKOFF" not in log and "exited:" not in log, log
+    for number in range(3):
+        text = (home / "logs" / f"worker_{number:02d}.log").read_text()
+        assert text.count("waiting for the backend") == 1, text
+        assert (home / "logs" / f"conveyor-worker_{number:02d}.log").exists()
+
+    server.start()
+    up = time.monotonic()
+    deployment.wait_for_workers(3)
+    resumed = time.monotonic() - up
+    deployment.queue.push_many([(f"o{i}", {"sleep": 0.05}, 5) for i in range(30)])
+    wait_until(
+        lambda: deployment.queue.stats().counts["success"] == 30,
+        timeout=60,
+        message=lambda: f"30 successes; counts {deployment.queue.stats().counts}",
+    )
+    counts = deployment.queue.stats().counts
+    assert sum(counts.values()) == 30  # nothing lost, nothing left
+    assert {name: pid for name, (_, pid) in deployment.supervisord.status().items()} == pids
+    print(
+        f"Redis down {outage:.0f}s with the shipped program (startsecs={startsecs:g}, "
+        f"startretries={retries}); all 3 workers registered {resumed:.1f}s after Redis started"
+    )

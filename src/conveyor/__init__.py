@@ -7,6 +7,7 @@ first run with no servers at all (the embedded SQLite backend).
 from .backends import QueueBackend
 from .errors import (
     BackendError,
+    BrokerAuthenticationError,
     BrokerUnavailableError,
     ConfigError,
     ConveyorError,
@@ -21,6 +22,7 @@ from .worker import RetryDefaults, TaskWorker, WorkerOptions
 
 __all__ = [
     "BackendError",
+    "BrokerAuthenticationError",
     "BrokerUnavailableError",
     "ConfigError",
     "ConveyorError",

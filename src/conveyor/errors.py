@@ -41,9 +41,13 @@ class BrokerUnavailableError(ConveyorError, ConnectionError):
 
 
 class BrokerAuthenticationError(BrokerUnavailableError):
-    """The broker answered but refused the credentials: a configuration error at start
-    (waiting would not help), yet retried like an outage while a worker runs, because
-    credentials can be rotated under a running worker."""
+    """The broker refused the credentials (wrong user or password, no AUTH given).
+
+    A subclass of ``BrokerUnavailableError`` so code that only asks "can I use the broker?"
+    keeps working; a worker starting up tells the two apart: it waits while the broker is
+    unreachable, but stops at once (exit 2) on credentials that waiting will not fix. A
+    worker already running retries it like an outage: credentials can be rotated under it.
+    """
 
 
 class BackendError(ConveyorError):

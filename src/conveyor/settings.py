@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
@@ -106,6 +107,22 @@ RedisUrl = Annotated[str, AfterValidator(partial(_check_scheme, kind=QueueBacken
 AmqpUrl = Annotated[str, AfterValidator(partial(_check_scheme, kind=QueueBackend.RABBITMQ))]
 
 
+def _wait_value(value: Any) -> Any:
+    """Seconds (>= 0) or the word ``forever``; one clear error for anything else."""
+    if isinstance(value, str) and value.strip().lower() == "forever":
+        return "forever"
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not seconds >= 0 or math.isinf(seconds):
+        raise ValueError("must be a number of seconds (>= 0) or 'forever'")
+    return seconds
+
+
+BrokerWait = Annotated[float | Literal["forever"], BeforeValidator(_wait_value)]
+
+
 class _Section(BaseModel):
     """A settings section: unknown keys are errors, values are fixed once loaded."""
 
@@ -163,6 +180,28 @@ class WorkerSettings(_Section):
     max_retries: int = Field(default=3, ge=0)
     retry_backoff: float = Field(default=2.0, ge=0)
     max_backoff: float = Field(default=600.0, ge=0)
+    #: How long a starting worker waits for an unreachable backend (Redis, RabbitMQ):
+    #: ``forever`` (the default: a worker started before its broker, or during an outage,
+    #: just waits) or a number of seconds (0: give up at once, exit 2).
+    broker_wait: BrokerWait = "forever"
+    #: Backoff between connection attempts: doubling from ``reconnect_backoff`` up to
+    #: ``reconnect_max_backoff`` seconds, with jitter, so work resumes within about
+    #: ``reconnect_max_backoff`` of the broker answering again.
+    reconnect_backoff: float = Field(default=0.1, gt=0)
+    reconnect_max_backoff: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> WorkerSettings:
+        if self.reconnect_max_backoff < self.reconnect_backoff:
+            raise ValueError(
+                f"worker.reconnect_max_backoff ({self.reconnect_max_backoff:g}s) must be at "
+                f"least worker.reconnect_backoff ({self.reconnect_backoff:g}s)"
+            )
+        return self
+
+    def broker_wait_seconds(self) -> float | None:
+        """``broker_wait`` as seconds; None means wait forever."""
+        return None if self.broker_wait == "forever" else float(self.broker_wait)
 
 
 class LoggingSettings(_Section):
@@ -198,6 +237,10 @@ class ApiSettings(_Section):
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8000, ge=1, le=65535)
     token: SecretStr | None = Field(default=None, min_length=1)
+    #: The API's own rotating log file (level, format and rotation as in ``logging``);
+    #: None: stderr only. ``logging.file`` is the worker's: two processes rotating one
+    #: file race each other, so the API never writes there.
+    log_file: str | None = Field(default=None, min_length=1)
     allowed_hosts: StrList = Field(
         default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"], min_length=1
     )

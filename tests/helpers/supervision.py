@@ -26,6 +26,30 @@ REAL_CONF = ROOT / "supervisor" / "conveyor-worker.conf"
 _STATUS_LINE = re.compile(r"^(\S+)\s+([A-Z]+)\s*(?:pid (\d+))?")
 
 
+def fresh_checkout(dest: Path) -> Path:
+    """The files ``git`` tracks in this checkout, copied to ``dest``: what a fresh clone
+    has (untracked files such as a local logs/ folder are not there), with the working
+    tree's edits, so an uncommitted change is tested too. ``.venv`` links to the running
+    interpreter's environment (the package is installed there). Raises RuntimeError when
+    this is not a git checkout."""
+    git = shutil.which("git")
+    if git is None:
+        raise RuntimeError("git is not installed")
+    listed = subprocess.run(
+        [git, "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=False
+    )
+    if listed.returncode != 0:
+        raise RuntimeError(f"not a git checkout: {listed.stderr.decode(errors='replace')}")
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():  # a tracked file deleted in the working tree is skipped
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    (dest / ".venv").symlink_to(Path(sys.prefix))
+    return dest
+
+
 def supervisord_installed() -> bool:
     """supervisor comes from the dev extra (``pip install -e '.[dev]'``)."""
     return (BIN / "supervisord").exists() and (BIN / "supervisorctl").exists()

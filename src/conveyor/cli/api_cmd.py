@@ -24,6 +24,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", metavar="ADDRESS", help="address to bind (default api.host)")
     parser.add_argument("--port", type=int, metavar="PORT", help="port (default api.port, 8000)")
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ...")
+    parser.add_argument(
+        "--log-file", metavar="PATH", help="the API's rotating log file (default api.log_file)"
+    )
     parser.set_defaults(handler=api_command)
 
 
@@ -34,6 +37,8 @@ def api_command(args: argparse.Namespace) -> int:
         api["host"] = args.host
     if args.port is not None:
         api["port"] = args.port
+    if args.log_file is not None:
+        api["log_file"] = args.log_file
     overrides: dict[str, Any] = {"api": api} if api else {}
     if args.log_level:
         overrides["logging"] = {"level": args.log_level}
@@ -46,6 +51,8 @@ def api_command(args: argparse.Namespace) -> int:
             "pip install 'conveyor[api]'",
             code=2,
         ) from None
-    configure_logging(settings.logging)
+    # The API's own file (api.log_file), never the worker's logging.file: two processes
+    # rotating one file race each other and interleave two programs' lines.
+    configure_logging(settings.logging.model_copy(update={"file": settings.api.log_file}))
     serve(settings, log_level=settings.logging.level)
     return 0

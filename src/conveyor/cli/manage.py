@@ -8,6 +8,7 @@ from typing import Any
 
 from ..manager import QueueManager
 from ..models import TaskStatus
+from ..urls import mask_url
 from .common import (
     CliError,
     Progress,
@@ -72,15 +73,23 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     stop = sub.add_parser(
         "stop",
         parents=[common],
-        help="ask every worker (or one) to shut down gracefully",
+        help="ask one worker, those of a queue (-Q) or all (--all) to shut down gracefully",
         description=(
             "Ask live workers, on any host, to stop through the backend: each stops taking "
             "tasks, finishes the running ones (up to worker.max_shutdown_wait) and exits 0. "
-            "Under supervisor (autorestart) or systemd (Restart=always) a fresh worker "
-            "starts: a graceful restart. To keep them down, stop them there."
+            "Name one WORKER_ID, or -Q QUEUE for the workers serving a queue, or --all for "
+            "every worker on this backend (every queue, every host). Under supervisor "
+            "(autorestart) or systemd (Restart=always) a fresh worker starts: a graceful "
+            "restart. To keep them down, stop them there."
         ),
     )
-    stop.add_argument("worker_id", nargs="?", metavar="WORKER_ID", help="default: all")
+    stop.add_argument("worker_id", nargs="?", metavar="WORKER_ID", help="one worker's id")
+    stop.add_argument(
+        "--all", action="store_true", help="every live worker (with -Q: of those queues)"
+    )
+    stop.add_argument(
+        "-Q", "--queues", metavar="A,B", help="only workers that serve one of these queues"
+    )
     stop.add_argument(
         "--wait",
         nargs="?",
@@ -244,23 +253,53 @@ def clear_command(args: argparse.Namespace) -> int:
 
 
 def stop_command(args: argparse.Namespace) -> int:
+    wanted = {name.strip() for name in (args.queues or "").split(",") if name.strip()}
+    if args.worker_id is not None and (args.all or args.queues is not None):
+        raise CliError("stop: give a WORKER_ID, or --all / -Q QUEUE, not both", code=2)
+    if args.queues is not None and not wanted:
+        raise CliError("stop: -Q needs a queue name, e.g. -Q emails", code=2)
     settings = settings_from(args)
+    if args.worker_id is None and not args.all and not wanted:
+        raise CliError(
+            "stop: say which workers: a WORKER_ID (see `conveyor workers`), -Q QUEUE for "
+            "those serving a queue, or --all for every worker on "
+            f"{mask_url(settings.backend_url())} (every queue, every host)",
+            code=2,
+        )
     with open_queue(settings) as queue:
-        live = {str(info["id"]) for info in queue.workers() if info.get("id")}
-        asked = queue.request_stop(args.worker_id)
-        if args.worker_id is not None and asked == 0:
-            raise CliError(f"no live worker with id {args.worker_id!r} (see `conveyor workers`)")
-        targets = {args.worker_id} if args.worker_id else live
-        out(f"asked {asked} worker(s) to stop gracefully")
+        live = queue.workers()
+        if args.worker_id is not None:
+            asked = queue.request_stop(args.worker_id)
+            if asked == 0:
+                raise CliError(
+                    f"no live worker with id {args.worker_id!r} (see `conveyor workers`)"
+                )
+            targets = {args.worker_id}
+            out(f"asked {asked} worker(s) to stop gracefully")
+        elif wanted:
+            targets = {str(info["id"]) for info in live if info["id"] and _serves(info, wanted)}
+            asked = sum(queue.request_stop(worker_id) for worker_id in sorted(targets))
+            names = ", ".join(repr(name) for name in sorted(wanted))
+            out(f"asked {asked} worker(s) serving {names} to stop gracefully")
+        else:
+            targets = {str(info["id"]) for info in live if info["id"]}  # damaged ones have none
+            asked = queue.request_stop(None)
+            out(f"asked {asked} worker(s) to stop gracefully")
         if args.wait is not None and targets:
             _wait_for_exit(queue, targets, args.wait)
     return 0
 
 
+def _serves(info: dict[str, Any], wanted: set[str]) -> bool:
+    """Does this heartbeat's worker take from one of the ``wanted`` queues?"""
+    queues = info.get("queues")
+    return isinstance(queues, list) and bool(wanted & {str(name) for name in queues})
+
+
 def _wait_for_exit(queue: QueueManager, targets: set[str], timeout: float) -> None:
     deadline, reported = time.monotonic() + timeout, 0
     while True:
-        left = targets & {str(info["id"]) for info in queue.workers() if info.get("id")}
+        left = targets & {str(info["id"]) for info in queue.workers() if info["id"]}
         if not left:
             out(f"{len(targets)} worker(s) exited")
             return

@@ -44,8 +44,30 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         choices=["requeue", "fail"],
         help="what happens to a task still running when the shutdown wait is over",
     )
+    parser.add_argument(
+        "--wait",
+        type=_wait_value,
+        metavar="SECONDS|forever",
+        help=(
+            "how long to wait for an unreachable Redis/RabbitMQ at start (default "
+            "worker.broker_wait: forever); 0 exits 2 at once"
+        ),
+    )
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ...")
     parser.set_defaults(handler=worker_command)
+
+
+def _wait_value(text: str) -> float | str:
+    """``forever`` or seconds >= 0 (argparse reports anything else as a usage error)."""
+    if text.strip().lower() == "forever":
+        return "forever"
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"want seconds (>= 0) or 'forever', got {text!r}")
+    return seconds
 
 
 def worker_command(args: argparse.Namespace) -> int:
@@ -66,6 +88,7 @@ def worker_command(args: argparse.Namespace) -> int:
         ("max_time", args.max_time),
         ("memory_mb", args.memory),
         ("shutdown_mode", args.shutdown_mode),
+        ("broker_wait", args.wait),
     ):
         if value is not None:
             worker[key] = value

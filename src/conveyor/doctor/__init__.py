@@ -10,6 +10,9 @@ Checks (each yields :class:`Finding` values; a ``problem`` makes ``conveyor doct
   (from a config file or a running supervisord over XML-RPC) and docker-compose
   ``stop_grace_period`` must exceed ``worker.max_shutdown_wait`` plus a margin, or the
   worker is SIGKILLed mid-drain; the stop signal must be one the worker drains on;
+* supervisor can start the workers at all: their log directories exist, and a
+  ``startsecs``/``startretries`` pair does not leave them FATAL during a broker outage
+  (see ``doctor.starts``);
 * on RabbitMQ, a pipeline whose hard time limit is missing or above the broker's
   ``consumer_timeout`` (the broker would deliver the task again while it still runs).
 """
@@ -57,11 +60,10 @@ def run_checks(settings: Settings, options: DoctorOptions) -> list[Finding]:
     findings = check_backend(settings)
     if findings[0].status == "ok":
         findings += check_redis(settings)
-    wait = settings.worker.max_shutdown_wait
     if options.supervisor_conf is not None:
         findings += check_supervisor_file(options.supervisor_conf, settings, options.margin)
     if options.supervisor_url is not None:
-        findings += check_supervisord(options.supervisor_url, wait, options.margin)
+        findings += check_supervisord(options.supervisor_url, settings, options.margin)
     if options.compose is not None:
         findings += check_compose(options.compose, settings, options.margin)
     findings += check_rabbitmq(settings)

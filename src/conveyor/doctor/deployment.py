@@ -16,9 +16,9 @@ import configparser
 import math
 import re
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -26,7 +26,10 @@ from ..errors import ConfigError
 from ..settings import Settings, load_settings
 from ..urls import mask_url
 from . import Finding
+from .starts import expand_program, log_dir_findings, program_numbers, restart_finding
 from .supervisord import SupervisordError, read_config_info
+
+T = TypeVar("T")
 
 _WORKER_COMMAND = re.compile(r"worker\.py\b|\bconveyor\b.*\bworker\b")
 _DRAIN_SIGNALS = ("TERM", "INT")
@@ -76,10 +79,41 @@ def deployed_wait(
     env: Mapping[str, str], settings: Settings, bases: Iterable[Path]
 ) -> tuple[float, str]:
     """The ``max_shutdown_wait`` a worker started with ``env`` uses, and where it came from."""
-    own = env.get("CONVEYOR_WORKER__MAX_SHUTDOWN_WAIT")
+    return _deployed(
+        env, settings, bases, name="CONVEYOR_WORKER__MAX_SHUTDOWN_WAIT", parse=float,
+        read=lambda found: found.worker.max_shutdown_wait,
+    )  # fmt: skip
+
+
+def deployed_broker_wait(
+    env: Mapping[str, str], settings: Settings, bases: Iterable[Path]
+) -> tuple[float | str, str]:
+    """The ``broker_wait`` (seconds or ``"forever"``) a worker started with ``env`` uses."""
+    return _deployed(
+        env, settings, bases, name="CONVEYOR_WORKER__BROKER_WAIT", parse=_broker_wait,
+        read=lambda found: found.worker.broker_wait,
+    )  # fmt: skip
+
+
+def _broker_wait(text: str) -> float | str:
+    return "forever" if text.strip().lower() == "forever" else float(text)
+
+
+def _deployed(
+    env: Mapping[str, str],
+    settings: Settings,
+    bases: Iterable[Path],
+    *,
+    name: str,
+    parse: Callable[[str], T],
+    read: Callable[[Settings], T],
+) -> tuple[T, str]:
+    """A worker setting as the deployed worker sees it: its environment's ``name``, else
+    the file its ``CONVEYOR_CONFIG`` names, else the doctor's own settings."""
+    own = env.get(name)
     if own:
         try:
-            return float(own), "CONVEYOR_WORKER__MAX_SHUTDOWN_WAIT in its environment"
+            return parse(own), f"{name} in its environment"
         except ValueError:
             pass
     named = env.get("CONVEYOR_CONFIG")
@@ -88,10 +122,10 @@ def deployed_wait(
         for path in candidates:
             if path.is_file():
                 try:
-                    return load_settings(path).worker.max_shutdown_wait, str(path)
+                    return read(load_settings(path)), str(path)
                 except ConfigError:
                     break
-    return settings.worker.max_shutdown_wait, "the doctor's settings"
+    return read(settings), "the doctor's settings"
 
 
 # -- supervisor -------------------------------------------------------------------------------
@@ -136,10 +170,44 @@ def check_supervisor_file(path: Path, settings: Settings, margin: float) -> list
         )
         signal_problem = _signal_finding("supervisor", where, options.get("stopsignal", "TERM"))
         findings += [signal_problem] if signal_problem else []
+        findings += _program_starts(path, section, options, settings=settings, env=env, bases=bases)
     if not findings:
         findings.append(
             Finding("supervisor", "unchecked", f"{path}: no [program:...] runs a Conveyor worker")
         )
+    return findings
+
+
+def _program_starts(
+    path: Path,
+    section: str,
+    options: Mapping[str, str],
+    *,
+    settings: Settings,
+    env: Mapping[str, str],
+    bases: list[Path],
+) -> list[Finding]:
+    """Log directories that must exist, and whether the start retries outlast an outage."""
+    where = f"{path} [{section}]"
+    try:
+        files, note = expand_program(options, section, path)
+        findings = log_dir_findings("supervisor logs", where, files, note)
+    except (KeyError, ValueError) as exc:
+        findings = [
+            Finding(
+                "supervisor logs",
+                "unchecked",
+                f"{where}: a log file path uses %({_brief(exc)})s, which is not known here "
+                "(run the doctor with supervisord's environment, or pass --supervisor-url)",
+            )
+        ]
+    numbers = program_numbers(options)
+    if numbers is None:
+        text = f"{where}: startsecs or startretries is not a number"
+        findings.append(Finding("supervisor starts", "unchecked", text))
+    else:
+        broker_wait = deployed_broker_wait(env, settings, bases)
+        findings.append(restart_finding("supervisor starts", where, *numbers, broker_wait))
     return findings
 
 
@@ -151,7 +219,7 @@ def _supervisor_env(text: str) -> Iterable[tuple[str, str]]:
         yield match.group(1), value
 
 
-def check_supervisord(url: str, wait: float, margin: float) -> list[Finding]:
+def check_supervisord(url: str, settings: Settings, margin: float) -> list[Finding]:
     """The same check against a running supervisord, through its XML-RPC interface."""
     try:
         infos = read_config_info(url)
@@ -173,7 +241,7 @@ def check_supervisord(url: str, wait: float, margin: float) -> list[Finding]:
     for group, processes in sorted(groups.items()):
         where = f"supervisord {group} ({len(processes)} process(es))"
         waits = min(float(info.get("stopwaitsecs", 10)) for info in processes)
-        origin = (wait, "the doctor's settings")
+        origin = (settings.worker.max_shutdown_wait, "the doctor's settings")
         findings.append(
             _verdict(
                 "supervisord", where, waits, wait=origin, margin=margin, setting="stopwaitsecs"
@@ -182,6 +250,17 @@ def check_supervisord(url: str, wait: float, margin: float) -> list[Finding]:
         name = signal.Signals(int(processes[0].get("stopsignal", signal.SIGTERM))).name
         signal_problem = _signal_finding("supervisord", where, name)
         findings += [signal_problem] if signal_problem else []
+        files = {
+            f"{info.get('name')} {key}": str(info.get(key))
+            for info in processes
+            for key in ("stdout_logfile", "stderr_logfile")
+            if isinstance(info.get(key), str)
+        }
+        findings += log_dir_findings("supervisord logs", where, files)
+        numbers = program_numbers(processes[0])
+        if numbers is not None:
+            broker_wait = (settings.worker.broker_wait, "the doctor's settings")
+            findings.append(restart_finding("supervisord starts", where, *numbers, broker_wait))
     return findings or [
         Finding(
             "supervisord",

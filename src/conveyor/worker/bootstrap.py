@@ -17,6 +17,7 @@ from ..pipeline import PipelineService
 from ..settings import Settings
 from .options import WorkerOptions
 from .policy import RetryDefaults
+from .startup import open_queues
 from .taskworker import TaskWorker
 
 
@@ -29,6 +30,8 @@ def options_from(settings: Settings) -> WorkerOptions:
         max_time=worker.max_time,
         memory_mb=worker.memory_mb,
         heartbeat_interval=worker.heartbeat_interval,
+        reconnect_backoff=worker.reconnect_backoff,
+        reconnect_max_backoff=worker.reconnect_max_backoff,
         retry=RetryDefaults(
             max_retries=worker.max_retries,
             retry_backoff=worker.retry_backoff,
@@ -60,13 +63,22 @@ class StartupSignals:
         for signum in self.received:
             worker.stop(signal.Signals(signum).name)
 
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.received[0]).name if self.received else None
+
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
 
 def run_worker(settings: Settings) -> int:
-    """Run until stopped; 0 after a clean stop, 2 when the setup is wrong (one clear line)."""
+    """Run until stopped; 0 after a clean stop, 2 when the setup is wrong (one clear line).
+
+    An unreachable backend is waited for (``worker.broker_wait``, see ``startup``); a
+    SIGTERM or SIGINT at any point of the start-up, the wait included, ends the worker with
+    0, as it would a running one.
+    """
     startup = StartupSignals()
     try:
         return _run(settings, startup)
@@ -83,10 +95,9 @@ def _run(settings: Settings, startup: StartupSignals) -> int:
     queues: list[QueueManager] = []
     try:
         service = PipelineService.from_import_paths(settings.worker.pipelines)
-        # One server connection for every queue (on RabbitMQ: one AMQP connection).
-        first, *others = settings.worker.queues
-        queues.append(QueueManager.from_settings(settings, queue_name=first))
-        queues += [queues[0].for_queue(name) for name in others]
+        if not open_queues(settings, queues, lambda: bool(startup.received)):
+            logger.info("{} while waiting for the backend: stopped", startup.signal_name)
+            return 0
         worker = TaskWorker(
             queues,
             service,

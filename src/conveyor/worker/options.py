@@ -20,6 +20,9 @@ class WorkerOptions:
     idle_block: float = 1.0  # longest blocking reserve: bounds how late a signal is seen
     worker_id: str | None = None
     retry: RetryDefaults = field(default_factory=RetryDefaults)
+    # Reconnecting to an unreachable backend: backoff doubling from the first to the cap.
+    reconnect_backoff: float = 0.1
+    reconnect_max_backoff: float = 1.0
 
     def renew_interval(self, visibility_timeout: float) -> float:
         """Renew a lease three times per visibility window, so one slow round trip is safe."""

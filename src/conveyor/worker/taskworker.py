@@ -362,7 +362,7 @@ class TaskWorker:
                     task.renewed = now
                 if not state.held:
                     self._log(task.message).warning("lease lost: another worker may run it")
-                elif state.cancel_requested:
+                if state.cancel_requested:
                     slot.cancel_flag.value = 1
 
     def _time_limit(self, slot: Slot) -> None:

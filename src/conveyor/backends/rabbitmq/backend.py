@@ -234,7 +234,7 @@ class RabbitMQQueue(QueueStore):
         for i, (task_id, token) in enumerate(leases):
             held = self._held.get(task_id)
             if held is not None and held[0] == token and not self.link.holds(held[1]):
-                states[i] = LeaseState(False)
+                states[i] = LeaseState(False, states[i].cancel_requested)
         return states
 
     # -- the rest -------------------------------------------------------------------------

@@ -19,7 +19,12 @@ import redis
 from loguru import logger
 from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 
-from ...errors import BackendError, BrokerAuthenticationError, BrokerUnavailableError
+from ...errors import (
+    BackendError,
+    BrokerAuthenticationError,
+    BrokerUnavailableError,
+    ConfigError,
+)
 from ...lifecycle import lua_header
 from ...urls import mask_url
 
@@ -74,8 +79,8 @@ class RedisClient:
                 socket_keepalive=True,
                 health_check_interval=30,
             )
-        except ValueError as exc:
-            raise BrokerUnavailableError(f"bad Redis URL {self.safe_url}: {exc}") from None
+        except ValueError as exc:  # a typo in the URL: waiting for the server would not help
+            raise ConfigError(f"url: bad Redis URL {self.safe_url}: {exc}") from None
         self._source = {name: load_script(name) for name in SCRIPTS}
         self._sha: dict[str, str] = {}
         with self.translate():
