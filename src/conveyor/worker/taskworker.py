@@ -30,10 +30,11 @@ from loguru import logger
 if TYPE_CHECKING:
     from loguru import Logger
 
-from ..errors import ConfigError, ConveyorError
+from ..errors import ConfigError, ConveyorError, TaskTypeError, TaskValidationError
 from ..manager import QueueManager
 from ..models import Message
 from ..pipeline import PipelineService
+from ..validation import check_name
 from .options import WorkerOptions
 from .policy import backoff_seconds, should_retry
 from .slots import Slot
@@ -74,6 +75,10 @@ class TaskWorker:
         self.id = self.options.worker_id or (
             f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
+        try:
+            check_name("worker id", self.id)
+        except (TaskValidationError, TaskTypeError) as exc:
+            raise ConfigError(str(exc)) from None
         self.processed = 0
         self.failed = 0
         self.stop_reason: str | None = None
@@ -203,11 +208,22 @@ class TaskWorker:
         assert task is not None
         op = reply.get("op")
         if op == "progress":
-            task.queue.set_progress(task.message, float(reply["fraction"]), reply.get("message"))
+            fraction, note = reply.get("fraction"), reply.get("message")
+            try:
+                task.queue.set_progress(task.message, float(fraction), note)  # type: ignore[arg-type]
+            except (ValueError, TypeError) as exc:  # advisory: never worth a crash
+                self._log(task.message).warning("progress not recorded: {}", exc)
         elif op == "step":
             task.steps[str(reply["name"])] = reply.get("result")
             task.step_started = time.monotonic()
-            task.queue.checkpoint(task.message, task.steps)
+            try:
+                task.queue.checkpoint(task.message, task.steps)
+            except (TaskValidationError, TaskTypeError) as exc:
+                # The results so far cannot be stored (together over the size limit): the
+                # child is on the next step already; stop it and fail the task, recorded.
+                slot.kill()
+                self._failed(slot, "invalid_result", _refused(exc), str(reply["name"]))
+                return
             self._log(task.message).info("step {} done", reply["name"])
         elif op == "done":
             self._succeeded(slot, reply.get("result"))
@@ -219,14 +235,19 @@ class TaskWorker:
     def _succeeded(self, slot: Slot, result: Any) -> None:
         task = slot.task
         assert task is not None
-        slot.task = None
-        self.processed += 1
+        self.processed += 1  # counted first: reaching max_jobs means no next task is taken
         elapsed = time.monotonic() - task.started
         single = len(self.queues) == 1 and self.stop_reason is None and not self._limit_reached()
-        if single:
-            acked, following = task.queue.ack_and_reserve(task.message, result)
-        else:
-            acked, following = task.queue.ack(task.message, result), None
+        try:  # the result is checked before anything is written
+            if single:
+                acked, following = task.queue.ack_and_reserve(task.message, result)
+            else:
+                acked, following = task.queue.ack(task.message, result), None
+        except (TaskValidationError, TaskTypeError) as exc:
+            self.processed -= 1  # _failed counts it
+            self._failed(slot, "invalid_result", _refused(exc), None)
+            return
+        slot.task = None
         log = self._log(task.message)
         if acked:
             log.info("succeeded in {:.3f}s", elapsed)
@@ -448,7 +469,16 @@ class TaskWorker:
 
 
 def _decode(raw: bytes) -> dict[str, Any]:
-    value = json.loads(raw)
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise OSError(f"child sent an unreadable reply: {exc}") from None
     if not isinstance(value, dict):
         raise OSError("child sent a non-object reply")
     return value
+
+
+def _refused(exc: TaskValidationError | TaskTypeError) -> dict[str, Any]:
+    """A result the queue refused, as the task's error."""
+    message = f"cannot store the result: {exc}"
+    return {"type": "InvalidResult", "message": message, "traceback": None}
