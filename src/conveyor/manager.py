@@ -43,7 +43,13 @@ from .codec import (
     steps_from,
     strict_int,
 )
-from .errors import ConfigError, TaskNotFoundError, TaskTypeError, TaskValidationError
+from .errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    TaskNotFoundError,
+    TaskTypeError,
+    TaskValidationError,
+)
 from .lifecycle import FINISHED_STATUSES, DeadReason, TaskStatus
 from .models import Message, TaskRecord
 from .records import record_from_row
@@ -393,7 +399,10 @@ class QueueManager:
         settled, result = self._store.settle(outcomes, then)
         messages = self._messages(result, True) if result is not None else []
         if result is not None and len(messages) < claim and (result.claimed or result.skipped):
-            more = self._store.claim(self._spec(self.visibility_timeout, claim - len(messages)))
+            try:
+                more = self._store.claim(self._spec(self.visibility_timeout, claim - len(messages)))
+            except BrokerUnavailableError:
+                return settled, messages  # the outcomes counted; the next call meets the outage
             messages += self._messages(more, True)
         return settled, messages
 
