@@ -10,6 +10,7 @@ loaded again and the call is retried once.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -35,6 +36,14 @@ SCRIPTS = (
 _INCLUDE = re.compile(r"^-- @include (\S+)$", re.MULTILINE)
 #: Longest single BLPOP: the socket timeout stays above it.
 MAX_BLOCK = 5.0
+#: TCP keepalive on every connection: a peer that vanished (a host down, a partition) is
+#: noticed on an idle connection after about 5 + 3 x 2 = 11 s, not the kernel's two hours.
+#: A server that is up but does not answer (SIGSTOP) is caught by ``socket_timeout`` instead.
+KEEPALIVE = {
+    option: value
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3))
+    if (option := getattr(socket, name, None)) is not None
+}
 #: Servers already checked for persistence in this process: warn once, not per manager.
 _checked_servers: set[str] = set()
 
@@ -65,8 +74,11 @@ class RedisClient:
 
     def __init__(self, url: str, *, connect_timeout: float) -> None:
         self.safe_url = mask_url(url)
-        # A server that accepts but never answers must fail within about connect_timeout
-        # too; blocking waits stay a second shorter than this so they never trip it.
+        # A server that accepts but never answers (paused, or a black-holed connection)
+        # must fail within seconds too: 2 x connect_timeout, at least 3 s. Blocking waits
+        # stay a second shorter than this so they never trip it. No retries inside
+        # redis-py: one failed call is reported at once, and the caller (a worker riding
+        # out an outage) decides when to try again.
         socket_timeout = max(2.0 * connect_timeout, 3.0)
         self.max_block = min(MAX_BLOCK, socket_timeout - 1.0)
         try:
@@ -77,6 +89,7 @@ class RedisClient:
                 socket_connect_timeout=connect_timeout,
                 socket_timeout=socket_timeout,
                 socket_keepalive=True,
+                socket_keepalive_options=KEEPALIVE,
                 health_check_interval=30,
             )
         except ValueError as exc:  # a typo in the URL: waiting for the server would not help
