@@ -2,7 +2,9 @@
 
 Workers load it with ``CONVEYOR_WORKER__PIPELINES=ops_pipeline`` and ``tests/helpers`` on
 ``PYTHONPATH``. Data ``{"sleep": 3}`` makes the one step take 3 s; ``{"fail": true}``
-raises, so a task can be driven into the dead-letter list.
+raises, so a task can be driven into the dead-letter list; ``{"ledger": path}`` appends
+``task_id attempt pid`` to that file when the step finishes (an execution ledger: outage
+tests count lost and duplicated runs with ``helpers.run_ledger``).
 """
 
 from __future__ import annotations
@@ -27,4 +29,15 @@ def work(ctx: StepContext) -> dict[str, Any]:
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.1))
         ctx.progress(min(1.0, 1 - left / seconds))
+    if data.get("ledger"):
+        record(str(data["ledger"]), f"{ctx.task_id} {ctx.attempt} {os.getpid()}")
     return {"slept": seconds, "pid": os.getpid()}
+
+
+def record(path: str, line: str) -> None:
+    """One O_APPEND write per line: lines from several processes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
