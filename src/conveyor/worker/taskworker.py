@@ -166,10 +166,10 @@ class TaskWorker:
                 self.backend.lost(exc)
 
     def _turn(self) -> bool:
-        """One pass: upkeep, send outcomes, then wait for replies or take work. True: done."""
+        """One pass: upkeep; wait for replies or take work; send what the runs reported
+        (with claims for the slots that became free). True when the worker is done."""
         self._signals.log()
         self._maintain()
-        self._send()
         busy = [slot for slot in self._slots if slot.busy]
         if self.stop_reason is not None:
             if not busy:
@@ -178,20 +178,24 @@ class TaskWorker:
                 self._interrupt(busy)
                 return True
             self._collect(busy, timeout=0.2)
-            return False
-        if not self.backend.up:  # no new work: only replies, until the next try
+        elif not self.backend.up:  # no new work: only replies, until the next try
             self._collect(busy, timeout=min(0.2, self.backend.until_next_try()))
-            return False
+        else:
+            self._work(busy)
+        self._send()
+        return False
+
+    def _work(self, busy: list[Slot]) -> None:
+        """Take a task for a free slot, or wait for replies when every slot is busy."""
         free = next((slot for slot in self._slots if not slot.busy), None)
         if free is None:
             self._collect(busy, timeout=self._idle_wait())
-            return False
+            return
         found = self._reserve(0.0 if busy else self.options.idle_block)
         if found is not None:
             self._dispatch(free, *found)
         elif busy:
             self._collect(busy, timeout=_BUSY_POLL)
-        return False
 
     def _reserve(self, block: float) -> tuple[Message, QueueManager] | None:
         """The most urgent task across queues; blocks up to ``block`` on the first queue."""
@@ -264,6 +268,8 @@ class TaskWorker:
         backoff's pace): once it answers, the waiting outcomes go out, and leases and the
         heartbeat are renewed at once.
         """
+        if self.backend.up and not self.outbox:
+            return
         if not self.backend.up:
             if not self.backend.may_try():
                 return
