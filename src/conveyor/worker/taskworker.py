@@ -43,6 +43,7 @@ from ..models import Message
 from ..pipeline import PipelineService
 from .backoff import Backoff
 from .heartbeat import worker_info
+from .leases import renew_running
 from .options import WorkerOptions
 from .outage import OutageWatch
 from .outbox import Outbox
@@ -292,18 +293,22 @@ class TaskWorker:
         return free
 
     def _send_last(self) -> None:
-        """At the end: send what is left, once; log (with the task ids) what cannot be."""
-        try:
-            if self.outbox and not self.backend.up:
-                self.queues[0].ping()
-            for queue in self.outbox.queues(self.queues):
-                self.outbox.send(queue)
-        except ConveyorError as exc:
-            if isinstance(exc, BrokerUnavailableError):
+        """At the end: send what is left, once (not waiting for a backend that is down
+        and was tried just now); log, with the task ids, what cannot be sent."""
+        if not self.outbox:
+            return
+        if self.backend.up or self.backend.may_try():
+            try:
+                if not self.backend.up:
+                    self.queues[0].ping()
+                for queue in self.outbox.queues(self.queues):
+                    self.outbox.send(queue)
+                return
+            except BrokerUnavailableError as exc:
                 self.backend.lost(exc)
-            else:
+            except ConveyorError as exc:
                 logger.warning("could not send the last outcomes: {}", exc)
-            self.outbox.log_unsent()
+        self.outbox.log_unsent()
 
     # -- settling --------------------------------------------------------------------------
 
@@ -375,7 +380,7 @@ class TaskWorker:
             return
         if now >= self._next_renewal:
             self._next_renewal = now + self._renewal_period
-            self._renew(now)
+            renew_running(self.queues, self._slots, self.options, now, self._log)
         if now >= self._next_sweep and self.stop_reason is None:
             self._next_sweep = now + _SWEEP_INTERVAL
             for queue in self.queues:
@@ -384,26 +389,6 @@ class TaskWorker:
             self._next_heartbeat = now + self.options.heartbeat_interval
             self._heartbeat()
             self._check_limits()
-
-    def _renew(self, now: float) -> None:
-        """One call per queue for all its running tasks: cancel flags every second, and the
-        leases extended when the oldest renewal is due (see WorkerOptions.renew_interval)."""
-        for queue in self.queues:
-            slots = [s for s in self._slots if s.task is not None and s.task.queue is queue]
-            if not slots:
-                continue
-            interval = self.options.renew_interval(queue.visibility_timeout)
-            extend = any(now - s.task.renewed >= interval for s in slots if s.task)
-            states = queue.renew([s.task.message for s in slots if s.task], extend)
-            for slot, state in zip(slots, states, strict=True):
-                task = slot.task
-                assert task is not None
-                if extend:
-                    task.renewed = now
-                if not state.held:
-                    self._log(task.message).warning("lease lost: another worker may run it")
-                if state.cancel_requested:
-                    slot.cancel_flag.value = 1
 
     def _time_limit(self, slot: Slot) -> None:
         task = slot.task
