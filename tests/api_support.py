@@ -51,7 +51,11 @@ def client_factory(backend_url: str, queue_name: str) -> Iterator[MakeClient]:
     def make(url: str = backend_url, **overrides: Any) -> TestClient:
         queue = {"name": queue_name, **overrides.pop("queue", {})}
         settings = Settings(url=url, queue=queue, **overrides)
-        client = TestClient(create_app(settings), raise_server_exceptions=False)
+        # localhost: a name api.allowed_hosts allows by default (TestClient's own is
+        # "testserver", which an API without a token refuses, as it should).
+        client = TestClient(
+            create_app(settings), base_url="http://localhost", raise_server_exceptions=False
+        )
         clients.append(client.__enter__())
         return client
 

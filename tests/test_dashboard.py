@@ -4,16 +4,20 @@ driven by Selenium; nothing is downloaded), against the app served by uvicorn on
 
 It must show a pushed task, a live worker with its current task and a failed task's error;
 Retry must requeue the failed task and Cancel cancel a pending one, both checked in the
-backend. A screenshot is kept in ``tests/artifacts/dashboard.png``. Without chromium the
-tests skip on a laptop and fail under CI=true, like the broker fixtures.
+backend, for odd ids too ("/..", "%", a trailing "/retry"). A page of another origin (another
+port of 127.0.0.1: "same-site", not same-origin) must not be able to change a task through
+the browser when no token is set. A screenshot is kept in ``tests/artifacts/dashboard.png``.
+Without chromium the tests skip on a laptop and fail under CI=true, like the broker fixtures.
 """
 
 from __future__ import annotations
 
+import http.server
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,11 @@ require_modules("fastapi", "uvicorn", "selenium")
 
 import uvicorn  # noqa: E402
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
@@ -73,17 +81,38 @@ def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "sqlite:///conveyor.db"
 
 
+class Recorder:
+    """ASGI middleware keeping (method, path, status) of every answer: proof that requests
+    a test expects to be refused did reach the server and were refused there."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.seen: list[tuple[str, str, int]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def record(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.seen.append((scope["method"], scope["path"], message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, record if scope["type"] == "http" else send)
+
+
 @pytest.fixture
-def serve(db_url: str) -> Iterator[Serve]:
+def recorder() -> Recorder:
+    return Recorder(None)
+
+
+@pytest.fixture
+def serve(db_url: str, recorder: Recorder) -> Iterator[Serve]:
     """``serve(**settings) -> base URL``: the app under uvicorn in a thread, stopped after."""
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
     def start(**overrides: Any) -> str:
         settings = Settings(url=db_url, queue={"name": "meetings"}, **overrides)
         port = free_port()
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=port, log_level="warning"
-        )
+        recorder.app = create_app(settings)
+        config = uvicorn.Config(recorder, host="127.0.0.1", port=port, log_level="warning")
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -161,6 +190,20 @@ def screenshot(browser: webdriver.Chrome, path: Path) -> None:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
+def click(browser: webdriver.Chrome, selector: str, timeout: float = 10) -> None:
+    """Click the element once it is there; the page redraws every 2 s, so an element found
+    a moment ago may have been replaced: find it again."""
+
+    def attempt() -> bool:
+        try:
+            browser.find_element(By.CSS_SELECTOR, selector).click()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return True
+
+    wait_until(attempt, timeout, message=f"a click on {selector}")
+
+
 def console_errors(browser: webdriver.Chrome) -> list[str]:
     return [entry["message"] for entry in browser.get_log("browser")
             if entry["level"] == "SEVERE"]  # fmt: skip
@@ -217,3 +260,114 @@ def test_with_a_token_the_dashboard_asks_for_it(
     assert browser.execute_script("return sessionStorage.getItem('conveyor.token')") == TOKEN
     # Only the 401s of the refused attempts may be in the console.
     assert all("401" in message for message in console_errors(browser))
+
+
+def test_cancel_and_retry_work_for_odd_ids(
+    browser: webdriver.Chrome, serve: Serve, queues: dict[str, QueueManager]
+) -> None:
+    """The dashboard encodes the whole id as one path segment ("/" too), so neither the
+    browser's normalisation of "/.." nor a trailing "/retry" sends the click elsewhere."""
+    meetings = queues["meetings"]
+    odd = ["a/../b", "x/retry", "50%?#", "../up"]
+    for task_id in [*odd, "b", "x", "up"]:
+        assert meetings.push(task_id, {"id": task_id}, 5)
+    browser.get(serve())
+    for task_id in odd:
+        click(browser, f'#recent button.cancel[data-task-id="{task_id}"]')
+        wait_until(lambda t=task_id: meetings.require_task(t).status == "canceled", 10,
+                   message=f"{task_id!r} canceled in the backend")  # fmt: skip
+        click(browser, f'#recent button.retry[data-task-id="{task_id}"]')
+        wait_until(lambda t=task_id: meetings.require_task(t).status == "pending", 10,
+                   message=f"{task_id!r} pending again")  # fmt: skip
+    assert {meetings.require_task(t).status for t in ("b", "x", "up")} == {"pending"}
+    assert console_errors(browser) == []
+
+
+ATTACK = """<!doctype html><html><body>
+<iframe name="sink1"></iframe><iframe name="sink2"></iframe>
+<form id="retry" target="sink1" method="POST"
+      action="{api}/api/v1/tasks/failed-1/retry?queue=meetings"></form>
+<form id="push" target="sink2" method="POST" enctype="text/plain" action="{api}/api/v1/tasks">
+  <input name='{{"id": "planted", "data": 1, "x": "' value='"}}'></form>
+<iframe sandbox="allow-forms allow-scripts" srcdoc='<form method="POST" target="_self"
+  action="{api}/api/v1/tasks/failed-3/retry?queue=meetings"></form>
+  <script>document.forms[0].submit()</script>'></iframe>
+<script>
+(async () => {{
+  const tasks = "{api}/api/v1/tasks";
+  const pending = `${{tasks}}/pending-1?queue=meetings`;
+  const planted = JSON.stringify({{id: "planted2", data: 1}});
+  await Promise.allSettled([
+    fetch(`${{tasks}}/failed-2/retry?queue=meetings`, {{method: "POST", mode: "no-cors"}}),
+    fetch(pending, {{method: "DELETE", mode: "no-cors"}}),
+    fetch(pending, {{method: "DELETE"}}),
+    fetch(tasks, {{method: "POST", mode: "no-cors", body: planted,
+                  headers: {{"Content-Type": "text/plain"}}}}),
+  ]);
+  document.forms.retry.submit();
+  document.forms.push.submit();
+  document.title = "sent";
+}})();
+</script></body></html>"""
+
+
+@pytest.fixture
+def attacker(tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """``attacker(api_url) -> page URL``: a page on another origin (another port of
+    127.0.0.1) that tries to retry, cancel and push tasks on the API through the browser."""
+    folder = tmp_path / "attacker"
+    folder.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def page(api: str) -> str:
+        (folder / "index.html").write_text(ATTACK.format(api=api))
+        return f"http://127.0.0.1:{server.server_address[1]}/index.html"
+
+    yield page
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_page_of_another_origin_cannot_change_tasks_without_a_token(
+    browser: webdriver.Chrome,
+    serve: Serve,
+    queues: dict[str, QueueManager],
+    attacker: Callable[[str], str],
+    recorder: Recorder,
+) -> None:
+    meetings = queues["meetings"]
+    for n in (1, 2, 3):
+        assert meetings.push(f"failed-{n}", {}, 10)
+        leased = meetings.reserve(timeout=1)
+        assert leased is not None and meetings.fail(leased, reason="error", error="boom")
+    assert meetings.push("pending-1", {}, 5)
+
+    api = serve()
+    browser.get(attacker(api))
+    wait_until(lambda: browser.title == "sent", 15, message="the attack page to send")
+
+    def refused() -> list[tuple[str, str, int]]:
+        return [hit for hit in recorder.seen if hit[2] == 403]
+
+    # Each form post and no-cors fetch reached the server and was refused there (the sandboxed
+    # frame's "Origin: null" included); the DELETEs never left the browser (no-cors allows
+    # no DELETE, and the CORS preflight gets no grant).
+    wait_until(lambda: len(refused()) >= 5, 15, message=lambda: f"5 refusals in {recorder.seen}")
+    assert {path for _, path, _ in refused()} >= {
+        "/api/v1/tasks/failed-1/retry", "/api/v1/tasks/failed-2/retry",
+        "/api/v1/tasks/failed-3/retry", "/api/v1/tasks",
+    }  # fmt: skip
+    assert not [hit for hit in recorder.seen if hit[0] != "OPTIONS" and hit[2] < 400]
+    for n in (1, 2, 3):
+        assert meetings.require_task(f"failed-{n}").status == "failed"
+    assert meetings.require_task("pending-1").status == "pending"
+    assert meetings.get_task("planted") is None and meetings.get_task("planted2") is None
+
+    # The same browser on the dashboard itself (its own origin) may.
+    browser.get(api)
+    click(browser, '#failed button.retry[data-task-id="failed-1"]')
+    wait_until(lambda: meetings.require_task("failed-1").status == "pending", 10,
+               message="the dashboard's own retry")  # fmt: skip

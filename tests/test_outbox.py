@@ -56,9 +56,9 @@ def test_the_outbox_keeps_the_latest_progress_and_checkpoint_and_one_final_per_t
     first, second = leased(queue, 2)
     for fraction in (0.1, 0.5, 0.9):
         box.put(queue, first, build.progress(first, fraction, f"at {fraction}"))
-    box.put(queue, first, build.checkpoint(first, {"a": 1}, 1000))
-    box.put(queue, first, build.checkpoint(first, {"a": 1, "b": 2}, 1000))
-    box.put(queue, first, build.ack(first, {"done": True}, 1000))
+    box.put(queue, first, build.checkpoint(first, {"a": 1}, 1000, 20))
+    box.put(queue, first, build.checkpoint(first, {"a": 1, "b": 2}, 1000, 20))
+    box.put(queue, first, build.ack(first, {"done": True}, 1000, 20))
     box.put(queue, second, build.progress(second, 0.3))
     assert len(box) == 4  # progress, checkpoint, ack of the first; progress of the second
     claimed = box.send(queue, claim=1)
@@ -75,7 +75,7 @@ def test_sending_rides_claims_along_and_a_refused_final_is_counted_as_a_duplicat
     message = leased(queue, 1)[0]
     assert queue.nack(message)  # the lease is gone: another delivery will run it again
     queue.push("next", {"n": 9}, 5)
-    box.put(queue, message, build.ack(message, None, 1000), ran=0.25)
+    box.put(queue, message, build.ack(message, None, 1000, 20), ran=0.25)
     claimed = box.send(queue, claim=2)
     assert box.refused == 1
     assert sorted(m.task_id for m in claimed) == ["next", "t0"]
@@ -90,7 +90,7 @@ def test_outcomes_wait_while_redis_is_down_and_go_out_once_it_is_back(
     try:
         box = outbox()
         message = leased(queue, 1)[0]
-        box.put(queue, message, build.ack(message, {"ok": 1}, 1000))
+        box.put(queue, message, build.ack(message, {"ok": 1}, 1000, 20))
         server.kill()
         with pytest.raises(BrokerUnavailableError):
             box.send(queue)

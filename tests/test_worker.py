@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import Helper, wait_until
+from conftest import Helper, backend_params, wait_until
 from conveyor import QueueManager, TaskRecord, TaskStatus
 from helpers.pipelines import runs
 
@@ -702,3 +702,81 @@ def test_several_queues_are_served_in_strict_priority_order(
     assert order == [f"high{i}" for i in range(5)] + [f"low{i}" for i in range(5)], order
     assert low.push("late-low", {**data, "priority": 3}, 3, type="ordered")
     wait_until(lambda: "late-low" in started(), 10, message="the second queue still served")
+
+
+# -- hostile results and damaged records ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "named"), [("deep", "nested"), ("huge", "bytes"), ("bulky", "bytes")]
+)
+def test_a_result_the_queue_cannot_store_fails_the_task_and_the_worker_goes_on(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path, mode: str, named: str
+) -> None:
+    """A step's result over the JSON policy (too deep, too large, or step results together
+    over the size limit) fails its task at once, recorded with the reason: retrying would
+    return the same. The worker does not crash, and the next task runs."""
+    data = {"dir": str(tmp_path)}
+    queue.push("bad", {**data, "mode": mode}, priority=9, type="hostile", max_retries=3)
+    queue.push("good", {**data, "mode": "ok"}, priority=1, type="hostile")
+    worker = start_worker()
+    record = wait_status(queue, "bad", FAILED, worker=worker)
+    assert record.dead_reason == "invalid_result" and record.attempts == 1, _describe(record)
+    assert record.error is not None and named in record.error.message, record.error
+    assert "retry_scheduled" not in events(record)
+    good = wait_status(queue, "good", SUCCESS, FAILED, worker=worker)
+    assert good.status == SUCCESS and good.result == {"done": "ok"}, _describe(good)
+    assert worker.running()
+    assert record.result is None and record.steps.keys() <= {"first"}, _describe(record)
+
+
+def test_huge_and_unprintable_failures_are_recorded_cut_and_the_worker_goes_on(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    data = {"dir": str(tmp_path)}
+    queue.push("loud", {**data, "mode": "loud"}, priority=9, type="hostile")
+    queue.push("mute", {**data, "mode": "unprintable"}, priority=8, type="hostile")
+    worker = start_worker()
+    loud = wait_status(queue, "loud", FAILED, worker=worker)
+    assert loud.attempts == 2 and loud.dead_reason == "error", _describe(loud)
+    assert loud.error is not None and loud.error.traceback is not None
+    assert len(loud.error.message) < 5000 and "characters cut" in loud.error.message
+    assert len(loud.error.traceback) < 40_000 and "RuntimeError" in loud.error.traceback
+    assert loud.progress_message is not None and len(loud.progress_message) < 5000
+    mute = wait_status(queue, "mute", FAILED, worker=worker)
+    assert mute.error is not None and mute.error.type == "UnprintableError", _describe(mute)
+    assert "unprintable" in mute.error.message
+    assert worker.running()
+
+
+@pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis"))
+def test_a_stored_too_deep_payload_is_dead_lettered_and_the_worker_goes_on(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path, backend_url: str
+) -> None:
+    """Each worker that claimed such a record used to exit with RecursionError, delivery
+    after delivery: now the first claim dead-letters it as malformed, with the reason."""
+    data = {"dir": str(tmp_path)}
+    queue.push("deep", {**data, "mode": "ok"}, priority=9, type="hostile")
+    deep = "[" * 100_000 + "]" * 100_000
+    if backend_url.startswith("sqlite"):
+        import sqlite3
+        from contextlib import closing
+
+        from conveyor.backends import sqlite_path_from_url
+
+        with closing(sqlite3.connect(sqlite_path_from_url(backend_url), timeout=10)) as db, db:
+            db.execute("UPDATE tasks SET data = ? WHERE queue = ? AND id = 'deep'",
+                       (deep, queue.queue_name))  # fmt: skip
+    else:
+        import redis
+
+        client = redis.Redis.from_url(backend_url)
+        client.hset(f"conveyor:{{{queue.queue_name}}}:task:deep", "data", deep)
+        client.close()
+    queue.push("next", {**data, "mode": "ok"}, priority=1, type="hostile")
+    worker = start_worker()
+    dead = wait_status(queue, "deep", FAILED, worker=worker)
+    assert dead.dead_reason == "malformed" and dead.error is not None, _describe(dead)
+    assert "nested" in dead.error.message
+    assert wait_status(queue, "next", SUCCESS, FAILED, worker=worker).status == SUCCESS
+    assert worker.running()

@@ -108,6 +108,19 @@ class DeadReason(StrEnum):
     INVALID_DATA = "invalid_data"
 
 
+#: Reasons the backend itself gives up on a task (not a consumer's failure): a FAIL with one
+#: of them is recorded as ``dead_lettered``, wherever it was decided (the manager
+#: dead-letters a record it cannot decode after the store handed it out).
+BACKEND_DEAD_REASONS = frozenset({DeadReason.POISON, DeadReason.MALFORMED, DeadReason.MISSING})
+
+
+def fail_event(status: str, reason: str | None) -> Event:
+    """The history event of a FAIL outcome: canceled, dead_lettered or failed."""
+    if status == TaskStatus.CANCELED:
+        return Event.CANCELED
+    return Event.DEAD_LETTERED if reason in BACKEND_DEAD_REASONS else Event.FAILED
+
+
 class Op(StrEnum):
     """The operations of the transition table (a store's atomic transitions)."""
 
@@ -253,6 +266,9 @@ def lua_header() -> str:
             f"local {name} = {{{', '.join(f'{s.value} = true' for s in sorted(members))}}}"
             for name, members in sets.items()
         ),
+        "local BACKEND_REASONS = {"
+        + ", ".join(f"{r.value} = true" for r in sorted(BACKEND_DEAD_REASONS))
+        + "}",
         "local UNRECORDED = {"
         + ", ".join(f"{e.value} = true" for e in sorted(UNRECORDED_EVENTS))
         + "}",

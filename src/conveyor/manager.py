@@ -8,7 +8,6 @@ That split is why the backends behave the same.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -50,16 +49,21 @@ from .errors import (
     TaskTypeError,
     TaskValidationError,
 )
+from .heartbeat import heartbeat_from
 from .lifecycle import FINISHED_STATUSES, DeadReason, TaskStatus
 from .models import Message, TaskRecord
 from .records import record_from_row
 from .validation import (
+    DEFAULT_JSON_DEPTH,
+    MAX_JSON_DEPTH,
+    check_name,
     check_optional_count,
     check_priority,
     check_queue_name,
     check_seconds,
     check_task_id,
     check_type_name,
+    decode_json,
     encode_json,
 )
 
@@ -124,14 +128,22 @@ class QueueManager:
         task_store: str | None = None,
         url: str | None = None,
         server: Server | None = None,
+        max_json_depth: int = DEFAULT_JSON_DEPTH,
     ) -> None:
         spec = spec_for_kind(backend)
-        _check_tuning(visibility_timeout, max_deliveries, max_priority, max_payload_bytes)
-        self.queue_name = check_queue_name(queue_name)
+        _check_tuning(
+            visibility_timeout, max_deliveries, max_priority, max_payload_bytes, max_json_depth
+        )
+        try:
+            self.queue_name = check_queue_name(queue_name)
+        except (TaskValidationError, TaskTypeError) as exc:
+            raise ConfigError(str(exc)) from None
         self.visibility_timeout = float(visibility_timeout)
         self.max_deliveries = max_deliveries
         self.max_priority = max_priority
         self.max_payload_bytes = max_payload_bytes
+        #: How deep JSON (data, results, checkpoints) may nest: ``queue.max_json_depth``.
+        self.max_json_depth = max_json_depth
         self.backend_kind = spec.kind
         #: Stored as the ``worker`` of each task this manager claims (a TaskWorker sets it).
         self.consumer_id = ""
@@ -176,7 +188,7 @@ class QueueManager:
             self.backend_kind, queue_name=queue_name, server=self._shared.server,
             visibility_timeout=self.visibility_timeout, max_deliveries=self.max_deliveries,
             max_priority=self.max_priority, max_payload_bytes=self.max_payload_bytes,
-            result_ttl=self._config.result_ttl,
+            result_ttl=self._config.result_ttl, max_json_depth=self.max_json_depth,
         )  # fmt: skip
         sibling._shared = self._shared
         self._shared.owners += 1
@@ -193,6 +205,7 @@ class QueueManager:
             max_deliveries=queue.max_deliveries,
             max_priority=queue.max_priority,
             max_payload_bytes=queue.max_payload_bytes,
+            max_json_depth=queue.max_json_depth,
             result_ttl=queue.result_ttl,
             connect_timeout=queue.connect_timeout,
             **_store_option(settings),
@@ -301,7 +314,7 @@ class QueueManager:
         return NewTask(
             task_id=check_task_id(uuid.uuid4().hex if task_id is None else task_id),
             priority=check_priority(priority, self.max_priority),
-            data_json=encode_json("data", data, self.max_payload_bytes),
+            data_json=encode_json("data", data, self.max_payload_bytes, self.max_json_depth),
             type=check_type_name(options.get("type")),
             delay=delay_from(options.get("delay"), options.get("eta")),
             max_retries=check_optional_count("max_retries", options.get("max_retries")),
@@ -363,7 +376,7 @@ class QueueManager:
         try:
             return Message(
                 task_id=claimed.task_id,
-                data=json.loads(claimed.data_json),
+                data=decode_json("data", claimed.data_json, self.max_json_depth),
                 priority=strict_int(claimed.priority),
                 queue=self.queue_name,
                 type=claimed.type or None,
@@ -372,11 +385,11 @@ class QueueManager:
                 retry_backoff=optional_float(claimed.retry_backoff),
                 process_timeout=optional_float(claimed.process_timeout),
                 created_at=optional_float(claimed.created_at) or 0.0,
-                steps=steps_from(claimed.steps_json),
+                steps=steps_from(claimed.steps_json, self.max_json_depth),
                 token=claimed.token,
                 leased=leased,
             )
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             reason = f"malformed entry: {type(exc).__name__}: {exc}"
             logger.warning(
                 "queue {} task {}: {}; dead-lettered", self.queue_name, claimed.task_id, reason
@@ -408,11 +421,11 @@ class QueueManager:
 
     def ack(self, message: Message, result: Any = None) -> bool:
         """Finish a task as ``success``; False if its lease was lost to another consumer."""
-        return self._apply(build.ack(message, result, self.max_payload_bytes))
+        return self._apply(build.ack(message, result, self.max_payload_bytes, self.max_json_depth))
 
     def ack_and_reserve(self, message: Message, result: Any = None) -> tuple[bool, Message | None]:
         """Ack ``message`` and lease the next task in the same round trip (no blocking)."""
-        outcome = build.ack(message, result, self.max_payload_bytes)
+        outcome = build.ack(message, result, self.max_payload_bytes, self.max_json_depth)
         settled, following = self.settle([outcome], claim=1)
         return settled[0].status is not None, following[0] if following else None
 
@@ -453,7 +466,9 @@ class QueueManager:
 
     def checkpoint(self, message: Message, steps: Mapping[str, Any]) -> bool:
         """Store finished steps' results so a retry of this task resumes after them."""
-        return self._apply(build.checkpoint(message, steps, self.max_payload_bytes))
+        return self._apply(
+            build.checkpoint(message, steps, self.max_payload_bytes, self.max_json_depth)
+        )
 
     def extend(self, message: Message, seconds: float | None = None) -> bool:
         """Renew a lease for ``seconds`` (default ``visibility_timeout``) from now; False
@@ -551,32 +566,41 @@ class QueueManager:
             counts=self._records.counts(),
             done_last_minute=done,
             failed_last_minute=failed,
-            mean_run_seconds=mean,
+            mean_run_seconds=mean if mean is not None and math.isfinite(mean) else None,
         )
 
     def known_queues(self) -> list[str]:
-        """Every queue on this backend (for ``conveyor queues`` and status of all queues)."""
-        return list(self.server.registry.known_queues())
+        """Every queue on this backend (for ``conveyor queues`` and status of all queues).
+
+        A name no queue may have (written by hand: control characters, invalid UTF-8) is
+        left out with a warning, so one damaged name cannot break every listing."""
+        names = []
+        for name in self.server.registry.known_queues():
+            try:
+                names.append(check_queue_name(name))
+            except (TaskValidationError, TaskTypeError) as exc:
+                logger.warning("queue list: a damaged queue name is left out ({})", exc)
+        return names
 
     # -- the worker registry ------------------------------------------------------------------
 
     def register_worker(self, worker_id: str, info: Mapping[str, Any], ttl: float) -> bool:
         """Heartbeat: record a live worker for ``ttl`` seconds; True if it was asked to stop."""
-        return self.server.registry.register_worker(worker_id, encode_json("info", dict(info)), ttl)
+        info_json = encode_json("info", dict(info), self.max_payload_bytes, self.max_json_depth)
+        worker = check_name("worker_id", worker_id)
+        return self.server.registry.register_worker(worker, info_json, ttl)
 
     def unregister_worker(self, worker_id: str) -> None:
         """Forget a worker that exits cleanly."""
         self.server.registry.unregister_worker(worker_id)
 
     def workers(self) -> list[dict[str, Any]]:
-        """Live workers on this backend (any queue), as their heartbeats describe them."""
-        found = []
-        for info in self.server.registry.list_workers():
-            try:
-                found.append(json.loads(info))
-            except ValueError:
-                continue  # a damaged entry expires with its ttl
-        return found
+        """Live workers on this backend (any queue), as their heartbeats describe them.
+
+        Each is decoded by ``heartbeat_from``: known keys only, safe values, and a
+        ``damage`` list naming what could not be read (a damaged entry is shown as such).
+        """
+        return [heartbeat_from(info) for info in self.server.registry.list_workers()]
 
     def request_stop(self, worker_id: str | None = None) -> int:
         """Ask one worker (or all) to shut down gracefully, across hosts; how many asked."""
@@ -621,7 +645,11 @@ class QueueManager:
 
 
 def _check_tuning(
-    visibility_timeout: float, max_deliveries: int, max_priority: int, max_payload_bytes: int
+    visibility_timeout: float,
+    max_deliveries: int,
+    max_priority: int,
+    max_payload_bytes: int,
+    max_json_depth: int,
 ) -> None:
     if (
         isinstance(visibility_timeout, bool)
@@ -633,6 +661,7 @@ def _check_tuning(
         ("max_deliveries", max_deliveries, 1, 1000),
         ("max_priority", max_priority, 1, 255),
         ("max_payload_bytes", max_payload_bytes, 1, 512 * 1024 * 1024),
+        ("max_json_depth", max_json_depth, 1, MAX_JSON_DEPTH),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ConfigError(f"{name}: must be an integer {low}..{high}, got {value!r}")

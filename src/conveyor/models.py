@@ -68,6 +68,11 @@ class TaskRecord(BaseModel):
     steps: dict[str, Any] = Field(default_factory=dict)
     worker: str | None = None
     history: list[TaskEvent] = Field(default_factory=list)
+    damage: list[str] = Field(
+        default_factory=list,
+        description="stored fields that could not be read, each 'field: why'; empty for a "
+        "healthy record (a damaged one is shown, never hidden)",
+    )
 
 
 class Message(BaseModel):

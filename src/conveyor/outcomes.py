@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .backends import Outcome
-from .codec import ErrorLike, error_json, within_max_delay
+from .codec import ErrorLike, error_json, note_text, within_max_delay
 from .lifecycle import Op, TaskStatus
 from .models import Message
 from .validation import check_seconds, encode_json
@@ -22,9 +22,9 @@ from .validation import check_seconds, encode_json
 FINAL_OPS = frozenset({Op.ACK, Op.NACK, Op.HAND_BACK, Op.FAIL})
 
 
-def ack(message: Message, result: Any, max_bytes: int) -> Outcome:
+def ack(message: Message, result: Any, max_bytes: int, max_depth: int) -> Outcome:
     """Finish as ``success`` with ``result`` (None: no result stored)."""
-    payload = None if result is None else encode_json("result", result, max_bytes)
+    payload = None if result is None else encode_json("result", result, max_bytes, max_depth)
     return Outcome(Op.ACK, message.task_id, message.token, payload)
 
 
@@ -47,9 +47,12 @@ def fail(
     return Outcome(Op.FAIL, task_id, token, error_json(error), reason=reason, status=status)
 
 
-def checkpoint(message: Message, steps: Mapping[str, Any], max_bytes: int) -> Outcome:
+def checkpoint(
+    message: Message, steps: Mapping[str, Any], max_bytes: int, max_depth: int
+) -> Outcome:
     """Store finished steps' results, so a retry resumes after them."""
-    steps_json = encode_json("steps", dict(steps), max_bytes)
+    # One level more than a result: the object that holds the results by step name.
+    steps_json = encode_json("steps", dict(steps), max_bytes, max_depth + 1)
     return Outcome(Op.CHECKPOINT, message.task_id, message.token, steps_json)
 
 
@@ -61,4 +64,5 @@ def progress(message: Message, fraction: float, note: str | None = None) -> Outc
         or not 0 <= fraction <= 1
     ):
         raise ValueError(f"fraction: must be a number between 0 and 1, got {fraction!r}")
-    return Outcome(Op.PROGRESS, message.task_id, message.token, note, fraction=float(fraction))
+    payload = note_text(note)
+    return Outcome(Op.PROGRESS, message.task_id, message.token, payload, fraction=float(fraction))

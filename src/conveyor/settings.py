@@ -48,8 +48,9 @@ from pydantic_settings import (
 )
 
 from .backends import QueueBackend, backend_for_url, spec_for_kind
-from .errors import ConfigError
+from .errors import ConfigError, TaskTypeError, TaskValidationError
 from .urls import mask_url
+from .validation import DEFAULT_JSON_DEPTH, MAX_JSON_DEPTH, MAX_SECONDS, check_queue_name
 
 DEFAULT_CONFIG = Path("config/development.yaml")
 _LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
@@ -88,7 +89,19 @@ def _split_list(value: Any) -> Any:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def _queue_name(value: str) -> str:
+    """The same rule as ``QueueManager``: printable, no spaces or braces, <= 200 chars."""
+    try:
+        return check_queue_name(value, "name")
+    except (TaskValidationError, TaskTypeError) as exc:
+        raise ValueError(exc.reason) from None
+
+
 StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
+QueueName = Annotated[str, AfterValidator(_queue_name)]
+QueueNames = Annotated[list[QueueName], NoDecode, BeforeValidator(_split_list)]
+#: Durations become deadlines (now + value): finite and at most 10 years.
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 AnyUrl = Annotated[str, AfterValidator(partial(_check_scheme, kind=None))]
 RedisUrl = Annotated[str, AfterValidator(partial(_check_scheme, kind=QueueBackend.REDIS))]
 AmqpUrl = Annotated[str, AfterValidator(partial(_check_scheme, kind=QueueBackend.RABBITMQ))]
@@ -141,19 +154,21 @@ class RabbitMQSettings(_Section):
 class QueueSettings(_Section):
     """Tuning passed to ``QueueManager`` (see its docstring for what each one means)."""
 
-    name: str = Field(default="default", min_length=1, pattern=r"^[^{}]+$")
-    visibility_timeout: float = Field(default=60.0, gt=0)
+    name: QueueName = "default"
+    visibility_timeout: Seconds = 60.0
     max_deliveries: int = Field(default=5, ge=1, le=1000)
     max_priority: int = Field(default=10, ge=1, le=255)
     max_payload_bytes: int = Field(default=1024 * 1024, gt=0, le=512 * 1024 * 1024)
-    result_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
-    connect_timeout: float = Field(default=5.0, gt=0)
+    #: Lists and objects nested deeper than this are refused in data, results, checkpoints.
+    max_json_depth: int = Field(default=DEFAULT_JSON_DEPTH, ge=1, le=MAX_JSON_DEPTH)
+    result_ttl: Seconds = 7 * 24 * 3600.0
+    connect_timeout: Seconds = 5.0
 
 
 class WorkerSettings(_Section):
     """How a worker process runs; the recycling limits (None: no limit) end it cleanly."""
 
-    queues: StrList = Field(default_factory=lambda: ["default"], min_length=1)
+    queues: QueueNames = Field(default_factory=lambda: ["default"], min_length=1)
     concurrency: int = Field(default=1, ge=1)
     max_shutdown_wait: float = Field(default=300.0, ge=0)
     shutdown_mode: Literal["requeue", "fail"] = "requeue"
@@ -213,6 +228,10 @@ class ApiSettings(_Section):
 
     With no ``token`` every endpoint is open, so the default binds the loopback address
     only; ``CONVEYOR_API_TOKEN`` (or ``CONVEYOR_API__TOKEN``) sets it from the environment.
+    Without a token, requests must also name one of ``allowed_hosts`` in their ``Host``
+    header (``name`` allows any port, ``name:port`` one), whatever address the server binds:
+    a web page cannot then reach the API by pointing its own DNS name at it (DNS rebinding).
+    ``host`` itself is allowed too unless it is a wildcard (0.0.0.0, ::).
     """
 
     host: str = Field(default="127.0.0.1", min_length=1)
@@ -222,6 +241,17 @@ class ApiSettings(_Section):
     #: None: stderr only. ``logging.file`` is the worker's: two processes rotating one
     #: file race each other, so the API never writes there.
     log_file: str | None = Field(default=None, min_length=1)
+    allowed_hosts: StrList = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"], min_length=1
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name or not name.isprintable() or any(ch in name for ch in " /@?#,"):
+                raise ValueError(f"{name!r} is not a host name (e.g. example.com or host:8000)")
+        return [name.lower() for name in names]
 
 
 class Settings(BaseSettings):
@@ -346,6 +376,8 @@ def _describe(error: Any, path: Path | None, text: str, overrides: Mapping[str, 
         return reason
     if error["type"] == "extra_forbidden":
         reason = "unknown setting" + _suggestion(loc)
+    elif loc[-1] == "token":  # never shown, even when it is the wrong type
+        reason += " (got ***)"
     elif not isinstance(error.get("input"), dict):
         value = error.get("input")
         reason += f" (got {mask_url(value) if isinstance(value, str) else value!r})"

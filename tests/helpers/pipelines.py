@@ -245,3 +245,52 @@ quick = Pipeline("quick")
 def note(ctx: StepContext) -> dict[str, Any]:
     entry = record(ctx, "note")
     return {"worker_pid": entry["worker_pid"]}
+
+
+# -- hostile: steps that return or raise what the queue cannot store --------------------------
+
+hostile = Pipeline("hostile", max_retries=1, retry_backoff=0)
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@hostile.step
+def first(ctx: StepContext) -> Any:
+    """``data["mode"]``: deep | huge | loud | unprintable | bulky | ok."""
+    record(ctx, "first")
+    mode = ctx.data["mode"]
+    if mode == "deep":
+        return _nested(300)
+    if mode == "huge":
+        return "x" * (2 * 1024 * 1024)  # over the default max_payload_bytes (1 MiB)
+    if mode == "loud":
+        ctx.progress(0.5, "\x1b[2J" + "n" * 100_000)
+        time.sleep(0.3)  # the progress report reaches the worker before the failure
+        raise RuntimeError("e" * 1_000_000)
+    if mode == "unprintable":
+        raise UnprintableError()
+    if mode == "bulky":
+        return "b" * (600 * 1024)
+    return "fine"
+
+
+@hostile.step
+def second(ctx: StepContext) -> Any:
+    record(ctx, "second")
+    return "c" * (600 * 1024) if ctx.data["mode"] == "bulky" else "fine"
+
+
+@hostile.step
+def third(ctx: StepContext) -> Any:
+    record(ctx, "third")
+    return {"done": ctx.data["mode"]}

@@ -3,21 +3,25 @@
 Security: with ``api.token`` set (``CONVEYOR_API_TOKEN``) every endpoint but ``/health``
 requires ``Authorization: Bearer <token>``, compared in constant time; the dashboard's
 static files carry no data and stay open so the page can ask for the token. Without a
-token ``conveyor api`` binds 127.0.0.1 (see ``serve.py``). Errors are JSON ``{"detail":
-...}`` and never carry a traceback: the last-resort handler logs it and answers a generic
-500.
+token ``conveyor api`` binds 127.0.0.1 (see ``serve.py``) and ``guards.BrowserGuard``
+checks ``Host`` and ``Origin`` so web pages cannot use the open API. Bodies are limited as
+they stream in, before auth and parsing (``guards.BodyLimit``). Errors are JSON
+``{"detail": ...}`` and never carry a traceback: the last-resort handler logs it and
+answers a generic 500.
 """
 
 from __future__ import annotations
 
+import copy
 import hmac
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, params
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from loguru import logger
@@ -35,14 +39,18 @@ from ..errors import (
     TaskValidationError,
 )
 from ..settings import Settings, load_settings
+from .guards import SECURITY_HEADERS, BodyLimit, BrowserGuard
 from .metrics import metrics_registry
+from .paths import EncodedSlashes
 from .registry import QueueRegistry
 from .routes import router
 from .schemas import ErrorOut, Health
 
-#: Request bodies above this many bytes (Content-Length) get a 413 before they are read;
-#: JSON escaping can make a payload several times its stored size, hence the margin.
+#: Request bodies above this many bytes get a 413 as soon as that many have arrived; JSON
+#: escaping can make a payload several times its stored size, hence the margin.
 _BODY_MARGIN = 4
+#: Methods a 405's Allow header may list.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _TASKS = "/api/v1/tasks"
 _STATIC = {
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -59,7 +67,9 @@ _PAGE_HEADERS = {
         "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     ),
     "Cache-Control": "no-cache",
-    "Referrer-Policy": "no-referrer",
+    # Not "no-referrer": under it the Fetch standard has a browser send "Origin: null" with
+    # the page's own POST and DELETE, which an API without a token refuses (guards.py).
+    "Referrer-Policy": "same-origin",
 }
 
 
@@ -93,7 +103,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_system_routes(app, registry, protected)
     _add_dashboard(app)
     _add_error_handlers(app)
-    _add_body_limit(app, settings.queue.max_payload_bytes * _BODY_MARGIN + 65536)
+    # The last added runs first: the browser checks, then the body limit, then the app.
+    app.add_middleware(EncodedSlashes)
+    app.add_middleware(BodyLimit, limit=settings.queue.max_payload_bytes * _BODY_MARGIN + 65536)
+    app.add_middleware(
+        BrowserGuard,
+        open_access=settings.api.token is None,
+        allowed_hosts=settings.api.allowed_hosts,
+        bind_host=settings.api.host,
+    )
     return app
 
 
@@ -166,7 +184,18 @@ def _add_system_routes(
 
     @app.get("/api/v1/openapi.json", dependencies=protected, include_in_schema=False)
     def openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
+        return JSONResponse(_with_settings(app.openapi(), registry.settings))
+
+
+def _with_settings(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The schema with this server's own limits where they are settings (the priority's
+    maximum is ``queue.max_priority``), so a client knows exactly what is accepted."""
+    schema = copy.deepcopy(schema)
+    task_in = schema.get("components", {}).get("schemas", {}).get("TaskIn", {})
+    priority = task_in.get("properties", {}).get("priority")
+    if isinstance(priority, dict):
+        priority["maximum"] = settings.queue.max_priority
+    return schema
 
 
 def _add_dashboard(app: FastAPI) -> None:
@@ -210,6 +239,13 @@ def _add_error_handlers(app: FastAPI) -> None:
             return JSONResponse({"detail": str(exc)}, status_code=422)
         return _internal_error(request, exc)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes each bad input back, and an input of NaN or of
+        # invalid Unicode cannot be written as JSON: that turned a 422 into a 500.
+        errors = [_plain_error(error) for error in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers or {})
@@ -225,12 +261,30 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
-    methods: set[str] = set()
-    for route in app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return sorted(methods)
+    """Every method some route serves for this path, found by asking the router itself
+    (included routers hide their routes' methods), so Allow is right however they nest."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
+def _plain_error(error: dict[str, object]) -> dict[str, object]:
+    """A validation error as ``{"loc", "msg", "type"}``: the bad input is not echoed (it may
+    be huge, NaN or not valid Unicode); ``loc`` parts are made plain text or numbers."""
+    loc = error.get("loc", ())
+    parts = loc if isinstance(loc, list | tuple) else (loc,)
+    return {
+        "loc": [part if isinstance(part, int) else _plain_text(part) for part in parts],
+        "msg": _plain_text(error.get("msg", "")),
+        "type": _plain_text(error.get("type", "value_error")),
+    }
+
+
+def _plain_text(value: object) -> str:
+    return str(value).encode("utf-8", "backslashreplace").decode()
 
 
 def _internal_error(request: Request, exc: BaseException) -> JSONResponse:
@@ -242,18 +296,5 @@ def _internal_error(request: Request, exc: BaseException) -> JSONResponse:
     return JSONResponse(
         {"detail": f"internal error (incident {incident}); the server log has the details"},
         status_code=500,
+        headers={key.decode(): value.decode() for key, value in SECURITY_HEADERS},
     )
-
-
-def _add_body_limit(app: FastAPI, limit: int) -> None:
-    @app.middleware("http")
-    async def body_limit(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            return JSONResponse(
-                {"detail": f"request body is {length} bytes; the limit is {limit}"},
-                status_code=413,
-            )
-        return await call_next(request)

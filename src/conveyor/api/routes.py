@@ -20,6 +20,7 @@ from ..errors import TaskNotFoundError, TaskTypeError, TaskValidationError
 from ..manager import QueueManager
 from ..models import TaskRecord, TaskStatus
 from ..validation import MAX_TASK_ID_LENGTH
+from .paths import TaskIdConvertor  # noqa: F401  (registers the "taskid" convertor)
 from .registry import QueueRegistry
 from .schemas import (
     ErrorOut,
@@ -34,14 +35,19 @@ from .schemas import (
     totals_of,
 )
 
-#: A task id in a path may contain "/", so the route captures the rest of the path.
+#: A task id in a path: one segment with its "/" encoded, or raw slashes (see ``paths``).
 TaskId = Annotated[str, Path(min_length=1, max_length=MAX_TASK_ID_LENGTH)]
 QueueParam = Annotated[QueueQuery, Query()]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text}
     for code, text in (
-        (400, "the body could not be read at all (not UTF-8 text)"),
+        (
+            400,
+            "the body could not be read at all (not UTF-8, or nested too deeply to parse); "
+            "or, without a token, the Host header names no host of api.allowed_hosts",
+        ),
         (401, "missing or wrong bearer token (when CONVEYOR_API_TOKEN is set)"),
+        (403, "without a token: a browser request from a page of another origin"),
         (404, "no such task in that queue"),
         (409, "the task is in a state that does not allow this"),
         (503, "the backend is unreachable"),
@@ -49,6 +55,40 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 router = APIRouter(prefix="/api/v1", responses=_ERRORS)
+
+
+def _link(operation: str, what: str) -> dict[str, Any]:
+    """An OpenAPI link from an answer naming a task (``id``, ``queue``) to an operation on
+    it: documentation, and what a stateful test client follows."""
+    return {
+        "operationId": operation,
+        "parameters": {"task_id": "$response.body#/id", "queue": "$response.body#/queue"},
+        "description": what,
+    }
+
+
+_PUSHED = {
+    "description": "pushed; Location names the task (every '/' of its id percent-encoded)",
+    "links": {
+        "GetTask": _link("get_task", "the record of the pushed task"),
+        "CancelTask": _link("cancel_task", "cancel the pushed task"),
+        "RetryTask": _link("retry_task", "re-drive the pushed task once it has failed"),
+    },
+}
+_CANCELED = {
+    "description": "the record, canceled (or with cancel_requested, while it runs)",
+    "links": {
+        "GetTask": _link("get_task", "the record of the canceled task"),
+        "RetryTask": _link("retry_task", "re-drive the canceled task"),
+    },
+}
+_RETRIED = {
+    "description": "the record, pending again",
+    "links": {
+        "GetTask": _link("get_task", "the record of the re-driven task"),
+        "CancelTask": _link("cancel_task", "cancel the re-driven task"),
+    },
+}
 
 
 def registry_of(request: Request) -> QueueRegistry:
@@ -65,7 +105,11 @@ Registry = Annotated[QueueRegistry, Depends(registry_of)]
     response_model=TaskCreated,
     summary="Push a task",
     tags=["tasks"],
-    responses={413: {"model": ErrorOut, "description": "the request body is too large"}},
+    operation_id="create_task",
+    responses={
+        201: _PUSHED,
+        413: {"model": ErrorOut, "description": "the request body is too large"},
+    },
 )
 def create_task(task: TaskIn, registry: Registry, response: Response) -> TaskCreated:
     """Push one task; returns its id at once. 409 if that id is already scheduled, pending
@@ -90,11 +134,20 @@ def create_task(task: TaskIn, registry: Registry, response: Response) -> TaskCre
             )
         name = queue.queue_name
     status = TaskStatus.SCHEDULED if task.delay else TaskStatus.PENDING
-    response.headers["Location"] = f"/api/v1/tasks/{quote(task_id)}?queue={quote(name)}"
+    # Every "/" of the id encoded too: one path segment, so no client can resolve a "/.."
+    # in an id to another task (the ids "." and ".." are refused at push).
+    location = f"/api/v1/tasks/{quote(task_id, safe='')}?queue={quote(name, safe='')}"
+    response.headers["Location"] = location
     return TaskCreated(id=task_id, queue=name, status=status)
 
 
-@router.get("/tasks", response_model=TaskList, summary="List tasks", tags=["tasks"])
+@router.get(
+    "/tasks",
+    response_model=TaskList,
+    summary="List tasks",
+    tags=["tasks"],
+    operation_id="list_tasks",
+)
 def list_tasks(registry: Registry, query: Annotated[ListQuery, Query()]) -> TaskList:
     """One page of records with ``status`` (all if omitted): pending ones in the order they
     will run, the others newest first. An unknown queue has no tasks."""
@@ -109,7 +162,11 @@ def list_tasks(registry: Registry, query: Annotated[ListQuery, Query()]) -> Task
 
 
 @router.get(
-    "/tasks/{task_id:path}", response_model=TaskRecord, summary="Get a task", tags=["tasks"]
+    "/tasks/{task_id:taskid}",
+    response_model=TaskRecord,
+    summary="Get a task",
+    tags=["tasks"],
+    operation_id="get_task",
 )
 def get_task(task_id: TaskId, registry: Registry, query: QueueParam) -> TaskRecord:
     """The task's record: status, attempts, progress, result, last error and history."""
@@ -118,7 +175,12 @@ def get_task(task_id: TaskId, registry: Registry, query: QueueParam) -> TaskReco
 
 
 @router.delete(
-    "/tasks/{task_id:path}", response_model=TaskRecord, summary="Cancel a task", tags=["tasks"]
+    "/tasks/{task_id:taskid}",
+    response_model=TaskRecord,
+    summary="Cancel a task",
+    tags=["tasks"],
+    operation_id="cancel_task",
+    responses={200: _CANCELED},
 )
 def cancel_task(task_id: TaskId, registry: Registry, query: QueueParam) -> TaskRecord:
     """Cancel a scheduled or pending task now; a running one stops between its steps
@@ -136,10 +198,12 @@ def cancel_task(task_id: TaskId, registry: Registry, query: QueueParam) -> TaskR
 
 
 @router.post(
-    "/tasks/{task_id:path}/retry",
+    "/tasks/{task_id:taskid}/retry",
     response_model=TaskRecord,
     summary="Retry a failed task",
     tags=["tasks"],
+    operation_id="retry_task",
+    responses={200: _RETRIED},
 )
 def retry_task(task_id: TaskId, registry: Registry, query: QueueParam) -> TaskRecord:
     """Re-drive a failed, timed-out or canceled task: pending again, attempts reset, at its
@@ -156,7 +220,13 @@ def retry_task(task_id: TaskId, registry: Registry, query: QueueParam) -> TaskRe
         return _require(manager, task_id, manager.queue_name)
 
 
-@router.get("/stats", response_model=StatsOut, summary="Queue statistics", tags=["monitoring"])
+@router.get(
+    "/stats",
+    response_model=StatsOut,
+    summary="Queue statistics",
+    tags=["monitoring"],
+    operation_id="stats",
+)
 def stats(registry: Registry, query: QueueParam) -> StatsOut:
     """Counts per status, tasks done and failed in the last minute and their mean run time,
     for every queue on the backend (or ``queue`` only), with totals. 404 for an unknown
@@ -170,7 +240,13 @@ def stats(registry: Registry, query: QueueParam) -> StatsOut:
     )
 
 
-@router.get("/workers", response_model=WorkerList, summary="Live workers", tags=["monitoring"])
+@router.get(
+    "/workers",
+    response_model=WorkerList,
+    summary="Live workers",
+    tags=["monitoring"],
+    operation_id="workers",
+)
 def workers(registry: Registry, query: QueueParam) -> WorkerList:
     """Workers whose heartbeat is current: host, pid, queues, state, what each one runs
     now and how many tasks it finished; ``queue`` keeps those that take from it."""
@@ -194,9 +270,10 @@ def _require(manager: QueueManager | None, task_id: str, queue: str) -> TaskReco
 
 
 def _worker(info: dict[str, Any]) -> WorkerInfo:
-    """A heartbeat as a model; one written by another version still shows, by its id."""
+    """A heartbeat (decoded by ``heartbeat_from``: safe values) as a model; should it still
+    not fit, it is shown as damaged rather than failing the whole list."""
     try:
         return WorkerInfo.model_validate(info)
     except ValidationError as exc:
         logger.warning("worker {}: unreadable heartbeat ({})", info.get("id"), exc)
-        return WorkerInfo(id=str(info.get("id")), state="unreadable heartbeat")
+        return WorkerInfo(state="damaged", damage=[f"heartbeat: {exc.error_count()} error(s)"])

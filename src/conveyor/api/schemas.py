@@ -5,16 +5,34 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
 
-from ..codec import MAX_DELAY
+from ..errors import TaskTypeError, TaskValidationError
 from ..manager import DEFAULT_PRIORITY, QueueStats
 from ..models import TaskRecord, TaskStatus
-from ..validation import MAX_TASK_ID_LENGTH
+from ..validation import (
+    MAX_COUNT,
+    MAX_NAME_LENGTH,
+    MAX_SECONDS,
+    MAX_TASK_ID_LENGTH,
+    check_queue_name,
+)
 
-#: Queue names the API accepts: no braces (Redis hash tags), no whitespace or controls.
-QUEUE_PATTERN = r"^[^{}\s]+$"
-MAX_QUEUE_LENGTH = 200
+#: Queue names the API accepts: no braces (Redis hash tags), no whitespace or controls (the
+#: manager's ``check_queue_name`` refuses the rest of what is not printable).
+QUEUE_PATTERN = r"^[^{}\s\x00-\x1f\x7f-\x9f]+$"
+#: Types: no control characters.
+NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
+MAX_QUEUE_LENGTH = MAX_NAME_LENGTH
+
+
+def _queue_name(value: str) -> str:
+    """The queue's own rule (printable too), so a bad name is a 422 naming the field."""
+    try:
+        return check_queue_name(value, "queue")
+    except (TaskValidationError, TaskTypeError) as exc:
+        raise ValueError(exc.reason) from None
+
 
 QueueName = Annotated[
     str,
@@ -26,8 +44,12 @@ QueueName = Annotated[
         examples=["default"],
     ),
 ]
-Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: A queue to push to must also pass the queue's own rule (a 422 naming the field); a read
+#: of a queue no push could create simply finds nothing (404).
+PushQueue = Annotated[QueueName, AfterValidator(_queue_name)]
+#: Every duration becomes a deadline (now + seconds): at most 10 years, so none overflows.
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
 
 
 class TaskIn(BaseModel):
@@ -51,7 +73,11 @@ class TaskIn(BaseModel):
     )
 
     type: str | None = Field(
-        default=None, min_length=1, max_length=200, description="the pipeline that runs it"
+        default=None,
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        pattern=NAME_PATTERN,
+        description="the pipeline that runs it",
     )
     data: Any = Field(
         default=None,
@@ -64,11 +90,12 @@ class TaskIn(BaseModel):
         description="0..queue.max_priority (default 10); larger runs first",
     )
     delay: Seconds | None = Field(
-        default=None, le=MAX_DELAY, description="seconds before it may run (at most 10 years)"
+        default=None, description="seconds before it may run (at most 10 years)"
     )
     max_retries: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_COUNT,
         validation_alias=AliasChoices("max_retries", "max_retry"),
         description="retries after errors (default: the worker's worker.max_retries)",
     )
@@ -87,7 +114,7 @@ class TaskIn(BaseModel):
         max_length=MAX_TASK_ID_LENGTH,
         description="the task id; default: a new one. A live duplicate is refused (409)",
     )
-    queue: QueueName | None = None
+    queue: PushQueue | None = None
 
 
 class QueueQuery(BaseModel):
@@ -162,6 +189,9 @@ class WorkerInfo(BaseModel):
     started_at: float | None = None
     last_seen: float | None = None
     current: list[CurrentTask] = Field(default_factory=list)
+    damage: list[str] = Field(
+        default_factory=list, description="what of the stored heartbeat could not be read"
+    )
 
 
 class WorkerList(BaseModel):

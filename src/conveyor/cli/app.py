@@ -12,7 +12,7 @@ from loguru import logger
 
 from ..errors import ConveyorError, TaskNotFoundError
 from . import api_cmd, doctor_cmd, manage, overview, produce, run
-from .common import CliError
+from .common import CliError, printable
 
 _EPILOG = (
     "Settings: --config FILE (else $CONVEYOR_CONFIG, else config/development.yaml) under "
@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit 2), like every other error."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"conveyor: {message} (see '{self.prog} --help')\n")
+        sys.stderr.write(f"conveyor: {printable(message)} (see '{self.prog} --help')\n")
         raise SystemExit(2)
 
 
@@ -95,7 +95,7 @@ def _one_line(message: str) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"conveyor: {message}\n")
+    sys.stderr.write(f"conveyor: {printable(message)}\n")
     sys.stderr.flush()
     return code
 

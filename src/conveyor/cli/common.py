@@ -2,7 +2,9 @@
 
 Output rules: tables are plain aligned text on stdout (numbers right-aligned); progress and
 prompts go to stderr, so ``conveyor ... > file`` and ``--json | jq`` stay clean; nothing
-printed ever carries a password (URLs are masked).
+printed ever carries a password (URLs are masked); and nothing printed can drive the
+terminal: every unprintable character (ESC, other controls, invalid Unicode) in a value
+from the store or the user is shown escaped (``\x1b``), see :func:`printable`.
 """
 
 from __future__ import annotations
@@ -54,20 +56,55 @@ def open_queue(settings: Settings, name: str | None = None) -> Iterator[QueueMan
 # -- output ---------------------------------------------------------------------------------
 
 
+def printable(text: str) -> str:
+    """``text`` with every unprintable character escaped, line breaks kept.
+
+    ESC, the C1 controls (0x9b is CSI to some terminals), bidi overrides and invalid
+    Unicode could rewrite the screen or hide text; escaped, they are visible and inert.
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    return "\n".join(
+        line if line.isprintable() else "".join(_escape(ch) for ch in line)
+        for line in text.split("\n")
+    )
+
+
+def _escape(ch: str) -> str:
+    if ch.isprintable():
+        return ch
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def out(text: str = "") -> None:
-    """A line on stdout, flushed (``--watch`` and pipes see it at once)."""
-    sys.stdout.write(text + "\n")
+    """A line on stdout, escaped (:func:`printable`) and flushed (``--watch`` and pipes see
+    it at once)."""
+    sys.stdout.write(printable(text) + "\n")
     sys.stdout.flush()
 
 
 def note(text: str) -> None:
     """A line on stderr: progress and remarks that scripts reading stdout should not see."""
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(printable(text) + "\n")
     sys.stderr.flush()
 
 
 def print_json(value: Any) -> None:
-    out(json.dumps(value, indent=2, default=str, ensure_ascii=False))
+    """``value`` as indented JSON; unprintable characters inside strings are written as
+    JSON escapes (``\u001b``), so the output is both valid JSON and inert on a terminal."""
+    text = json.dumps(value, indent=2, default=str, ensure_ascii=False)
+    out("".join(ch if ch.isprintable() or ch == "\n" else _json_escape(ch) for ch in text))
+
+
+def _json_escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # a surrogate pair, as JSON writes characters beyond the BMP
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
@@ -99,7 +136,7 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.2f}"
-    return str(value)
+    return printable(str(value))
 
 
 def when(moment: datetime | float | None) -> str:
@@ -137,7 +174,7 @@ def confirm(question: str, *, yes: bool) -> None:
         return
     if not sys.stdin.isatty():
         raise CliError(f"{question} Refusing without --yes: stdin is not a terminal", code=2)
-    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.write(f"{printable(question)} [y/N] ")
     sys.stderr.flush()
     answer = sys.stdin.readline().strip().lower()
     if answer not in ("y", "yes"):

@@ -277,12 +277,12 @@ def stop_command(args: argparse.Namespace) -> int:
             targets = {args.worker_id}
             out(f"asked {asked} worker(s) to stop gracefully")
         elif wanted:
-            targets = {str(info.get("id")) for info in live if _serves(info, wanted)}
+            targets = {str(info["id"]) for info in live if info["id"] and _serves(info, wanted)}
             asked = sum(queue.request_stop(worker_id) for worker_id in sorted(targets))
             names = ", ".join(repr(name) for name in sorted(wanted))
             out(f"asked {asked} worker(s) serving {names} to stop gracefully")
         else:
-            targets = {str(info.get("id")) for info in live}
+            targets = {str(info["id"]) for info in live if info["id"]}  # damaged ones have none
             asked = queue.request_stop(None)
             out(f"asked {asked} worker(s) to stop gracefully")
         if args.wait is not None and targets:
@@ -299,7 +299,7 @@ def _serves(info: dict[str, Any], wanted: set[str]) -> bool:
 def _wait_for_exit(queue: QueueManager, targets: set[str], timeout: float) -> None:
     deadline, reported = time.monotonic() + timeout, 0
     while True:
-        left = targets & {str(info.get("id")) for info in queue.workers()}
+        left = targets & {str(info["id"]) for info in queue.workers() if info["id"]}
         if not left:
             out(f"{len(targets)} worker(s) exited")
             return

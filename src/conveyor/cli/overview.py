@@ -244,6 +244,7 @@ def show_record(record: TaskRecord) -> None:
         ("dead reason", record.dead_reason), ("error", error),
         ("data", shorten(_json(record.data), 200)), ("result", result),
         ("steps done", ", ".join(record.steps) or None),
+        ("damaged", "; ".join(record.damage) or None),
     ]  # fmt: skip
     for key, value in fields:
         if value is not None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from typing import Any
 
+from ..errors import TaskValidationError
 from ..manager import DEFAULT_PRIORITY, QueueManager
+from ..validation import decode_json
 from .common import CliError, Progress, open_queue, out, queue_name, settings_from
 
 _INDEX = re.compile(r"^tasks\[(\d+)\]")
@@ -45,7 +46,7 @@ def push_command(args: argparse.Namespace) -> int:
     with open_queue(settings, queue_name(args, settings)) as queue:
         if args.many:
             return _push_many(queue, args, text)
-        data = _parse_json(text, "DATA")
+        data = _parse_json(text, "DATA", queue.max_json_depth)
         task_id = queue.submit(
             data,
             priority=DEFAULT_PRIORITY if args.priority is None else args.priority,
@@ -66,7 +67,8 @@ def push_command(args: argparse.Namespace) -> int:
 def _push_many(queue: QueueManager, args: argparse.Namespace, text: str) -> int:
     if args.batch_size < 1:
         raise CliError("--batch-size: must be at least 1", code=2)
-    tasks, lines = _parse_tasks(text)
+    # Two levels more than a task's data: the list, then the task object.
+    tasks, lines = _parse_tasks(text, queue.max_json_depth + 2)
     defaults = {
         "priority": args.priority,
         "type": args.type,
@@ -112,25 +114,24 @@ def _read_data(value: str) -> str:
         raise CliError(f"cannot read {path}: not UTF-8 text", code=2) from None
 
 
-def _parse_json(text: str, what: str) -> Any:
+def _parse_json(text: str, what: str, max_depth: int) -> Any:
+    """JSON from the user; too deep (``queue.max_json_depth``) or invalid is a usage error
+    (exit 2), whatever the input: 100 000 nested brackets too."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CliError(
-            f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-            code=2,
-        ) from None
+        return decode_json(what, text, max_depth)
+    except TaskValidationError as exc:
+        raise CliError(f"{what} {exc.reason}", code=2) from None
 
 
-def _parse_tasks(text: str) -> tuple[list[Any], list[int]]:
+def _parse_tasks(text: str, max_depth: int) -> tuple[list[Any], list[int]]:
     """Tasks from a JSON list or JSON lines, with the line each one starts on."""
     if text.lstrip().startswith("["):
-        tasks = _parse_json(text, "the task list")
+        tasks = _parse_json(text, "the task list", max_depth)
         return tasks, []
     tasks, lines = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
-            tasks.append(_parse_json(line, f"line {number}"))
+            tasks.append(_parse_json(line, f"line {number}", max_depth - 1))
             lines.append(number)
     return tasks, lines
 

@@ -24,6 +24,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..settings import Settings, load_settings
+from ..urls import mask_url
 from . import Finding
 from .starts import expand_program, log_dir_findings, program_numbers, restart_finding
 from .supervisord import SupervisordError, read_config_info
@@ -264,7 +265,7 @@ def check_supervisord(url: str, settings: Settings, margin: float) -> list[Findi
         Finding(
             "supervisord",
             "unchecked",
-            f"no program of the supervisord at {url} runs a Conveyor worker",
+            f"no program of the supervisord at {mask_url(url)} runs a Conveyor worker",
         )
     ]
 

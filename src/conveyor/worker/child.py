@@ -6,7 +6,8 @@ worker kills and replaces. The child never touches the broker; the parent owns e
 connection, so leases and heartbeats keep flowing whatever a step does.
 
 Protocol (one JSON object per message):
-  parent -> child  {"op": "run", "task_id", "data", "attempt", "queue", "type", "steps"}
+  parent -> child  {"op": "run", "task_id", "data", "attempt", "queue", "type", "steps",
+                    "limits": {"max_bytes", "max_depth"}}     the queue's JSON policy
                    {"op": "stop"}
   child -> parent  {"op": "progress", "fraction", "message"}
                    {"op": "step", "name", "result"}       an intermediate step finished
@@ -26,7 +27,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
+from ..errors import TaskTypeError, TaskValidationError
 from ..pipeline import Pipeline, PipelineError, PipelineService, StepContext
+from ..validation import DEFAULT_JSON_DEPTH, encode_json
 
 #: Progress is sent at most this often per task, so a chatty step cannot flood the pipe.
 _PROGRESS_INTERVAL = 0.2
@@ -93,14 +96,18 @@ class _Runner:
                 result = step.function(self._context(request, results, step.name))
                 if self.cancel_flag.value:  # the contract: a canceled step's result is ignored
                     return _error("canceled", "TaskCanceled", "canceled during step " + step.name)
-                results[step.name] = _json_safe(result, step.name)
+                results[step.name] = _json_safe(result, step.name, request.get("limits") or {})
                 if step is not pipeline.steps[-1]:
                     self._send({"op": "step", "name": step.name, "result": results[step.name]})
             return {"op": "done", "result": results.get(_last(pipeline)), "steps": results}
         except PipelineError as exc:
             return _error(exc.reason, type(exc).__name__, str(exc))
+        except ResultError as exc:  # retrying would return the same result again
+            reply = _error("invalid_result", "InvalidResult", str(exc))
+            reply["step"] = step_name
+            return reply
         except Exception as exc:  # a step's failure is data for the retry policy
-            reply = _error("error", type(exc).__name__, str(exc), traceback.format_exc())
+            reply = _error("error", type(exc).__name__, _text(exc), traceback.format_exc())
             reply["step"] = step_name
             return reply
 
@@ -122,7 +129,8 @@ class _Runner:
         if now - self._last_progress < _PROGRESS_INTERVAL and fraction < 1:
             return
         self._last_progress = now
-        self._send({"op": "progress", "fraction": fraction, "message": message})
+        note = message if message is None or isinstance(message, str) else _text(message)
+        self._send({"op": "progress", "fraction": fraction, "message": note})
 
     def _send(self, message: dict[str, Any]) -> None:
         self.conn.send_bytes(json.dumps(message).encode())
@@ -132,16 +140,32 @@ def _last(pipeline: Pipeline) -> str:
     return pipeline.steps[-1].name
 
 
-def _json_safe(result: Any, step: str) -> Any:
-    """A step's result is stored as JSON: refuse what would not survive the trip."""
+class ResultError(Exception):
+    """A step returned what the queue cannot store (not JSON, too large, too deep)."""
+
+
+def _json_safe(result: Any, step: str, limits: dict[str, Any]) -> Any:
+    """A step's result is stored as JSON under the queue's policy (the same check the queue
+    makes): refuse here, as the step's failure, what would not survive the trip."""
     try:
-        json.dumps(result)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
+        encode_json(
+            "result", result, limits.get("max_bytes"), limits.get("max_depth", DEFAULT_JSON_DEPTH)
+        )
+    except TaskTypeError as exc:
+        raise ResultError(
             f"step {step!r} returned {type(result).__name__}, which is not JSON-serializable "
-            f"({exc}); return dicts, lists, strings and numbers"
+            f"({exc.reason}); return dicts, lists, strings and numbers"
         ) from None
+    except TaskValidationError as exc:
+        raise ResultError(f"step {step!r} returned a result that cannot be stored: {exc}") from None
     return result
+
+
+def _text(exc: object) -> str:
+    try:
+        return str(exc)
+    except Exception:  # a broken __str__ must not take the child down
+        return f"<unprintable {type(exc).__name__}>"
 
 
 def _error(reason: str, type_: str, message: str, trace: str | None = None) -> dict[str, Any]:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from ..models import Message
 from ..pipeline import Pipeline
 
-#: Reasons that no retry can fix: fail at once.
-PERMANENT_REASONS = frozenset({"unknown_pipeline", "invalid_data"})
+#: Reasons that no retry can fix: fail at once (``invalid_result``: a step returned what the
+#: queue cannot store; it would return it again).
+PERMANENT_REASONS = frozenset({"unknown_pipeline", "invalid_data", "invalid_result"})
 
 
 @dataclass(frozen=True, slots=True)

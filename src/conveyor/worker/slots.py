@@ -100,6 +100,7 @@ class Slot:
             "op": "run", "task_id": message.task_id, "data": message.data,
             "attempt": message.attempts, "queue": message.queue, "type": message.type,
             "steps": message.steps,
+            "limits": {"max_bytes": queue.max_payload_bytes, "max_depth": queue.max_json_depth},
         }  # fmt: skip
         self.conn.send_bytes(json.dumps(request).encode())
 

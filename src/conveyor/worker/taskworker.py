@@ -37,10 +37,17 @@ if TYPE_CHECKING:
     from loguru import Logger
 
 from .. import outcomes as build
-from ..errors import BrokerUnavailableError, ConfigError, ConveyorError
+from ..errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    ConveyorError,
+    TaskTypeError,
+    TaskValidationError,
+)
 from ..manager import QueueManager
 from ..models import Message
 from ..pipeline import PipelineService
+from ..validation import check_name
 from .backoff import Backoff
 from .heartbeat import worker_info
 from .leases import renew_running
@@ -87,6 +94,10 @@ class TaskWorker:
         self.id = self.options.worker_id or (
             f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
+        try:
+            check_name("worker id", self.id)
+        except (TaskValidationError, TaskTypeError) as exc:
+            raise ConfigError(str(exc)) from None
         self.processed = 0
         self.failed = 0
         self.stop_reason: str | None = None
@@ -247,13 +258,28 @@ class TaskWorker:
         assert task is not None
         op = reply.get("op")
         if op == "progress":
-            outcome = build.progress(task.message, float(reply["fraction"]), reply.get("message"))
+            fraction, note = reply.get("fraction"), reply.get("message")
+            try:
+                outcome = build.progress(task.message, float(fraction), note)  # type: ignore[arg-type]
+            except (ValueError, TypeError) as exc:  # advisory: never worth a crash
+                self._log(task.message).warning("progress not recorded: {}", exc)
+                return
             self.outbox.put(task.queue, task.message, outcome)
         elif op == "step":
             task.steps[str(reply["name"])] = reply.get("result")
             task.step_started = time.monotonic()
-            outcome = build.checkpoint(task.message, task.steps, task.queue.max_payload_bytes)
-            self.outbox.put(task.queue, task.message, outcome)
+            queue = task.queue
+            try:
+                outcome = build.checkpoint(
+                    task.message, task.steps, queue.max_payload_bytes, queue.max_json_depth
+                )
+            except (TaskValidationError, TaskTypeError) as exc:
+                # The results so far cannot be stored (together over the size limit): the
+                # child is on the next step already; stop it and fail the task, recorded.
+                slot.kill()
+                self._failed(slot, "invalid_result", _refused(exc), str(reply["name"]))
+                return
+            self.outbox.put(queue, task.message, outcome)
             self._log(task.message).info("step {} done", reply["name"])
         elif op == "done":
             self._succeeded(slot, reply.get("result"))
@@ -315,10 +341,15 @@ class TaskWorker:
     def _succeeded(self, slot: Slot, result: Any) -> None:
         task = slot.task
         assert task is not None
+        queue = task.queue
+        try:  # the result is checked before anything is kept to send
+            outcome = build.ack(task.message, result, queue.max_payload_bytes, queue.max_json_depth)
+        except (TaskValidationError, TaskTypeError) as exc:
+            self._failed(slot, "invalid_result", _refused(exc), None)
+            return
         slot.task = None
         self.processed += 1
-        outcome = build.ack(task.message, result, task.queue.max_payload_bytes)
-        self.outbox.put(task.queue, task.message, outcome, time.monotonic() - task.started)
+        self.outbox.put(queue, task.message, outcome, time.monotonic() - task.started)
         self._check_limits()
 
     def _failed(self, slot: Slot, reason: str, error: dict[str, Any], step: Any) -> None:
@@ -459,7 +490,16 @@ class TaskWorker:
 
 
 def _decode(raw: bytes) -> dict[str, Any]:
-    value = json.loads(raw)
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise OSError(f"child sent an unreadable reply: {exc}") from None
     if not isinstance(value, dict):
         raise OSError("child sent a non-object reply")
     return value
+
+
+def _refused(exc: TaskValidationError | TaskTypeError) -> dict[str, Any]:
+    """A result the queue refused, as the task's error."""
+    message = f"cannot store the result: {exc}"
+    return {"type": "InvalidResult", "message": message, "traceback": None}

@@ -77,6 +77,14 @@ function badge(status) {
   return el("span", { className: `badge ${status}`, text: status });
 }
 
+// A record or heartbeat the server could not fully read: shown, marked, with the reasons.
+function damaged(item) {
+  const damage = item.damage || [];
+  return damage.length
+    ? el("span", { className: "badge damaged", title: damage.join("\n"), text: "damaged" })
+    : null;
+}
+
 function taskCell(task) {
   return el("td", { className: "task", title: task.id }, el("code", { text: task.id }));
 }
@@ -97,7 +105,16 @@ async function act(button, path, verb) {
   }
 }
 
+// "." and ".." are path segments to a browser (also as %2E): no URL can name such a task, so
+// no button that would act on another resource. Conveyor refuses these ids at push; only a
+// record written by hand can have one.
+const UNADDRESSABLE = [".", ".."];
+
 function actionButton(task) {
+  if (UNADDRESSABLE.includes(task.id)) {
+    return el("span", { className: "muted small", text: "id not addressable" });
+  }
+  // encodeURIComponent encodes "/" too: the id stays one path segment, "/.." included.
   const path = `/api/v1/tasks/${encodeURIComponent(task.id)}`;
   const query = `?queue=${encodeURIComponent(task.queue)}`;
   if (["pending", "scheduled", "processing"].includes(task.status) && !task.cancel_requested) {
@@ -156,7 +173,7 @@ function drawWorkers(workers) {
     el("td", {}, el("code", { text: worker.id })),
     el("td", { text: `${worker.host ?? "?"} / ${worker.pid ?? "?"}` }),
     el("td", { text: (worker.queues || []).join(", ") }),
-    el("td", {}, badge(worker.state || "unknown")),
+    el("td", {}, badge(worker.state || "unknown"), damaged(worker)),
     el("td", { className: "current" }, ...(worker.current || []).map((task) => el("div", {},
       el("code", { text: task.task_id }),
       task.step ? el("span", { className: "muted", text: ` · ${task.step}` }) : null,
@@ -193,7 +210,7 @@ function drawTasks({ recent, failed }) {
     el("td", { text: task.queue }),
     el("td", { text: task.type ?? "–" }),
     el("td", { className: "num", text: task.priority }),
-    el("td", {}, badge(task.status), task.status === "processing" && task.progress
+    el("td", {}, badge(task.status), damaged(task), task.status === "processing" && task.progress
       ? el("span", { className: "muted small", text: ` ${Math.round(task.progress * 100)}%` })
       : null),
     el("td", { className: "when", text: ago(updatedOf(task)) }),

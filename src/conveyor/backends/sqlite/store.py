@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from ...lifecycle import Event, Op, TaskStatus
+from ...lifecycle import Event, Op, TaskStatus, fail_event
 from ..base import (
     UNCLAIMED_DROP,
     UNCLAIMED_MISSING,
@@ -308,7 +308,7 @@ class SqliteStore(QueueStore):
             return self._give_back(now, outcome, base)
         if op is Op.FAIL:
             statement = sql.FAIL if outcome.token is None else sql.FAIL_HELD
-            event = Event.CANCELED if outcome.status is TaskStatus.CANCELED else Event.FAILED
+            event = fail_event(outcome.status, outcome.reason)
             done = db.execute(statement, {
                 **base, "status": outcome.status.value, "reason": outcome.reason,
                 "error": outcome.payload, "event": event,

@@ -116,6 +116,12 @@ local function dead_letter(key, id, from, reason, error_json, status, event)
   record(key, event or EV.DEAD_LETTERED, num(key, 'attempts'), reason)
 end
 
+-- The history event of a FAIL outcome (lifecycle.fail_event).
+local function fail_event(status, reason)
+  if status == ST.CANCELED then return EV.CANCELED end
+  return BACKEND_REASONS[reason] and EV.DEAD_LETTERED or EV.FAILED
+end
+
 local function malformed(key, id, from, what)
   dead_letter(key, id, from, DR.MALFORMED, cjson.encode({type = 'MalformedTask',
     message = 'stored record is damaged: ' .. what}))

@@ -20,7 +20,7 @@ for j = 0, n - 1 do
     if readable(key) then
       local final = ARGV[i + 6]
       dead_letter(key, id, redis.call('HGET', key, 'status'), ARGV[i + 5], payload, final,
-        final == ST.CANCELED and EV.CANCELED or EV.FAILED)
+        fail_event(final, ARGV[i + 5]))
       status = final
     end
   elseif held(key, token) then
@@ -38,8 +38,8 @@ for j = 0, n - 1 do
       woke = woke or status == ST.PENDING
     elseif op == OP.FAIL then
       local final = ARGV[i + 6]
-      dead_letter(key, id, ST.PROCESSING, ARGV[i + 5], payload, final,
-        final == ST.CANCELED and EV.CANCELED or EV.FAILED)
+      dead_letter(key, id, ST.PROCESSING, ARGV[i + 5], payload, final, fail_event(final,
+        ARGV[i + 5]))
       status = final
     elseif op == OP.CHECKPOINT then
       redis.call('HSET', key, 'steps', payload, 'updated_at', fmt(NOW))
