@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from conftest import wait_until  # noqa: E402
 from conveyor import ConfigError, QueueManager  # noqa: E402
 from conveyor.api.serve import exposure_warning, is_loopback  # noqa: E402
 from conveyor.settings import Settings, load_settings  # noqa: E402
+from helpers.private_redis import PrivateRedis  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -195,6 +196,29 @@ def test_the_api_recovers_when_the_backend_returns(
     blocker.unlink()
     assert client.get("/health").status_code == 200
     assert client.post("/api/v1/tasks", json={}).status_code == 201
+
+
+def test_the_api_rides_out_a_redis_that_is_killed_and_restarted(
+    make_local_client: MakeClient, private_redis: Callable[..., PrivateRedis]
+) -> None:
+    # The queue is opened (and cached) before the outage: the same manager, with its
+    # connection pool, must serve again once Redis is back, without restarting the API.
+    server = private_redis(aof=True)
+    client = make_local_client(url=server.url)
+    assert client.post("/api/v1/tasks", json={"id": "before"}).status_code == 201
+    assert client.get("/health").status_code == 200
+    server.kill()
+    started = time.monotonic()
+    health = client.get("/health")
+    pushed = client.post("/api/v1/tasks", json={"id": "during"})
+    assert health.status_code == 503 and health.json()["status"] == "unavailable"
+    assert pushed.status_code == 503 and pushed.headers["retry-after"] == "5"
+    assert "Redis" in pushed.json()["detail"]
+    assert time.monotonic() - started < 5  # refused connections answer at once, no hang
+    server.start()
+    assert client.get("/health").status_code == 200
+    assert client.post("/api/v1/tasks", json={"id": "after"}).status_code == 201
+    assert client.get("/api/v1/tasks/after").json()["status"] == "pending"
 
 
 # -- errors ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Self
 from loguru import logger
 from pydantic import BaseModel
 
+from . import outcomes as build
 from .backends import (
     Claimed,
     ClaimResult,
@@ -37,16 +38,19 @@ from .backends import (
 from .codec import (
     ErrorLike,
     delay_from,
-    error_json,
-    note_text,
     optional_float,
     steps_from,
     strict_int,
-    within_max_delay,
 )
-from .errors import ConfigError, TaskNotFoundError, TaskTypeError, TaskValidationError
+from .errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    TaskNotFoundError,
+    TaskTypeError,
+    TaskValidationError,
+)
 from .heartbeat import heartbeat_from
-from .lifecycle import FINISHED_STATUSES, DeadReason, Op, TaskStatus
+from .lifecycle import FINISHED_STATUSES, DeadReason, TaskStatus
 from .models import Message, TaskRecord
 from .records import record_from_row
 from .validation import (
@@ -399,17 +403,10 @@ class QueueManager:
                 "queue {} task {}: {}; dead-lettered", self.queue_name, claimed.task_id, reason
             )
             error = {"type": "MalformedTask", "message": reason, "traceback": None}
-            self._settle_one(Op.FAIL, claimed.task_id, None, error_json(error),
-                             reason=DeadReason.MALFORMED)  # fmt: skip
+            self._apply(build.fail(claimed.task_id, None, reason=DeadReason.MALFORMED, error=error))
             return None
 
     # -- settling ---------------------------------------------------------------------------
-
-    def _settle_one(
-        self, op: Op, task_id: str, token: str | None, payload: str | None, **extra: Any
-    ) -> Settled:
-        settled, _ = self._store.settle([Outcome(op, task_id, token, payload, **extra)])
-        return settled[0]
 
     def settle(
         self, outcomes: Sequence[Outcome], claim: int = 0
@@ -423,20 +420,20 @@ class QueueManager:
         settled, result = self._store.settle(outcomes, then)
         messages = self._messages(result, True) if result is not None else []
         if result is not None and len(messages) < claim and (result.claimed or result.skipped):
-            more = self._store.claim(self._spec(self.visibility_timeout, claim - len(messages)))
+            try:
+                more = self._store.claim(self._spec(self.visibility_timeout, claim - len(messages)))
+            except BrokerUnavailableError:
+                return settled, messages  # the outcomes counted; the next call meets the outage
             messages += self._messages(more, True)
         return settled, messages
 
     def ack(self, message: Message, result: Any = None) -> bool:
         """Finish a task as ``success``; False if its lease was lost to another consumer."""
-        settled = self._settle_one(
-            Op.ACK, message.task_id, message.token, self._result_json(result)
-        )
-        return settled.status is not None
+        return self._apply(build.ack(message, result, self.max_payload_bytes, self.max_json_depth))
 
     def ack_and_reserve(self, message: Message, result: Any = None) -> tuple[bool, Message | None]:
         """Ack ``message`` and lease the next task in the same round trip (no blocking)."""
-        outcome = Outcome(Op.ACK, message.task_id, message.token, self._result_json(result))
+        outcome = build.ack(message, result, self.max_payload_bytes, self.max_json_depth)
         settled, following = self.settle([outcome], claim=1)
         return settled[0].status is not None, following[0] if following else None
 
@@ -453,11 +450,7 @@ class QueueManager:
         ``count_attempt=False`` returns the delivery too (a shutdown hand-back is not a try).
         False if the lease was lost.
         """
-        seconds = within_max_delay("delay", check_seconds("delay", delay) or 0.0)
-        op = Op.NACK if count_attempt else Op.HAND_BACK
-        settled = self._settle_one(op, message.task_id, message.token, error_json(error),
-                                   delay=seconds)  # fmt: skip
-        return settled.status is not None
+        return self._apply(build.nack(message, delay, error=error, count_attempt=count_attempt))
 
     def fail(
         self, message: Message | str, *, reason: str = "error", error: ErrorLike = None
@@ -470,25 +463,20 @@ class QueueManager:
             task_id, token = message.task_id, message.token
         else:
             task_id, token = check_task_id(message), None
-        settled = self._settle_one(Op.FAIL, task_id, token, error_json(error), reason=reason)
-        return settled.status is not None
+        return self._apply(build.fail(task_id, token, reason=reason, error=error))
 
     def settle_canceled(self, message: Message, *, error: ErrorLike = None) -> bool:
         """Finish a running task whose cancel was asked as ``canceled`` (not dead-lettered)."""
-        settled = self._settle_one(
-            Op.FAIL, message.task_id, message.token, error_json(error), reason="canceled",
-            status=TaskStatus.CANCELED,
-        )  # fmt: skip
-        return settled.status is not None
+        outcome = build.fail(
+            message.task_id, message.token, reason="canceled", error=error, canceled=True
+        )
+        return self._apply(outcome)
 
     def checkpoint(self, message: Message, steps: Mapping[str, Any]) -> bool:
         """Store finished steps' results so a retry of this task resumes after them."""
-        # One level more than a result: the object that holds the results by step name.
-        steps_json = encode_json(
-            "steps", dict(steps), self.max_payload_bytes, self.max_json_depth + 1
+        return self._apply(
+            build.checkpoint(message, steps, self.max_payload_bytes, self.max_json_depth)
         )
-        settled = self._settle_one(Op.CHECKPOINT, message.task_id, message.token, steps_json)
-        return settled.status is not None
 
     def extend(self, message: Message, seconds: float | None = None) -> bool:
         """Renew a lease for ``seconds`` (default ``visibility_timeout``) from now; False
@@ -508,20 +496,12 @@ class QueueManager:
 
     def set_progress(self, message: Message, fraction: float, note: str | None = None) -> bool:
         """Record progress 0..1 of a leased task, visible in its record."""
-        if (
-            isinstance(fraction, bool)
-            or not isinstance(fraction, int | float)
-            or not 0 <= fraction <= 1
-        ):
-            raise ValueError(f"fraction: must be a number between 0 and 1, got {fraction!r}")
-        settled = self._settle_one(Op.PROGRESS, message.task_id, message.token, note_text(note),
-                                   fraction=float(fraction))  # fmt: skip
-        return settled.status is not None
+        return self._apply(build.progress(message, fraction, note))
 
-    def _result_json(self, result: Any) -> str | None:
-        if result is None:
-            return None
-        return encode_json("result", result, self.max_payload_bytes, self.max_json_depth)
+    def _apply(self, outcome: Outcome) -> bool:
+        """Send one outcome; False when fencing refused it (the lease is not ours)."""
+        settled, _ = self._store.settle([outcome])
+        return settled[0].status is not None
 
     # -- inspecting and managing ------------------------------------------------------------
 

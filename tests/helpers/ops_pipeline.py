@@ -3,8 +3,8 @@
 Workers load it with ``CONVEYOR_WORKER__PIPELINES=ops_pipeline`` and ``tests/helpers`` on
 ``PYTHONPATH``. Data ``{"sleep": 3}`` makes the one step take 3 s; ``{"fail": true}``
 raises, so a task can be driven into the dead-letter list; ``{"ledger": path}`` appends
-``<task id> <pid>`` to that file as the step starts (an execution ledger kept outside the
-queue, for failover tests).
+``task_id attempt pid`` to that file when the step finishes (an execution ledger: outage
+tests count lost and duplicated runs with ``helpers.run_ledger``).
 """
 
 from __future__ import annotations
@@ -24,16 +24,21 @@ def work(ctx: StepContext) -> dict[str, Any]:
     data = ctx.data if isinstance(ctx.data, dict) else {}
     if data.get("fail"):
         raise RuntimeError("asked to fail")
-    if data.get("ledger"):  # one O_APPEND write: lines of several processes never mix
-        fd = os.open(str(data["ledger"]), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{ctx.task_id} {os.getpid()}\n".encode())
-        finally:
-            os.close(fd)
     seconds = float(data.get("sleep", 0))
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.1))
         if seconds >= 0.5:  # short sleeps report nothing: no progress write per task
             ctx.progress(min(1.0, 1 - left / seconds))
+    if data.get("ledger"):
+        record(str(data["ledger"]), f"{ctx.task_id} {ctx.attempt} {os.getpid()}")
     return {"slept": seconds, "pid": os.getpid()}
+
+
+def record(path: str, line: str) -> None:
+    """One O_APPEND write per line: lines from several processes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)

@@ -30,6 +30,7 @@ class RunningTask:
     started: float = field(default_factory=time.monotonic)
     step_started: float = field(default_factory=time.monotonic)
     renewed: float = field(default_factory=time.monotonic)
+    lease_lost: bool = False  # said once: a renewal found the lease gone
 
     def current_step(self) -> str | None:
         """The first step without a stored result: the one the child is running now."""

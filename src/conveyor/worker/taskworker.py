@@ -7,8 +7,16 @@ costs one child, which is replaced; the worker and its leases carry on.
 
 Shutdown is an ordered sequence, one log line per step: stop taking work (at once), wait
 for running tasks up to ``max_shutdown_wait`` while leases keep being renewed, hand back
-(or fail, by ``shutdown_mode``) what is still running, stop the children, unregister.
-A second signal skips the wait.
+(or fail, by ``shutdown_mode``) what is still running, stop the children, send the last
+outcomes, unregister. A second signal skips the wait. Without the backend, the end is the
+same, bounded by its timeouts: outcomes that cannot be sent are logged with their task ids
+(the tasks come back when their leases run out).
+
+The backend may stop answering at any time (a restart, a failover, a cut connection): the
+worker rides it out instead of exiting. Outcomes go through an outbox (``outbox``) that is
+sent at each turn, or when the backend answers again; ``outage`` keeps the backend's
+state, its log lines and the reconnect backoff. While it is down, running children go on,
+nothing new starts, and leases, sweeps and heartbeats pause (see ``_loop``).
 """
 
 from __future__ import annotations
@@ -16,13 +24,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import signal
 import socket
 import time
 import uuid
 from collections.abc import Sequence
 from multiprocessing.connection import wait as wait_for_ready
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -30,15 +36,28 @@ from loguru import logger
 if TYPE_CHECKING:
     from loguru import Logger
 
-from ..errors import ConfigError, ConveyorError, TaskTypeError, TaskValidationError
+from .. import outcomes as build
+from ..errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    ConveyorError,
+    TaskTypeError,
+    TaskValidationError,
+)
 from ..manager import QueueManager
 from ..models import Message
 from ..pipeline import PipelineService
 from ..validation import check_name
+from .backoff import Backoff
+from .heartbeat import worker_info
+from .leases import renew_running
 from .options import WorkerOptions
-from .policy import backoff_seconds, should_retry
+from .outage import OutageWatch
+from .outbox import Outbox
+from .signals import StopSignals
 from .slots import Slot
-from .usage import resident_mb
+from .usage import recycling_reason
+from .verdicts import Verdict, after_error, after_shutdown
 
 _CANCEL_POLL = 1.0  # seconds between checks of running tasks' cancel flags (one call a queue)
 _SWEEP_INTERVAL = 5.0  # seconds between maintenance sweeps (timeouts, lost leases, retention)
@@ -95,9 +114,13 @@ class TaskWorker:
             *(self.options.renew_check_period(q.visibility_timeout) for q in self.queues),
         )
         self._next_sweep = 0.0
-        self._signals: list[int] = []  # signals received, logged by the loop
-        self._signals_logged = 0
+        self._signals = StopSignals(self.stop, max_shutdown_wait)
         self._shutdown_flag = multiprocessing.get_context("fork").Value("b", 0)
+        self.outbox = Outbox(self._log)
+        self.backend = OutageWatch(
+            self.queues[0].url,
+            Backoff(self.options.reconnect_backoff, self.options.reconnect_max_backoff),
+        )
 
     # -- public ----------------------------------------------------------------------------
 
@@ -111,7 +134,7 @@ class TaskWorker:
             queue.consumer_id = self.id
             for pipeline in self.service.pipelines.values():
                 queue.check_time_limit(pipeline.hard_limit(), f"pipeline {pipeline.name!r}")
-        previous = self._install_signal_handlers()
+        self._signals.install()
         context = multiprocessing.get_context("fork")
         self._slots = [
             Slot(i, context, self.service, self._shutdown_flag) for i in range(self.concurrency)
@@ -125,8 +148,12 @@ class TaskWorker:
             self._loop()
         finally:
             self._finish()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            self._signals.restore()
+
+    @property
+    def refused(self) -> int:
+        """Final outcomes the backend refused (their lease was lost): runs that may repeat."""
+        return self.outbox.refused
 
     def stop(self, reason: str = "requested") -> None:
         """Begin a graceful shutdown (what SIGTERM does); safe to call from a signal handler."""
@@ -140,27 +167,47 @@ class TaskWorker:
     # -- the loop --------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Turn until done. A backend call that finds the backend unreachable ends its turn
+        and starts (or prolongs) an outage; every turn may end at any backend call, because
+        nothing is decided in memory only: outcomes wait in the outbox until sent."""
         while True:
-            self._log_signals()
-            self._maintain()
-            busy = [slot for slot in self._slots if slot.busy]
-            if self.stop_reason is not None:
-                if not busy:
+            try:
+                if self._turn():
                     return
-                if self._force or time.monotonic() >= self._drain_deadline:
-                    self._interrupt(busy)
-                    return
-                self._collect(busy, timeout=0.2)
-                continue
-            free = next((slot for slot in self._slots if not slot.busy), None)
-            if free is None:
-                self._collect(busy, timeout=self._idle_wait())
-                continue
-            found = self._reserve(0.0 if busy else self.options.idle_block)
-            if found is not None:
-                self._dispatch(free, *found)
-            elif busy:
-                self._collect(busy, timeout=_BUSY_POLL)
+            except BrokerUnavailableError as exc:
+                self.backend.lost(exc)
+
+    def _turn(self) -> bool:
+        """One pass: upkeep; wait for replies or take work; send what the runs reported
+        (with claims for the slots that became free). True when the worker is done."""
+        self._signals.log()
+        self._maintain()
+        busy = [slot for slot in self._slots if slot.busy]
+        if self.stop_reason is not None:
+            if not busy:
+                return True
+            if self._force or time.monotonic() >= self._drain_deadline:
+                self._interrupt(busy)
+                return True
+            self._collect(busy, timeout=0.2)
+        elif not self.backend.up:  # no new work: only replies, until the next try
+            self._collect(busy, timeout=min(0.2, self.backend.until_next_try()))
+        else:
+            self._work(busy)
+        self._send()
+        return False
+
+    def _work(self, busy: list[Slot]) -> None:
+        """Take a task for a free slot, or wait for replies when every slot is busy."""
+        free = next((slot for slot in self._slots if not slot.busy), None)
+        if free is None:
+            self._collect(busy, timeout=self._idle_wait())
+            return
+        found = self._reserve(0.0 if busy else self.options.idle_block)
+        if found is not None:
+            self._dispatch(free, *found)
+        elif busy:
+            self._collect(busy, timeout=_BUSY_POLL)
 
     def _reserve(self, block: float) -> tuple[Message, QueueManager] | None:
         """The most urgent task across queues; blocks up to ``block`` on the first queue."""
@@ -176,7 +223,7 @@ class TaskWorker:
 
     def _dispatch(self, slot: Slot, message: Message, queue: QueueManager) -> None:
         if self.stop_reason is not None:  # the signal came while we were blocked: give it back
-            queue.nack(message, count_attempt=False)
+            self.outbox.put(queue, message, build.nack(message, count_attempt=False))
             self._log(message).info("handed back at once: shutting down")
             return
         slot.start(message, queue, self.service)
@@ -184,6 +231,9 @@ class TaskWorker:
 
     def _collect(self, busy: list[Slot], timeout: float) -> None:
         """Wait for replies from busy children (or their death) and act on them."""
+        if not busy:
+            time.sleep(timeout)
+            return
         waitables: list[Any] = [slot.conn for slot in busy] + [
             slot.process.sentinel for slot in busy
         ]
@@ -210,80 +260,114 @@ class TaskWorker:
         if op == "progress":
             fraction, note = reply.get("fraction"), reply.get("message")
             try:
-                task.queue.set_progress(task.message, float(fraction), note)  # type: ignore[arg-type]
+                outcome = build.progress(task.message, float(fraction), note)  # type: ignore[arg-type]
             except (ValueError, TypeError) as exc:  # advisory: never worth a crash
                 self._log(task.message).warning("progress not recorded: {}", exc)
+                return
+            self.outbox.put(task.queue, task.message, outcome)
         elif op == "step":
             task.steps[str(reply["name"])] = reply.get("result")
             task.step_started = time.monotonic()
+            queue = task.queue
             try:
-                task.queue.checkpoint(task.message, task.steps)
+                outcome = build.checkpoint(
+                    task.message, task.steps, queue.max_payload_bytes, queue.max_json_depth
+                )
             except (TaskValidationError, TaskTypeError) as exc:
                 # The results so far cannot be stored (together over the size limit): the
                 # child is on the next step already; stop it and fail the task, recorded.
                 slot.kill()
                 self._failed(slot, "invalid_result", _refused(exc), str(reply["name"]))
                 return
+            self.outbox.put(queue, task.message, outcome)
             self._log(task.message).info("step {} done", reply["name"])
         elif op == "done":
             self._succeeded(slot, reply.get("result"))
         elif op == "error":
             self._failed(slot, str(reply.get("reason", "error")), reply, reply.get("step"))
 
+    # -- sending outcomes ------------------------------------------------------------------
+
+    def _send(self) -> None:
+        """Send the outbox: one settle per queue, with claims for free slots riding along.
+
+        While the backend is down, this is also where it is asked again (a ping, at the
+        backoff's pace): once it answers, the waiting outcomes go out, and leases and the
+        heartbeat are renewed at once.
+        """
+        if self.backend.up and not self.outbox:
+            return
+        if not self.backend.up:
+            if not self.backend.may_try():
+                return
+            self.queues[0].ping()
+            self.backend.answered(len(self.outbox))
+            self._next_renewal = self._next_heartbeat = 0.0
+        for queue in self.outbox.queues(self.queues):
+            for message in self.outbox.send(queue, self._claims(queue)):
+                self._dispatch(next(s for s in self._slots if not s.busy), message, queue)
+
+    def _claims(self, queue: QueueManager) -> int:
+        """How many tasks to claim with the outcomes: one per free slot, with one queue only
+        (several are served in strict order by ``_reserve``) and while taking work."""
+        if len(self.queues) > 1 or self.stop_reason is not None or self._limit_reached():
+            return 0
+        free = sum(1 for slot in self._slots if not slot.busy)
+        if self.options.max_jobs is not None:
+            busy = len(self._slots) - free
+            free = min(free, max(0, self.options.max_jobs - self.processed - busy))
+        return free
+
+    def _send_last(self) -> None:
+        """At the end: send what is left, once (not waiting for a backend that is down
+        and was tried just now); log, with the task ids, what cannot be sent."""
+        if not self.outbox:
+            return
+        if self.backend.up or self.backend.may_try():
+            try:
+                if not self.backend.up:
+                    self.queues[0].ping()
+                for queue in self.outbox.queues(self.queues):
+                    self.outbox.send(queue)
+                return
+            except BrokerUnavailableError as exc:
+                self.backend.lost(exc)
+            except ConveyorError as exc:
+                logger.warning("could not send the last outcomes: {}", exc)
+        self.outbox.log_unsent()
+
     # -- settling --------------------------------------------------------------------------
 
     def _succeeded(self, slot: Slot, result: Any) -> None:
         task = slot.task
         assert task is not None
-        self.processed += 1  # counted first: reaching max_jobs means no next task is taken
-        elapsed = time.monotonic() - task.started
-        single = len(self.queues) == 1 and self.stop_reason is None and not self._limit_reached()
-        try:  # the result is checked before anything is written
-            if single:
-                acked, following = task.queue.ack_and_reserve(task.message, result)
-            else:
-                acked, following = task.queue.ack(task.message, result), None
+        queue = task.queue
+        try:  # the result is checked before anything is kept to send
+            outcome = build.ack(task.message, result, queue.max_payload_bytes, queue.max_json_depth)
         except (TaskValidationError, TaskTypeError) as exc:
-            self.processed -= 1  # _failed counts it
             self._failed(slot, "invalid_result", _refused(exc), None)
             return
         slot.task = None
-        log = self._log(task.message)
-        if acked:
-            log.info("succeeded in {:.3f}s", elapsed)
-        else:
-            log.warning(
-                "finished in {:.3f}s but its lease was lost; the result was refused", elapsed
-            )
+        self.processed += 1
+        self.outbox.put(queue, task.message, outcome, time.monotonic() - task.started)
         self._check_limits()
-        if following is not None:
-            self._dispatch(slot, following, task.queue)
 
     def _failed(self, slot: Slot, reason: str, error: dict[str, Any], step: Any) -> None:
         task = slot.task
         assert task is not None
         slot.task = None
-        message, queue = task.message, task.queue
-        details = {key: error.get(key) for key in ("type", "message", "traceback")}
-        log = self._log(message)
-        if reason == "canceled" or slot.cancel_flag.value:
-            # A step that raised because it saw ctx.cancelled was canceled, not broken.
-            queue.settle_canceled(message, error=details)
-            log.info("canceled")
-        elif self.stop_reason is not None and reason == "error":
-            # A step that stopped early because it saw ctx.shutting_down: that is the
-            # shutdown's doing, so the task is handed back (or failed) as the mode says.
-            self._hand_back(message, queue)
-        elif should_retry(message, task.pipeline, step, reason, self.options.retry):
-            delay = backoff_seconds(message, task.pipeline, step, self.options.retry)
-            queue.nack(message, delay=delay, error=details)
-            log.warning("retry in {:.1f}s after {}: {}", delay, details["type"], details["message"])
-        else:
-            self.failed += 1
-            queue.fail(message, reason=reason, error=details)
-            log.error("failed ({}): {}: {}", reason, details["type"], details["message"])
+        verdict = after_error(
+            task, reason, error, step, cancel_asked=bool(slot.cancel_flag.value),
+            stopping=self.stop_reason is not None, options=self.options,
+        )  # fmt: skip
+        self._settle(task.queue, task.message, verdict)
         self.processed += 1
         self._check_limits()
+
+    def _settle(self, queue: QueueManager, message: Message, verdict: Verdict) -> None:
+        self.outbox.put(queue, message, verdict.outcome)
+        self.failed += verdict.failed
+        self._log(message).log(verdict.level, verdict.text)
 
     def _child_died(self, slot: Slot) -> None:
         # The pipe can close before the exit status is known: reap the child first.
@@ -306,23 +390,13 @@ class TaskWorker:
             slot.process.kill()
             slot.process.join(5)
             slot.task = None
-            self._hand_back(task.message, task.queue)
-
-    def _hand_back(self, message: Message, queue: QueueManager) -> None:
-        """A task the shutdown interrupted: back in line without using a retry, or failed."""
-        if self.options.shutdown_mode == "fail":
-            error = {"type": "WorkerShutdown", "message": "the worker shut down", "traceback": None}
-            queue.fail(message, reason="shutdown", error=error)
-            self._log(message).warning("failed: shutdown")
-        else:
-            queue.nack(message, count_attempt=False)
-            self._log(message).warning("interrupted: handed back to the queue")
+            self._settle(task.queue, task.message, after_shutdown(task.message, self.options))
 
     # -- upkeep ----------------------------------------------------------------------------
 
     def _maintain(self) -> None:
-        """Enforce time limits, renew leases and pass on cancels, sweep, heartbeat, check
-        recycling."""
+        """Enforce time limits; with the backend up, also renew leases and pass on cancels,
+        sweep, heartbeat and check recycling (all of which wait out an outage)."""
         now = time.monotonic()
         for slot in self._slots:
             task = slot.task
@@ -333,9 +407,11 @@ class TaskWorker:
             deadline = task.deadline()
             if deadline is not None and now > deadline:
                 self._time_limit(slot)
+        if not self.backend.up:
+            return
         if now >= self._next_renewal:
             self._next_renewal = now + self._renewal_period
-            self._renew(now)
+            renew_running(self.queues, self._slots, self.options, now, self._log)
         if now >= self._next_sweep and self.stop_reason is None:
             self._next_sweep = now + _SWEEP_INTERVAL
             for queue in self.queues:
@@ -344,26 +420,6 @@ class TaskWorker:
             self._next_heartbeat = now + self.options.heartbeat_interval
             self._heartbeat()
             self._check_limits()
-
-    def _renew(self, now: float) -> None:
-        """One call per queue for all its running tasks: cancel flags every second, and the
-        leases extended when the oldest renewal is due (see WorkerOptions.renew_interval)."""
-        for queue in self.queues:
-            slots = [s for s in self._slots if s.task is not None and s.task.queue is queue]
-            if not slots:
-                continue
-            interval = self.options.renew_interval(queue.visibility_timeout)
-            extend = any(now - s.task.renewed >= interval for s in slots if s.task)
-            states = queue.renew([s.task.message for s in slots if s.task], extend)
-            for slot, state in zip(slots, states, strict=True):
-                task = slot.task
-                assert task is not None
-                if extend:
-                    task.renewed = now
-                if not state.held:
-                    self._log(task.message).warning("lease lost: another worker may run it")
-                if state.cancel_requested:
-                    slot.cancel_flag.value = 1
 
     def _time_limit(self, slot: Slot) -> None:
         task = slot.task
@@ -381,22 +437,17 @@ class TaskWorker:
         return min(0.5, self.options.heartbeat_interval)
 
     def _heartbeat(self) -> None:
-        info = {
-            "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
-            "queues": [queue.queue_name for queue in self.queues],
-            "concurrency": self.concurrency, "processed": self.processed, "failed": self.failed,
-            "started_at": self._started, "last_seen": time.time(),
-            "state": "draining" if self.stop_reason else "running",
-            "current": [
-                {"task_id": s.task.message.task_id, "queue": s.task.message.queue,
-                 "type": s.task.message.type, "step": s.task.current_step()}
-                for s in self._slots if s.task is not None
-            ],
-        }  # fmt: skip
+        info = worker_info(
+            self.id, [queue.queue_name for queue in self.queues], self._slots,
+            processed=self.processed, failed=self.failed, started_at=self._started,
+            draining=self.stop_reason is not None,
+        )  # fmt: skip
         try:
             asked = self.queues[0].register_worker(
                 self.id, info, ttl=self.options.heartbeat_interval * 3
             )
+        except BrokerUnavailableError:
+            raise  # an outage: the loop handles it
         except ConveyorError as exc:
             logger.warning("heartbeat failed: {}", exc)
             return
@@ -405,16 +456,8 @@ class TaskWorker:
             self.stop("stop requested")
 
     def _limit_reached(self) -> str | None:
-        options = self.options
-        if options.max_jobs is not None and self.processed >= options.max_jobs:
-            return f"max_jobs ({options.max_jobs}) reached"
-        if options.max_time is not None and time.time() - self._started >= options.max_time:
-            return f"max_time ({options.max_time:g}s) reached"
-        if options.memory_mb is not None:
-            used = resident_mb([s.process.pid for s in self._slots if s.process.pid])
-            if used is not None and used >= options.memory_mb:
-                return f"memory {used:.0f} MB >= {options.memory_mb} MB"
-        return None
+        pids = [slot.process.pid for slot in self._slots if slot.process.pid]
+        return recycling_reason(self.options, self.processed, self._started, pids)
 
     def _check_limits(self) -> None:
         if self.stop_reason is None:
@@ -423,42 +466,20 @@ class TaskWorker:
                 logger.info("worker {}: {}; recycling", self.id, reason)
                 self.stop(reason)
 
-    # -- signals and the end ---------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        previous: dict[int, Any] = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, self._on_signal)
-        return previous
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        """Only flags: loguru's lock is not re-entrant, so logging here could deadlock a loop
-        that was logging when the signal came. The loop logs (``_log_signals``)."""
-        self._signals.append(signum)
-        self.stop(signal.Signals(signum).name)
-
-    def _log_signals(self) -> None:
-        while self._signals:
-            name = signal.Signals(self._signals.pop(0)).name
-            self._signals_logged += 1
-            if self._signals_logged == 1:
-                logger.info(
-                    "{}: stop taking work; waiting up to {:g}s for running tasks (again to "
-                    "skip)", name, self.max_shutdown_wait,
-                )  # fmt: skip
-            else:
-                logger.warning("{} again: not waiting any longer", name)
+    # -- the end ------------------------------------------------------------------------
 
     def _finish(self) -> None:
         for slot in self._slots:
             slot.stop(timeout=2)
-        try:
-            self.queues[0].unregister_worker(self.id)
-        except ConveyorError as exc:
-            logger.warning("could not unregister: {}", exc)
+        self._send_last()
+        if self.backend.up:
+            try:
+                self.queues[0].unregister_worker(self.id)
+            except ConveyorError as exc:
+                logger.warning("could not unregister: {}", exc)
         logger.info(
-            "worker {} stopped ({}): processed={} failed={}",
-            self.id, self.stop_reason or "error", self.processed, self.failed,
+            "worker {} stopped ({}): processed={} failed={} refused={}",
+            self.id, self.stop_reason or "error", self.processed, self.failed, self.refused,
         )  # fmt: skip
 
     def _log(self, message: Message) -> Logger:

@@ -1,9 +1,13 @@
-"""Resident memory of the worker and its children, for the ``memory`` recycling limit."""
+"""When a worker should make way for a fresh one (``max_jobs``, ``max_time``, ``memory``),
+and the resident memory that the ``memory`` limit reads."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
+
+from .options import WorkerOptions
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -19,3 +23,18 @@ def resident_mb(child_pids: Iterable[int]) -> float | None:
             if pid == os.getpid():
                 return None
     return total / (1024 * 1024)
+
+
+def recycling_reason(
+    options: WorkerOptions, processed: int, started: float, child_pids: Iterable[int]
+) -> str | None:
+    """Why the worker should stop now to be replaced (None: no limit reached)."""
+    if options.max_jobs is not None and processed >= options.max_jobs:
+        return f"max_jobs ({options.max_jobs}) reached"
+    if options.max_time is not None and time.time() - started >= options.max_time:
+        return f"max_time ({options.max_time:g}s) reached"
+    if options.memory_mb is not None:
+        used = resident_mb(child_pids)
+        if used is not None and used >= options.memory_mb:
+            return f"memory {used:.0f} MB >= {options.memory_mb} MB"
+    return None

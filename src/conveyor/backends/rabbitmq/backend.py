@@ -14,6 +14,7 @@ public transition (``enqueue``, ``claim`` with a ticket, ``settle``...) in broke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -22,7 +23,7 @@ from dataclasses import replace
 
 from loguru import logger
 
-from ...errors import TaskValidationError
+from ...errors import BrokerUnavailableError, TaskValidationError
 from ...lifecycle import Op, TaskStatus
 from ..base import (
     UNCLAIMED_MISSING,
@@ -149,7 +150,13 @@ class RabbitMQQueue(QueueStore):
             ticket = self._ticket_of(delivery)
             if ticket is None:
                 continue
-            result = self.store.claim(replace(spec, ticket=ticket, count=1))
+            try:
+                result = self.store.claim(replace(spec, ticket=ticket, count=1))
+            except BrokerUnavailableError:
+                self.link.reject(delivery, requeue=True)  # not ours: back to the queue at once
+                if claimed:  # held already: hand them out; the next call meets the outage
+                    return ClaimResult(claimed)
+                raise
             claimed += self._hold(delivery, ticket, spec, result)
         return ClaimResult(claimed, 0.0, skipped=not claimed)
 
@@ -201,16 +208,27 @@ class RabbitMQQueue(QueueStore):
         delivery = self.link.get(self.topology) if then is not None and then.count == 1 else None
         ticket = self._ticket_of(delivery) if delivery is not None else None
         if then is not None and delivery is not None and ticket is not None:
-            settled, result = self.store.settle(outcomes, replace(then, ticket=ticket))
+            try:
+                settled, result = self.store.settle(outcomes, replace(then, ticket=ticket))
+            except BrokerUnavailableError:
+                self.link.reject(delivery, requeue=True)  # not claimed: back to the queue
+                raise
             assert result is not None
             claimed = ClaimResult(self._hold(delivery, ticket, then, result))
         else:
             settled, _ = self.store.settle(outcomes)
+        # The store step is done: the outcomes count, whatever the broker does next. A new
+        # ticket whose publish fails is published again after publish_grace (by ``due``),
+        # and a claim that fails leaves the outage to the caller's next call.
         for outcome, effect in zip(outcomes, settled, strict=True):
             if outcome.op in _RELEASING:
-                self._release(outcome, effect)
+                with contextlib.suppress(BrokerUnavailableError):
+                    self._release(outcome, effect)
         if then is not None and (claimed is None or not claimed.claimed):
-            claimed = self.claim(then)
+            try:
+                claimed = self.claim(then)
+            except BrokerUnavailableError:
+                claimed = ClaimResult([])
         return settled, claimed
 
     def _release(self, outcome: Outcome, effect: Settled) -> None:
@@ -219,6 +237,12 @@ class RabbitMQQueue(QueueStore):
         if held is None or (outcome.token is not None and held[0] != outcome.token):
             return
         del self._held[outcome.task_id]
+        if effect.status is None:
+            # The store refused: the task is not ours (any more). Its message goes back and
+            # the store decides on redelivery: drop it, or run the task again when the
+            # store lost our claim (a task store restarted without its last writes).
+            self.link.reject(held[1], requeue=True)
+            return
         if effect.status == TaskStatus.PENDING and effect.ticket is None:
             self.link.reject(held[1], requeue=True)  # handed back: it keeps its place
             return

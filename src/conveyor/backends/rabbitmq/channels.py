@@ -9,7 +9,14 @@ threads handing work to it through ``add_callback_threadsafe``. That is this cla
 caller does (a worker waiting on a 15-minute step, a script between ``reserve`` and
 ``ack``); the caller posts a closure to the loop and waits for its answer (``_call``).
 
-When the connection drops, the thread reconnects with backoff (0.1 s doubling to 5 s).
+When the connection drops, the thread reconnects with backoff (0.1 s doubling to 1 s, so a
+broker that is back is used again within about a second). A call made meanwhile waits up
+to ``connect_timeout`` and then raises ``BrokerUnavailableError``; a worker treats that as
+an outage and asks again, the link keeps reconnecting underneath. A broker that goes
+silent without closing anything (a black-holed connection, a paused node) is noticed by
+the AMQP heartbeat: 10 s unless the URL sets ``heartbeat``, so within 15-30 s (pika checks
+every heartbeat + 5 s) instead of the 60 s brokers propose; callers give up sooner, after
+``connect_timeout``.
 Every unacked delivery of the lost channel is requeued by the broker; the channel epoch
 goes up, so a late ack of such a delivery is dropped instead of settling a different
 message on the new channel (delivery tags are per channel).
@@ -38,8 +45,15 @@ from ...errors import BackendError, BrokerUnavailableError
 from .calls import Call, LinkLostError
 from .topology import BrokerUrl, Topology, channel_error, connect_error
 
-_MAX_BACKOFF = 5.0
+_MAX_BACKOFF = 1.0  # the longest pause between attempts to reconnect
+#: AMQP heartbeat (seconds) when the URL sets none; the broker's lower proposal wins.
+DEFAULT_HEARTBEAT = 10
 Start = Callable[[Call], None]
+
+
+def _heartbeat(connection: Any, proposed: int) -> int:
+    """DEFAULT_HEARTBEAT, or the broker's proposal if lower (0, "none", becomes ours)."""
+    return min(proposed, DEFAULT_HEARTBEAT) if proposed else DEFAULT_HEARTBEAT
 
 
 class Channels:
@@ -52,6 +66,8 @@ class Channels:
         self._params.client_properties = {"connection_name": name, "product": "conveyor"}
         self._params.socket_timeout = connect_timeout
         self._params.stack_timeout = connect_timeout * 2
+        if self._params.heartbeat is None:  # the URL did not say: not the broker's 60 s
+            self._params.heartbeat = _heartbeat
         #: Connections re-established after a loss (0 while the first one lives).
         self.reconnects = 0
         self._loop = IOLoop()

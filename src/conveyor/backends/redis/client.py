@@ -18,6 +18,7 @@ run twice, the second run is refused (an ack), or stores nothing new (a push of 
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -56,6 +57,14 @@ _INCLUDE = re.compile(r"^-- @include (\S+)$", re.MULTILINE)
 MAX_BLOCK = 5.0
 #: Backoff between retries while a failover is under way: doubling up to the cap.
 _FIRST_RETRY, _MAX_RETRY = 0.05, 1.0
+#: TCP keepalive on every connection: a peer that vanished (a host down, a partition) is
+#: noticed on an idle connection after about 5 + 3 x 2 = 11 s, not the kernel's two hours.
+#: A server that is up but does not answer (SIGSTOP) is caught by ``socket_timeout`` instead.
+KEEPALIVE = {
+    option: value
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3))
+    if (option := getattr(socket, name, None)) is not None
+}
 #: Servers already checked for persistence in this process: warn once, not per manager.
 _checked_servers: set[str] = set()
 
@@ -94,8 +103,11 @@ class RedisClient:
             self.target = replace(self.target, durability=parse_durability(durability))
         self.safe_url = self.target.safe_url
         self.durability = self.target.durability
-        # A server that accepts but never answers must fail within about connect_timeout
-        # too; blocking waits stay a second shorter than this so they never trip it.
+        # A server that accepts but never answers (paused, or a black-holed connection)
+        # must fail within seconds too: 2 x connect_timeout, at least 3 s. Blocking waits
+        # stay a second shorter than this so they never trip it. No retries inside
+        # redis-py: one failed call is reported at once, and the caller (a worker riding
+        # out an outage, or the failover retry below) decides when to try again.
         socket_timeout = max(2.0 * connect_timeout, 3.0)
         self.max_block = min(MAX_BLOCK, socket_timeout - 1.0)
         with self.translate():
@@ -106,6 +118,7 @@ class RedisClient:
                 socket_connect_timeout=connect_timeout,
                 socket_timeout=socket_timeout,
                 socket_keepalive=True,
+                socket_keepalive_options=KEEPALIVE,
                 health_check_interval=30,
             )
         #: The same client when it is a RedisCluster (untyped in redis-py), else None.
