@@ -9,6 +9,8 @@ lease) and by a RabbitMQ takeover (one row).
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from ...lifecycle import DeadReason, Event, TaskStatus
 from ..base import ROW_FIELDS
 
@@ -121,11 +123,36 @@ TIME_OUT_EXPIRED = f"""UPDATE tasks SET status = '{S.TIMEOUT}', finished_at = :n
 TIME_OUT_ROW = f"""UPDATE tasks SET status = '{S.TIMEOUT}', finished_at = :now, {SETTLED},
     expire_at = NULL, publish_by = NULL, {history(q(E.TIMEOUT), note="'not started in time'")}
     WHERE rowid = :rowid"""
-MALFORMED_ROW = f"""UPDATE tasks SET status = '{S.FAILED}', dead_reason = '{R.MALFORMED}',
+
+
+def malformed(rows: str) -> str:
+    """Dead-letter the rows ``rows`` selects as ``malformed``; ``:what`` says why."""
+    return f"""UPDATE tasks SET status = '{S.FAILED}', dead_reason = '{R.MALFORMED}',
     finished_at = :now, {SETTLED}, expire_at = NULL, publish_by = NULL,
     {history(q(E.DEAD_LETTERED), "0", note=q(R.MALFORMED))}, error = json_object('type',
     'MalformedTask', 'message', 'stored record is damaged: ' || :what, 'traceback', NULL)
-    WHERE rowid = :rowid"""
+    WHERE {rows}"""
+
+
+MALFORMED_ROW = malformed("rowid = :rowid")
+
+
+def _status_gaps() -> str:
+    """Rows whose status is none of the lifecycle's: NULL, a number, a blob, other text.
+    One index range per gap between the known names (numbers sort before text, blobs after),
+    so finding them costs a few seeks however many healthy rows there are."""
+    names = sorted(status.value for status in S)
+    bounds = [f"status < '{names[0]}'"]
+    bounds += [f"status > '{low}' AND status < '{high}'" for low, high in pairwise(names)]
+    bounds += [f"status > '{names[-1]}'", "status IS NULL"]
+    return " UNION ALL ".join(
+        f"SELECT rowid FROM tasks WHERE queue = :queue AND {bound}" for bound in bounds
+    )
+
+
+#: A row no index of its queue would ever serve (its status is damaged) is dead-lettered by
+#: the sweep, so it is never left waiting for nothing.
+MALFORMED_STATUS = malformed(f"rowid IN (SELECT rowid FROM ({_status_gaps()}) LIMIT 100)")
 
 # -- claiming ---------------------------------------------------------------------------------
 CLAIM_ORDER = "priority DESC, ready_at, seq"

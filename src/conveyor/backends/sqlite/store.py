@@ -426,6 +426,9 @@ class SqliteStore(QueueStore):
     def sweep(self) -> None:
         with self._database.write() as now:
             self._upkeep(now, self._config.max_deliveries)
+            self._db().execute(sql.MALFORMED_STATUS, {
+                "queue": self.queue_name, "now": now, "what": "status is not a known status",
+            })  # fmt: skip
         self._maybe_retain(force=True)
 
     def _maybe_retain(self, *, force: bool = False) -> None:

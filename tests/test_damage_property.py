@@ -1,0 +1,425 @@
+"""Damage written straight into storage, at random, never crashes, 500s or loses a task.
+
+On each backend (SQLite, Redis, RabbitMQ over each of its task stores) every example pushes
+a few tasks, puts one of them in a random state (pending, held by a consumer, finished),
+then writes one random damaged value straight into one random stored field: a Redis hash
+field, the type of the task's key, an index's score or member; a SQLite column. Then it runs
+what a deployment runs: the held task's ack, claims and acks until the queue is drained (with
+the maintenance sweep), ``get_task``, ``list_tasks``, ``stats``, the workers listing, the
+API's ``/metrics`` and the dashboard's data endpoints, and the CLI's ``status`` (in process).
+
+Asserted each time: no exception and no 5xx; the damaged task ends dead-lettered with a
+reason, or runs (or, damaged while finished, stays finished); every other task succeeds;
+and no id leaves every index (each is listed under some status).
+
+Examples are derandomized and use no example database, so CI runs the same cases each time;
+``CONVEYOR_DAMAGE_EXAMPLES`` raises their number for a longer local hunt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import strategies as st
+
+from api_support import MakeClient, clear_conveyor_env, client_factory, require_modules
+from conftest import (
+    BACKENDS,
+    REDIS_URL,
+    delete_rabbitmq_queues,
+    rabbitmq_url,
+    redis_admin,
+    require_backend_module,
+    require_rabbitmq_server,
+    require_redis_server,
+)
+from conveyor import QueueManager, TaskStatus
+from conveyor.backends import sqlite_path_from_url
+from conveyor.cli import main
+from conveyor.lifecycle import FINISHED_STATUSES
+
+require_modules("fastapi", "httpx")
+
+EXAMPLES = int(os.environ.get("CONVEYOR_DAMAGE_EXAMPLES", "20"))
+PROPERTIES = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    phases=(Phase.explicit, Phase.generate),  # no shrinking: a failure prints its case at once
+    suppress_health_check=list(HealthCheck),
+)
+#: How long one example may take to drain (leases of 1 s may have to run out first).
+DRAIN_SECONDS = 20.0
+
+# -- damaged values -------------------------------------------------------------------------
+
+DEEP = "[" * 5000 + "]" * 5000
+special_text = st.sampled_from(
+    ["inf", "-inf", "nan", "NaN", "1e300", "-1e300", "1e400", "abc", "", " ", "-1", "0",
+     "1.5", "9" * 40, "1e18", "0x10", DEEP, '{"a": NaN}', "[1, 2]", "5", '"text"', "null",
+     '{"a":' * 300 + "1" + "}" * 300, "not json{", "\x00\x1b[2J", "processing", "success",
+     "pending", "bogus"]
+)  # fmt: skip
+special_bytes = st.sampled_from([b"\xff\xfe", b"\xc3\x28", b'{"a": "\xff"}', b"\x80abc"])
+numbers = st.sampled_from([float("inf"), float("-inf"), 1e300, -1e300, 2**63, -(2**63) - 1, -5])
+values: st.SearchStrategy[Any] = (
+    special_text | special_bytes | numbers | st.text(max_size=12) | st.binary(max_size=8)
+)
+
+# The stored fields of a task, by backend.
+REDIS_FIELDS = [
+    "id", "queue", "type", "priority", "data", "status", "attempts", "expiries", "max_retries",
+    "retry_backoff", "queue_timeout", "process_timeout", "created_at", "scheduled_for",
+    "started_at", "finished_at", "updated_at", "progress", "progress_message", "result", "error",
+    "dead_reason", "cancel_requested", "history", "steps", "worker", "expire_at", "token",
+    "score", "seq", "ready_at", "ticket", "copy",
+]  # fmt: skip
+#: Not ``queue``: a row given another queue's name is that queue's task, not damage.
+SQLITE_COLUMNS = [f for f in REDIS_FIELDS if f not in ("score", "queue")] + [
+    "lease_until",
+    "publish_by",
+]
+INDEXES = ("pending", "delayed", "leases", "done:success", "done:failed", "pulled", "expiring",
+           "publishing")  # fmt: skip
+MEMBERS = st.sampled_from([b"\xff\xfe", "ghost", "", b"\x00"])
+SCORES = st.sampled_from([float("inf"), float("-inf"), 1e300, -1e300, 0.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One damaged value: ``kind`` says where it goes, ``field`` which one."""
+
+    kind: str  # field, unset, key_type, no_key, index_score, index_member, sql, sql_literal
+    field: str = ""
+    value: Any = None
+
+    def __repr__(self) -> str:
+        shown = repr(self.value)
+        return f"Damage({self.kind}, {self.field}, {shown[:60]})"
+
+
+def redis_damage() -> st.SearchStrategy[Damage]:
+    fields = st.sampled_from(REDIS_FIELDS)
+    return st.one_of(
+        st.builds(Damage, st.just("field"), fields, values),
+        st.builds(Damage, st.just("field"), fields, values),
+        st.builds(Damage, st.just("unset"), fields),
+        st.builds(Damage, st.just("key_type"), st.sampled_from(["string", "list", "set", "zset"])),
+        st.builds(Damage, st.just("no_key")),
+        st.builds(Damage, st.just("index_score"), st.sampled_from(INDEXES), SCORES),
+        st.builds(Damage, st.just("index_member"), st.sampled_from(INDEXES), MEMBERS),
+    )
+
+
+SQL_LITERALS = ["CAST(X'FFFE' AS TEXT)", "X'00FF'", "1e999", "-1e999", "NULL",
+                "9223372036854775807", "CAST(X'7B2261223A2022FF227D' AS TEXT)"]  # fmt: skip
+
+
+def sqlite_damage() -> st.SearchStrategy[Damage]:
+    columns = st.sampled_from([c for c in SQLITE_COLUMNS if c != "id"])
+    return st.one_of(
+        st.builds(Damage, st.just("sql"), columns, values),
+        st.builds(Damage, st.just("sql"), columns, values),
+        # An id that is not text (or not UTF-8): the row is found again by its rowid.
+        st.builds(Damage, st.just("sql_literal"), columns, st.sampled_from(SQL_LITERALS)),
+        st.builds(
+            Damage,
+            st.just("sql_literal"),
+            st.just("id"),
+            st.sampled_from(["CAST(X'FFFE' AS TEXT)", "X'00FF'", "NULL", "42", "1e999"]),
+        ),
+    )
+
+
+# -- writing the damage ---------------------------------------------------------------------
+
+
+def as_sqlite(value: Any) -> Any:
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return str(value)  # sqlite3 cannot bind it: a hand-made edit would store text
+    return value
+
+
+def write_sqlite(path: str, queue: str, task_id: str, damage: Damage) -> int:
+    """Write the damage; return the row's rowid (to find it again when its id is damaged)."""
+    with closing(sqlite3.connect(path, timeout=30)) as db, db:
+        where = "WHERE queue = ? AND id = ?"
+        (rowid,) = db.execute(f"SELECT rowid FROM tasks {where}", (queue, task_id)).fetchone()
+        if damage.kind == "sql_literal":
+            db.execute(f"UPDATE tasks SET {damage.field} = {damage.value} {where}",
+                       (queue, task_id))  # fmt: skip
+        else:
+            db.execute(f"UPDATE tasks SET {damage.field} = ? {where}",
+                       (as_sqlite(damage.value), queue, task_id))  # fmt: skip
+    return int(rowid)
+
+
+def sqlite_row(path: str, rowid: int) -> tuple[Any, Any]:
+    with closing(sqlite3.connect(path, timeout=30)) as db:
+        status, reason = db.execute(
+            "SELECT status, dead_reason FROM tasks WHERE rowid = ?", (rowid,)
+        ).fetchone()
+    return status, reason
+
+
+def write_redis(url: str, queue: str, task_id: str, damage: Damage) -> str | bytes | None:
+    """Write the damage; return a garbage index member it added (to find it later)."""
+    client = redis_admin(url, decode=False)
+    tag = f"conveyor:{{{queue}}}"
+    key = f"{tag}:task:{task_id}"
+    try:
+        if damage.kind == "field":
+            value = damage.value
+            client.hset(key, damage.field, str(value) if isinstance(value, float | int) else value)
+        elif damage.kind == "unset":
+            client.hdel(key, damage.field)
+        elif damage.kind == "key_type":
+            client.delete(key)
+            {"string": lambda: client.set(key, "junk"), "list": lambda: client.rpush(key, "a"),
+             "set": lambda: client.sadd(key, "a"),
+             "zset": lambda: client.zadd(key, {"a": 1})}[damage.field]()  # fmt: skip
+        elif damage.kind == "no_key":
+            client.delete(key)
+        elif damage.kind == "index_score":
+            client.zadd(f"{tag}:{damage.field}", {task_id: damage.value})
+        elif damage.kind == "index_member":
+            client.zadd(f"{tag}:{damage.field}", {damage.value: -(10 * 2**40)})
+            return damage.value  # type: ignore[no-any-return]
+        return None
+    finally:
+        client.close()
+
+
+# -- the backends ---------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str
+    store: str  # "sqlite" or "redis": where the records are
+
+    def damages(self) -> st.SearchStrategy[Damage]:
+        return sqlite_damage() if self.store == "sqlite" else redis_damage()
+
+    def store_url(self) -> str:
+        if self.url.startswith("amqp"):
+            return self.url.split("task_store=", 1)[1]
+        return self.url
+
+
+BACKEND_NAMES = {
+    "sqlite": "sqlite",
+    "redis": "redis",
+    "rabbitmq-sqlite": "rabbitmq",
+    "rabbitmq-redis": "rabbitmq",
+}
+
+
+@pytest.fixture(
+    params=[pytest.param(name, marks=BACKENDS[BACKEND_NAMES[name]]) for name in BACKEND_NAMES]
+)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    name = str(request.param)
+    require_backend_module(BACKEND_NAMES[name])
+    if name == "sqlite":
+        return Backend(name, f"sqlite:///{tmp_path}/q.db", "sqlite")
+    require_redis_server()
+    if name == "redis":
+        return Backend(name, REDIS_URL, "redis")
+    require_rabbitmq_server()
+    store = f"sqlite:///{tmp_path}/store.db" if name == "rabbitmq-sqlite" else REDIS_URL
+    return Backend(name, rabbitmq_url(tmp_path, store), name.split("-", 1)[1])
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clear_conveyor_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def make_client(backend: Backend) -> Iterator[MakeClient]:
+    yield from client_factory(backend.url, "default")
+
+
+# -- one example ----------------------------------------------------------------------------
+
+STATES = ("pending", "held", "finished")
+
+
+@contextlib.contextmanager
+def queue_of(url: str, name: str) -> Iterator[tuple[Callable[[], QueueManager], list[Any]]]:
+    made: list[QueueManager] = []
+
+    def make() -> QueueManager:
+        manager = QueueManager.from_url(
+            url, queue_name=name, visibility_timeout=1.0, max_deliveries=50
+        )
+        made.append(manager)
+        return manager
+
+    try:
+        yield make, made
+    finally:
+        for manager in made:
+            with contextlib.suppress(Exception):
+                manager.clear()
+            with contextlib.suppress(Exception):
+                manager.close()
+        if url.startswith("amqp"):
+            delete_rabbitmq_queues(name)
+        if "redis" in url:
+            client = redis_admin(REDIS_URL, decode=False)
+            with closing(client):
+                keys = list(client.scan_iter(match=f"conveyor:{{{name}}}:*".encode()))
+                if keys:
+                    client.delete(*keys)
+
+
+def quietly(call: Callable[[], Any]) -> tuple[Any, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        result = call()
+    return result, out.getvalue(), err.getvalue()
+
+
+def drain(queue: QueueManager, ids: set[str]) -> None:
+    """Claim and ack until every id is finished (or the deadline): a worker's loop."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while time.monotonic() < deadline:
+        queue.sweep()
+        message = queue.reserve(timeout=0.2)
+        while message is not None:
+            _, message = queue.ack_and_reserve(message, {"ok": True})
+        unfinished = [
+            task_id
+            for task_id in ids
+            if (record := queue.get_task(task_id)) is None or record.status not in FINISHED_STATUSES
+        ]
+        if not unfinished:
+            return
+
+
+def run_example(backend: Backend, client: Any, state: str, damage: Damage) -> None:
+    name = f"d-{uuid.uuid4().hex[:8]}"
+    with queue_of(backend.url, name) as (make, _):
+        queue = make()
+        others = {"a", "b", "c"}
+        assert queue.push("victim", {"n": 0}, priority=5)
+        for task_id in sorted(others):
+            assert queue.push(task_id, {"n": task_id}, priority=3)
+        held = None
+        if state in ("held", "finished"):
+            holder = make()
+            held = holder.reserve(timeout=10)
+            assert held is not None and held.task_id == "victim"
+            if state == "finished":
+                assert holder.fail(held, reason="error", error="it broke")
+                held = None
+
+        note(f"{backend.name} {state} {damage!r}")
+        garbage, rowid = None, 0
+        if backend.store == "sqlite":
+            path = sqlite_path_from_url(backend.store_url())
+            rowid = write_sqlite(path, name, "victim", damage)
+        else:
+            garbage = write_redis(backend.store_url(), name, "victim", damage)
+
+        if held is not None:
+            ok = holder.ack(held, {"done": True})
+            if not ok:
+                holder.close()  # RabbitMQ: its delivery goes back to the broker
+        if state == "finished":
+            queue.retry("victim")  # a re-drive of a damaged record
+            queue.cancel("victim")
+        check_reads(backend, client, queue, name)
+        drain(queue, {"victim", *others})
+        check_reads(backend, client, queue, name)
+
+        for task_id in sorted(others):
+            record = queue.get_task(task_id)
+            assert record is not None, task_id
+            assert record.status == TaskStatus.SUCCESS, (task_id, record.status, record.error)
+        victim = queue.get_task("victim")
+        ids = {*others}
+        if backend.store == "sqlite" and damage.field == "id":
+            status, reason = sqlite_row(path, rowid)  # no id to find it by: its rowid
+            assert status in FINISHED_STATUSES, status
+            assert status != TaskStatus.FAILED or reason, reason
+        elif victim is not None or damage.kind not in ("no_key", "key_type"):
+            # A record that survives is finished; a failed one says why.
+            assert victim is not None
+            assert victim.status in FINISHED_STATUSES, (victim.status, victim.damage)
+            if victim.status == TaskStatus.FAILED and damage.field != "dead_reason":
+                assert victim.dead_reason, victim
+            if victim.id == "victim":
+                ids.add("victim")
+        listed = {
+            status: {record.id for record in queue.list_tasks(status=status.value, limit=1000)}
+            for status in TaskStatus
+        }
+        for task_id in ids:
+            assert any(task_id in found for found in listed.values()), (task_id, listed)
+        if garbage is not None:
+            client_ = redis_admin(backend.store_url(), decode=False)
+            with closing(client_):
+                member = garbage.encode() if isinstance(garbage, str) else garbage
+                where = [
+                    index
+                    for index in INDEXES
+                    if client_.zscore(f"conveyor:{{{name}}}:{index}", member) is not None
+                ]
+            # Garbage left only where nothing claims it, or dead-lettered.
+            assert not set(where) & {"pending", "delayed", "leases"}, where
+
+
+def check_reads(backend: Backend, client: Any, queue: QueueManager, name: str) -> None:
+    """Every read: no exception, no 5xx, the CLI exits 0."""
+    queue.get_task("victim")
+    queue.list_tasks(limit=1000)
+    for status in TaskStatus:
+        queue.list_tasks(status=status.value, limit=1000)
+    queue.stats()
+    queue.workers()
+    for path in ("/api/v1/tasks/victim", "/api/v1/tasks", "/api/v1/stats", "/api/v1/workers",
+                 "/api/v1/tasks?status=failed", "/api/v1/tasks?status=pending"):  # fmt: skip
+        sep = "&" if "?" in path else "?"
+        answer = client.get(f"{path}{sep}queue={name}")
+        assert answer.status_code < 500, (path, answer.status_code, answer.text[:300])
+    for path in ("/metrics", "/api/v1/stats"):
+        answer = client.get(path)
+        assert answer.status_code == 200, (path, answer.status_code, answer.text[:300])
+    where = ["--url", backend.url, "--queue", name]
+    for argv in (["status", *where], ["task", "show", "victim", *where], ["dead", "list", *where]):
+        code, _, err = quietly(lambda argv=argv: main(argv))
+        assert code in (0, 1) and "unexpected" not in err, (argv, code, err)
+        if argv[0] == "status":
+            assert code == 0, err
+
+
+@pytest.mark.timeout(900)
+def test_random_damage_in_storage_never_crashes_or_loses_a_task(
+    backend: Backend, make_client: MakeClient
+) -> None:
+    client = make_client()
+
+    @PROPERTIES
+    @given(state=st.sampled_from(STATES), damage=backend.damages())
+    def example(state: str, damage: Damage) -> None:
+        run_example(backend, client, state, damage)
+
+    example()
