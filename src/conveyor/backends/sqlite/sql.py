@@ -63,10 +63,18 @@ BACKFILL_EXPIRE_AT = f"""UPDATE tasks SET expire_at = CASE WHEN status = '{S.SCH
     '{S.PENDING}') AND queue_timeout IS NOT NULL AND started_at IS NULL"""
 
 
+def whole(expression: str) -> str:
+    """A stored number as an integer whatever was written there (0 for text or a blob)."""
+    return f"COALESCE(CAST({expression} AS INTEGER), 0)"
+
+
 def history(event: str, attempt: str = "attempts", note: str | None = None) -> str:
     """The one place a transition is recorded: SQL that appends one JSON line to
-    ``history``. Arguments are SQL expressions (an event name is quoted by the caller)."""
-    fields = f"'at', :now, 'event', {event}, 'attempt', {attempt}"
+    ``history``. Arguments are SQL expressions (an event name is quoted by the caller).
+
+    The attempt is cast to an integer: a damaged ``attempts`` (a blob, text, 1e999) must not
+    make ``json_object`` fail the transition halfway (JSON cannot hold a blob)."""
+    fields = f"'at', :now, 'event', {event}, 'attempt', {whole(attempt)}"
     if note is not None:
         fields += f", 'note', {note}"
     return f"history = COALESCE(history, '') || json_object({fields}) || char(10)"
@@ -106,7 +114,7 @@ def lease_expiry(rows: str) -> tuple[str, str, str]:
     poison = f"""UPDATE tasks SET status = '{S.FAILED}', dead_reason = '{R.POISON}', {SETTLED},
         finished_at = :now, expiries = COALESCE(expiries, 0) + 1,
         {history(q(E.DEAD_LETTERED), note=q(R.POISON))}, error = json_object('type',
-        'PoisonTask', 'message', 'delivered ' || COALESCE(attempts, 0) || ' times without an '
+        'PoisonTask', 'message', 'delivered ' || {whole("attempts")} || ' times without an '
         || 'ack (the lease ran out each time)', 'traceback', NULL)
         WHERE {rows} AND COALESCE(expiries, 0) + 1 >= :max"""
     back = f"""UPDATE tasks SET status = '{S.PENDING}', expiries = COALESCE(expiries, 0) + 1,
