@@ -133,13 +133,14 @@ def sqlite_damage() -> st.SearchStrategy[Damage]:
     return st.one_of(
         st.builds(Damage, st.just("sql"), columns, values),
         st.builds(Damage, st.just("sql"), columns, values),
-        # An id that is not text (or not UTF-8): the row is found again by its rowid.
+        # An id that is not text (or not UTF-8): the row is found again by its rowid. (An id
+        # made another text is a rename, not damage.)
         st.builds(Damage, st.just("sql_literal"), columns, st.sampled_from(SQL_LITERALS)),
         st.builds(
             Damage,
             st.just("sql_literal"),
             st.just("id"),
-            st.sampled_from(["CAST(X'FFFE' AS TEXT)", "X'00FF'", "NULL", "42", "1e999"]),
+            st.sampled_from(["CAST(X'FFFE' AS TEXT)", "X'00FF'", "NULL"]),
         ),
     )
 

@@ -133,34 +133,41 @@ TIME_OUT_ROW = f"""UPDATE tasks SET status = '{S.TIMEOUT}', finished_at = :now, 
     WHERE rowid = :rowid"""
 
 
-def malformed(rows: str) -> str:
-    """Dead-letter the rows ``rows`` selects as ``malformed``; ``:what`` says why."""
+def malformed(rows: str, what: str = ":what") -> str:
+    """Dead-letter the rows ``rows`` selects as ``malformed``; ``what`` (SQL) says why."""
     return f"""UPDATE tasks SET status = '{S.FAILED}', dead_reason = '{R.MALFORMED}',
     finished_at = :now, {SETTLED}, expire_at = NULL, publish_by = NULL,
     {history(q(E.DEAD_LETTERED), "0", note=q(R.MALFORMED))}, error = json_object('type',
-    'MalformedTask', 'message', 'stored record is damaged: ' || :what, 'traceback', NULL)
+    'MalformedTask', 'message', 'stored record is damaged: ' || {what}, 'traceback', NULL)
     WHERE {rows}"""
 
 
 MALFORMED_ROW = malformed("rowid = :rowid")
 
 
-def _status_gaps() -> str:
-    """Rows whose status is none of the lifecycle's: NULL, a number, a blob, other text.
-    One index range per gap between the known names (numbers sort before text, blobs after),
-    so finding them costs a few seeks however many healthy rows there are."""
+def _unservable() -> str:
+    """Rows no claim would ever serve: a status none of the lifecycle's (NULL, a blob, other
+    text), or a live row whose id is not text (NULL, a blob: no message or caller can name
+    it). One index range per gap between the known names (blobs sort after text), so finding
+    them costs a few seeks however many healthy rows there are."""
     names = sorted(status.value for status in S)
     bounds = [f"status < '{names[0]}'"]
     bounds += [f"status > '{low}' AND status < '{high}'" for low, high in pairwise(names)]
     bounds += [f"status > '{names[-1]}'", "status IS NULL"]
+    bounds += [f"id IS NULL AND status IN {LIVE}", f"id >= X'' AND status IN {LIVE}"]
     return " UNION ALL ".join(
         f"SELECT rowid FROM tasks WHERE queue = :queue AND {bound}" for bound in bounds
     )
 
 
-#: A row no index of its queue would ever serve (its status is damaged) is dead-lettered by
-#: the sweep, so it is never left waiting for nothing.
-MALFORMED_STATUS = malformed(f"rowid IN (SELECT rowid FROM ({_status_gaps()}) LIMIT 100)")
+#: The sweep dead-letters such rows, so none is left waiting for nothing (in broker mode a
+#: message names the task by its id: a row whose id is damaged is never claimed).
+UNSERVABLE = malformed(
+    f"rowid IN (SELECT rowid FROM ({_unservable()}) LIMIT 100)",
+    "CASE WHEN typeof(id) = 'text' THEN 'status is not a known status' "
+    "ELSE 'id is not text' END",
+)
+
 
 # -- claiming ---------------------------------------------------------------------------------
 CLAIM_ORDER = "priority DESC, ready_at, seq"

@@ -53,15 +53,32 @@ local function readable(key)
   return redis.call('TYPE', key).ok == 'hash'
 end
 
+-- A stored number a transition can trust, or nil: Lua's tonumber() takes 'nan', 'inf' and
+-- '1e400', and a NaN score would fail ZADD halfway through a script (Lua does not roll
+-- back), so only finite numbers within +-2^53 (exact in a double) count.
+local EXACT = 9007199254740992
+local function finite(value)
+  local n = tonumber(value)
+  if n == nil or n ~= n or n >= EXACT or n <= -EXACT then return nil end
+  return n
+end
+
+-- A whole number within +-2^53, or nil.
+local function whole(value)
+  local n = finite(value)
+  if n == nil or math.floor(n) ~= n then return nil end
+  return n
+end
+
 -- A numeric field, or nil when it is missing or damaged.
 local function num(key, field)
-  return tonumber(redis.call('HGET', key, field))
+  return finite(redis.call('HGET', key, field))
 end
 
 -- The one place a transition is recorded: the task's history.
 local function record(key, event, attempt, note)
   if UNRECORDED[event] then return end
-  local line = {at = tonumber(fmt(NOW)), event = event, attempt = tonumber(attempt) or 0}
+  local line = {at = tonumber(fmt(NOW)), event = event, attempt = whole(attempt) or 0}
   if note and note ~= '' then line.note = note end
   local encoded = cjson.encode(line)
   local history = redis.call('HGET', key, 'history')
@@ -147,12 +164,16 @@ local function dead_unreadable(id, reason, message)
 end
 
 -- What is wrong with a record's numbers, or nil when a transition can trust them.
+-- Priority must be whole and small enough that its place in line (priority * 2^40) stays
+-- finite; attempts, expiries and the broker ticket whole numbers.
 local function damage(key)
-  local f = redis.call('HMGET', key, 'priority', 'attempts', 'expiries', 'status')
-  if not tonumber(f[1]) then return 'priority is not a number' end
-  if f[2] and not tonumber(f[2]) then return 'attempts is not a number' end
-  if f[3] and not tonumber(f[3]) then return 'expiries is not a number' end
+  local f = redis.call('HMGET', key, 'priority', 'attempts', 'expiries', 'status', 'ticket')
+  local priority = whole(f[1])
+  if not priority or math.abs(priority) > 2147483647 then return 'priority is not an integer' end
+  if f[2] and not whole(f[2]) then return 'attempts is not a number' end
+  if f[3] and not whole(f[3]) then return 'expiries is not a number' end
   if not f[4] then return 'no status' end
+  if f[5] and not whole(f[5]) then return 'ticket is not a number' end
   return nil
 end
 
@@ -346,11 +367,14 @@ local function claim_ticket(spec)
   local id = spec.ticket_id
   local key = KEYS[4] .. id
   if not readable(key) then return {'-1', 'missing', '0'} end
-  if tostring(num(key, 'ticket') or 0) ~= spec.ticket then return {'-1', 'drop', '0'} end
+  -- Damage first: a damaged ticket matches no message, so the task would wait forever.
   local problem = damage(key)
   local status = redis.call('HGET', key, 'status')
   if problem then
     if LIVE[status] then malformed(key, id, status, problem) end
+    return {'-1', 'drop', '0'}
+  end
+  if string.format('%d', num(key, 'ticket') or 0) ~= spec.ticket then
     return {'-1', 'drop', '0'}
   end
   local event = spec.lease and EV.STARTED or EV.PULLED
