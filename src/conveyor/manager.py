@@ -130,6 +130,7 @@ class QueueManager:
         url: str | None = None,
         server: Server | None = None,
         max_json_depth: int = DEFAULT_JSON_DEPTH,
+        reader: bool = False,
     ) -> None:
         spec = spec_for_kind(backend)
         _check_tuning(
@@ -153,6 +154,8 @@ class QueueManager:
         )
         if server is None:
             options: dict[str, Any] = {"connect_timeout": connect_timeout}
+            if reader and spec.kind is QueueBackend.SQLITE:
+                options["create"] = False  # a reader never creates a file or directory
             if task_store is not None:
                 if spec.kind is not QueueBackend.RABBITMQ:
                     raise ConfigError("task_store: only the RabbitMQ backend uses a task store")
@@ -203,8 +206,13 @@ class QueueManager:
         return sibling
 
     @classmethod
-    def from_settings(cls, settings: Settings, queue_name: str | None = None) -> Self:
-        """Open the queue that validated settings (``config/*.yaml`` + env) describe."""
+    def from_settings(
+        cls, settings: Settings, queue_name: str | None = None, *, reader: bool = False
+    ) -> Self:
+        """Open the queue that validated settings (``config/*.yaml`` + env) describe.
+
+        ``reader``: only to read (a status page): a SQLite file that does not exist is an
+        error instead of being created, directory and all."""
         queue = settings.queue
         return cls.from_url(
             settings.backend_url(),
@@ -216,6 +224,7 @@ class QueueManager:
             max_json_depth=queue.max_json_depth,
             result_ttl=queue.result_ttl,
             connect_timeout=queue.connect_timeout,
+            reader=reader,
             **_store_option(settings),
         )
 

@@ -147,14 +147,20 @@ MALFORMED_ROW = malformed("rowid = :rowid")
 
 def _unservable() -> str:
     """Rows no claim would ever serve: a status none of the lifecycle's (NULL, a blob, other
-    text), or a live row whose id is not text (NULL, a blob: no message or caller can name
-    it). One index range per gap between the known names (blobs sort after text), so finding
-    them costs a few seeks however many healthy rows there are."""
+    text), or a live row whose id is not text (NULL, a blob) or starts with a byte no UTF-8
+    text does: no message or caller can name it. One index range per gap between the known
+    names (blobs sort after text), so finding them costs a few seeks however many healthy
+    rows there are."""
     names = sorted(status.value for status in S)
     bounds = [f"status < '{names[0]}'"]
     bounds += [f"status > '{low}' AND status < '{high}'" for low, high in pairwise(names)]
     bounds += [f"status > '{names[-1]}'", "status IS NULL"]
     bounds += [f"id IS NULL AND status IN {LIVE}", f"id >= X'' AND status IN {LIVE}"]
+    # Text that starts with a byte no UTF-8 text starts with (text compares as bytes).
+    bounds += [
+        f"id >= CAST(X'80' AS TEXT) AND id < CAST(X'C2' AS TEXT) AND status IN {LIVE}",
+        f"id >= CAST(X'F5' AS TEXT) AND id < X'' AND status IN {LIVE}",
+    ]
     return " UNION ALL ".join(
         f"SELECT rowid FROM tasks WHERE queue = :queue AND {bound}" for bound in bounds
     )
@@ -164,8 +170,8 @@ def _unservable() -> str:
 #: message names the task by its id: a row whose id is damaged is never claimed).
 UNSERVABLE = malformed(
     f"rowid IN (SELECT rowid FROM ({_unservable()}) LIMIT 100)",
-    "CASE WHEN typeof(id) = 'text' THEN 'status is not a known status' "
-    "ELSE 'id is not text' END",
+    f"CASE WHEN status IN {LIVE} AND (typeof(id) != 'text' OR id >= CAST(X'80' AS TEXT)) "
+    "THEN 'id is not UTF-8 text' ELSE 'status is not a known status' END",
 )
 
 

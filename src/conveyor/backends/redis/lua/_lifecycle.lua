@@ -366,7 +366,16 @@ end
 local function claim_ticket(spec)
   local id = spec.ticket_id
   local key = KEYS[4] .. id
-  if not readable(key) then return {'-1', 'missing', '0'} end
+  if not readable(key) then
+    -- Not a hash (or gone) while the line or the leases still hold it: retire the entry,
+    -- else it would stay there with no message left to name it.
+    if redis.call('TYPE', key).ok ~= 'none' then
+      dead_unreadable(id, DR.MALFORMED, 'the task record is not a hash')
+    elseif redis.call('ZSCORE', KEYS[1], id) or redis.call('ZSCORE', KEYS[3], id) then
+      dead_unreadable(id, DR.MISSING, 'a delivered id has no task record')
+    end
+    return {'-1', 'missing', '0'}
+  end
   -- Damage first: a damaged ticket matches no message, so the task would wait forever.
   local problem = damage(key)
   local status = redis.call('HGET', key, 'status')
