@@ -12,11 +12,14 @@ if not BROKER then
   if redis.call('ZCARD', KEYS[1]) > 0 then wake() end
 end
 if BROKER then
-  -- Messages name the tasks, so no claim walks the line: an id in it with no record would
-  -- stay forever. Check its head (healthy tasks leave from anywhere, so garbage gets there).
-  for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, SCAN_LIMIT - 1)) do
-    if not readable(KEYS[4] .. id) then
-      dead_unreadable(id, DR.MISSING, 'pending id has no task record')
+  -- Messages name the tasks, so no claim walks the line or the leases: an id in them with
+  -- no record would stay forever. Check their heads (healthy tasks leave from anywhere, so
+  -- garbage gets there).
+  for _, index in ipairs({KEYS[1], KEYS[3]}) do
+    for _, id in ipairs(redis.call('ZRANGE', index, 0, SCAN_LIMIT - 1)) do
+      if not readable(KEYS[4] .. id) then
+        dead_unreadable(id, DR.MISSING, 'an indexed id has no task record')
+      end
     end
   end
 end
