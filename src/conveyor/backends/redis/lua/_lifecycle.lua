@@ -225,6 +225,8 @@ local function promote_due(limit, promoted)
     local id, key = due[i], KEYS[4] .. due[i]
     if not readable(key) then
       dead_unreadable(id, DR.MISSING, 'scheduled id has no task record')
+    elseif redis.call('HGET', key, 'status') ~= ST.SCHEDULED then
+      redis.call('ZREM', KEYS[2], id) -- a stale entry: the task moved on (never run it twice)
     elseif damage(key) then
       malformed(key, id, ST.SCHEDULED, damage(key))
     else
@@ -273,6 +275,8 @@ local function reap_expired(max_deliveries)
     local key = KEYS[4] .. id
     if not readable(key) then
       dead_unreadable(id, DR.MISSING, 'leased id has no task record')
+    elseif redis.call('HGET', key, 'status') ~= ST.PROCESSING then
+      redis.call('ZREM', KEYS[3], id) -- a stale entry: the task moved on
     else
       expire_lease(key, id, max_deliveries)
     end
