@@ -177,6 +177,24 @@ local function damage(key)
   return nil
 end
 
+-- An entry of `index` whose record's status is not `expected`. When the record is indexed
+-- where its status says, the entry is stale and only it is dropped (a finished task is
+-- never run again); otherwise the status is damaged and the task is dead-lettered, so it
+-- is never left in no index. Returns true when the entry was handled this way.
+local STATUS_INDEX = {pending = KEYS[1], scheduled = KEYS[2], processing = KEYS[3]}
+local function misplaced(key, id, index, expected)
+  local status = redis.call('HGET', key, 'status')
+  if status == expected then return false end
+  local home = DONE_KEY[status] or STATUS_INDEX[status]
+  if home and (redis.call('ZSCORE', home, id)
+      or (status == ST.PROCESSING and redis.call('ZSCORE', KEYS[11], id))) then
+    redis.call('ZREM', index, id)
+  else
+    malformed(key, id, nil, 'its status does not match the index that holds it')
+  end
+  return true
+end
+
 -- A new place at the back of the task's priority band (ready now), or its kept place.
 -- Returns the new ticket in broker mode when the place is new.
 local function enter_line(key, id, keep_place)
@@ -225,8 +243,8 @@ local function promote_due(limit, promoted)
     local id, key = due[i], KEYS[4] .. due[i]
     if not readable(key) then
       dead_unreadable(id, DR.MISSING, 'scheduled id has no task record')
-    elseif redis.call('HGET', key, 'status') ~= ST.SCHEDULED then
-      redis.call('ZREM', KEYS[2], id) -- a stale entry: the task moved on (never run it twice)
+    elseif misplaced(key, id, KEYS[2], ST.SCHEDULED) then
+      -- dropped (stale) or dead-lettered: never promoted
     elseif damage(key) then
       malformed(key, id, ST.SCHEDULED, damage(key))
     else
@@ -275,9 +293,7 @@ local function reap_expired(max_deliveries)
     local key = KEYS[4] .. id
     if not readable(key) then
       dead_unreadable(id, DR.MISSING, 'leased id has no task record')
-    elseif redis.call('HGET', key, 'status') ~= ST.PROCESSING then
-      redis.call('ZREM', KEYS[3], id) -- a stale entry: the task moved on
-    else
+    elseif not misplaced(key, id, KEYS[3], ST.PROCESSING) then
       expire_lease(key, id, max_deliveries)
     end
   end
@@ -429,6 +445,8 @@ local function claim(spec)
     local id, key = head[1], KEYS[4] .. head[1]
     if not readable(key) then
       dead_unreadable(id, DR.MISSING, 'pending id has no task record')
+      retired = retired + 1
+    elseif misplaced(key, id, KEYS[1], ST.PENDING) then
       retired = retired + 1
     elseif damage(key) then
       malformed(key, id, ST.PENDING, damage(key))
