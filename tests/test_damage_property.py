@@ -491,3 +491,25 @@ def test_random_damage_in_storage_never_crashes_or_loses_a_task(
         run_example(backend, client, state, damage)
 
     example()
+
+
+# -- readers create nothing -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["status"], ["queues"], ["workers"], ["task", "show", "x"], ["dead", "list"]],
+    ids="-".join,
+)
+def test_a_reader_never_creates_a_sqlite_file_or_its_directory(
+    argv: list[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "no" / "such" / "dir" / "q.db"
+    code, _, err = quietly(lambda: main([*argv, "--url", f"sqlite:///{missing}"]))
+    assert code == 2, err
+    assert "no SQLite database at" in err and "unexpected" not in err
+    assert not (tmp_path / "no").exists()
+    # A writer still creates both.
+    queue = QueueManager.from_url(f"sqlite:///{missing}")
+    queue.close()
+    assert missing.exists()
