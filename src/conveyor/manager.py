@@ -572,8 +572,15 @@ class QueueManager:
         now = time.time()
         records = [record_from_row(row, self.queue_name, now) for row in rows]
         # A waiting task past its queue_timeout shows as timeout before a sweep writes it:
-        # it is no longer listed as pending (see lifecycle.effective_status).
-        return [r for r in records if wanted is None or r.status.value == wanted]
+        # it is no longer listed as pending (see lifecycle.effective_status). One whose
+        # status is damaged stays listed where its index holds it, shown as damaged.
+        return [
+            r
+            for r in records
+            if wanted is None
+            or r.status.value == wanted
+            or any(line.startswith("status:") for line in r.damage)
+        ]
 
     def stats(self) -> QueueStats:
         """Counts per status, successes and failures in the last minute, mean run time."""

@@ -173,6 +173,7 @@ local function damage(key)
   if f[2] and not whole(f[2]) then return 'attempts is not a number' end
   if f[3] and not whole(f[3]) then return 'expiries is not a number' end
   if not f[4] then return 'no status' end
+  if not (LIVE[f[4]] or FINISHED[f[4]]) then return 'status is not a known status' end
   if f[5] and not whole(f[5]) then return 'ticket is not a number' end
   return nil
 end
@@ -400,7 +401,7 @@ local function claim_ticket(spec)
   local problem = damage(key)
   local status = redis.call('HGET', key, 'status')
   if problem then
-    if LIVE[status] then malformed(key, id, status, problem) end
+    if not FINISHED[status] then malformed(key, id, status, problem) end
     return {'-1', 'drop', '0'}
   end
   if string.format('%d', num(key, 'ticket') or 0) ~= spec.ticket then
