@@ -239,6 +239,7 @@ _FUNCTIONS = [
       _now double precision := {{s}}.now_s(); _out jsonb := '[]'::jsonb; _woke boolean := false;
       _later boolean; _ready double precision; _ticket bigint;
     BEGIN
+      PERFORM {{s}}.begin_(_q, _now, _broker);
       FOR i IN 1 .. coalesce(array_length(_ids, 1), 0) LOOP
         _later := _delays[i] > 0;
         _ready := _now + CASE WHEN _later THEN _delays[i] ELSE 0 END;
