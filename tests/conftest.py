@@ -177,14 +177,28 @@ def drop_postgres_database(name: str) -> None:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+_SESSION_DATABASE: list[str] = []
+
+
+def session_postgres_database() -> str:
+    """A database of this test session's own (``conveyor_test_<pid>``), created on first
+    use and dropped when the session ends (``pytest_sessionfinish``)."""
+    if not _SESSION_DATABASE:
+        require_backend_module("postgres")
+        require_postgres_server()
+        _SESSION_DATABASE.append(create_postgres_database(f"conveyor_test_{os.getpid()}"))
+    return _SESSION_DATABASE[0]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SESSION_DATABASE:
+        drop_postgres_database(f"conveyor_test_{os.getpid()}")
+
+
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A database of this test session's own (``conveyor_test_<pid>``), dropped at the end."""
-    require_backend_module("postgres")
-    require_postgres_server()
-    name = f"conveyor_test_{os.getpid()}"
-    yield create_postgres_database(name)
-    drop_postgres_database(name)
+def postgres_url() -> str:
+    """The session's own PostgreSQL database (see :func:`session_postgres_database`)."""
+    return session_postgres_database()
 
 
 def rabbitmq_url(tmp_path: Path, store: str | None = None) -> str:
@@ -192,8 +206,11 @@ def rabbitmq_url(tmp_path: Path, store: str | None = None) -> str:
     own, or the test Redis when ``CONVEYOR_TEST_RABBITMQ_STORE=redis`` (the suite then runs
     the RabbitMQ backend over the Redis task store)."""
     if store is None:
-        redis_store = os.environ.get("CONVEYOR_TEST_RABBITMQ_STORE", "sqlite") == "redis"
-        store = REDIS_URL if redis_store else f"sqlite:///{tmp_path}/store.db"
+        kind = os.environ.get("CONVEYOR_TEST_RABBITMQ_STORE", "sqlite")
+        if kind == "postgres":
+            store = session_postgres_database()
+        else:
+            store = REDIS_URL if kind == "redis" else f"sqlite:///{tmp_path}/store.db"
     separator = "&" if "?" in RABBITMQ_URL else "?"
     return f"{RABBITMQ_URL}{separator}task_store={store}"
 

@@ -405,18 +405,18 @@ _FUNCTIONS = [
     f"""CREATE OR REPLACE FUNCTION {{s}}.due(_q text, _limit integer,
         _grace double precision) RETURNS jsonb LANGUAGE plpgsql AS $$
     DECLARE
-      _now double precision := {{s}}.now_s(); _out jsonb := '[]'::jsonb; r record;
+      _now double precision := {{s}}.now_s(); _out jsonb := '[]'::jsonb; r record; p record;
       _next double precision;
     BEGIN
       PERFORM {{s}}.begin_(_q, _now, true);
       FOR r IN SELECT id FROM {{t}} WHERE queue = _q AND status = '{S.SCHEDULED}'
           AND scheduled_for <= _now ORDER BY scheduled_for, seq LIMIT _limit
           FOR UPDATE SKIP LOCKED LOOP
-        _out := _out || (WITH promoted AS (UPDATE {{t}} SET status = '{S.PENDING}',
-            ready_at = scheduled_for, ticket = coalesce(ticket, 0) + 1,
-            publish_by = _now + _grace, updated_at = _now, {_line(_lit(E.DUE))}
-            WHERE queue = _q AND id = r.id RETURNING id, ticket, priority)
-          SELECT jsonb_build_array(jsonb_build_array(id, ticket, priority)) FROM promoted);
+        UPDATE {{t}} SET status = '{S.PENDING}', ready_at = scheduled_for,
+            ticket = coalesce(ticket, 0) + 1, publish_by = _now + _grace, updated_at = _now,
+            {_line(_lit(E.DUE))}
+        WHERE queue = _q AND id = r.id RETURNING ticket, priority INTO p;
+        _out := _out || jsonb_build_array(jsonb_build_array(r.id, p.ticket, p.priority));
       END LOOP;
       FOR r IN SELECT id, status FROM {{t}} WHERE queue = _q AND publish_by <= _now
           LIMIT _limit FOR UPDATE SKIP LOCKED LOOP
