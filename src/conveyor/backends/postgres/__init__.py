@@ -53,7 +53,7 @@ class PostgresServer(Server):
         from ...errors import BackendError, BrokerUnavailableError
 
         try:
-            self.database.call("SELECT 1", ())
+            self.database.read("SELECT 1", ())
         except BackendError as exc:
             raise BrokerUnavailableError(str(exc)) from exc
 

@@ -84,15 +84,39 @@ class Database:
         with self.errors(), self._pool.connection() as conn:
             yield conn
 
-    def call(self, sql: str, params: tuple[Any, ...] | list[Any]) -> Any:
+    def call(self, sql: str, params: tuple[Any, ...] | list[Any], *, read: bool = False) -> Any:
         """Run one statement and return the first column of its first row (or None)."""
-        with self.connection() as conn:
-            row = conn.execute(sql, params).fetchone()
-        return None if row is None else row[0]
+        rows = self.rows(sql, params, read=read)
+        return rows[0][0] if rows else None
 
-    def rows(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[tuple[Any, ...]]:
+    def rows(
+        self, sql: str, params: tuple[Any, ...] | list[Any], *, read: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement, return its rows. After a lost connection the pool's idle
+        connections are checked (a restarted server broke them all) and a ``read`` is tried
+        once more; a transition is not, since it may have committed before the loss."""
+        try:
+            return self._rows(sql, params)
+        except BrokerUnavailableError:
+            if self._pool is not None:
+                with suppress(Exception):
+                    self._pool.check()
+            if not read:
+                raise
+            return self._rows(sql, params)
+
+    def read(self, sql: str, params: tuple[Any, ...] | list[Any]) -> Any:
+        """:meth:`call` for a statement that may run twice (a read, an idempotent write)."""
+        return self.call(sql, params, read=True)
+
+    def reads(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[tuple[Any, ...]]:
+        """:meth:`rows` for a statement that may run twice (a read, an idempotent write)."""
+        return self.rows(sql, params, read=True)
+
+    def _rows(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[tuple[Any, ...]]:
         with self.connection() as conn:
-            return list(conn.execute(sql, params).fetchall())
+            cursor = conn.execute(sql, params)
+            return list(cursor.fetchall()) if cursor.description else []
 
     @contextmanager
     def errors(self) -> Iterator[None]:

@@ -21,7 +21,7 @@ class PostgresRecords(QueueRecords):
         self._t = f"{database.schema}.tasks"
 
     def _dicts(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-        rows = self._database.rows(sql, params)
+        rows = self._database.reads(sql, params)
         return [dict(zip(ROW_FIELDS, row, strict=True)) for row in rows]
 
     def get(self, task_id: str) -> dict[str, Any] | None:
@@ -50,7 +50,7 @@ class PostgresRecords(QueueRecords):
 
     def counts(self) -> dict[str, int]:
         counts = {status.value: 0 for status in TaskStatus}
-        rows = self._database.rows(
+        rows = self._database.reads(
             f"SELECT status, count(*) FROM {self._t} WHERE queue = %s GROUP BY status",
             (self.queue_name,),
         )
@@ -60,7 +60,7 @@ class PostgresRecords(QueueRecords):
         return counts
 
     def recent(self, seconds: float) -> tuple[int, int, float | None]:
-        done, failed, mean = self._database.rows(
+        done, failed, mean = self._database.reads(
             f"""SELECT count(*) FILTER (WHERE status = '{S.SUCCESS}'),
             count(*) FILTER (WHERE status = '{S.FAILED}'),
             avg(finished_at - started_at) FILTER (WHERE status = '{S.SUCCESS}'
@@ -73,11 +73,11 @@ class PostgresRecords(QueueRecords):
 
     def size(self) -> int:
         return int(
-            self._database.call(
+            self._database.read(
                 f"SELECT count(*) FROM {self._t} WHERE queue = %s AND status = '{S.PENDING}'",
                 (self.queue_name,),
             )
         )
 
     def now(self) -> float:
-        return float(self._database.call(f"SELECT {self._database.schema}.now_s()", ()))
+        return float(self._database.read(f"SELECT {self._database.schema}.now_s()", ()))

@@ -170,7 +170,7 @@ class PostgresStore(QueueStore):
         ids, tokens = [task_id for task_id, _ in leases], [token for _, token in leases]
         s = self._s
         if seconds is None:
-            rows = self._database.rows(
+            rows = self._database.reads(
                 f"""SELECT id, token, status, cancel_requested FROM {s}.tasks
                 WHERE queue = %s AND id = ANY(%s)""",
                 (self.queue_name, ids),
