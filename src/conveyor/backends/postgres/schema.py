@@ -126,7 +126,10 @@ _FUNCTIONS = [
         _broker boolean) RETURNS void LANGUAGE plpgsql AS $$
     DECLARE _n integer;
     BEGIN
-      IF NOT _broker THEN
+      -- Each step first probes its partial index: most calls find nothing to do, and a
+      -- probe is much cheaper than an UPDATE that matches no row.
+      IF NOT _broker AND EXISTS (SELECT 1 FROM {{t}} WHERE queue = _q
+          AND status = '{S.SCHEDULED}' AND scheduled_for <= _now) THEN
         UPDATE {{t}} SET status = '{S.PENDING}', ready_at = scheduled_for, updated_at = _now,
             {_line(_lit(E.DUE))}
         WHERE (queue, id) IN (SELECT x.queue, x.id FROM {{t}} x WHERE x.queue = _q
@@ -135,28 +138,43 @@ _FUNCTIONS = [
         GET DIAGNOSTICS _n = ROW_COUNT;
         IF _n > 0 THEN PERFORM {{s}}.wake(_q); END IF;
       END IF;
-      UPDATE {{t}} SET {_TIME_OUT}
-      WHERE (queue, id) IN (SELECT x.queue, x.id FROM {{t}} x WHERE x.queue = _q
-          AND x.expire_at < _now AND x.status IN {WAITING} LIMIT 100 FOR UPDATE SKIP LOCKED);
+      IF EXISTS (SELECT 1 FROM {{t}} WHERE queue = _q AND expire_at IS NOT NULL
+          AND expire_at < _now AND status IN {WAITING}) THEN
+        UPDATE {{t}} SET {_TIME_OUT}
+        WHERE (queue, id) IN (SELECT x.queue, x.id FROM {{t}} x WHERE x.queue = _q
+            AND x.expire_at IS NOT NULL AND x.expire_at < _now AND x.status IN {WAITING}
+            LIMIT 100 FOR UPDATE SKIP LOCKED);
+      END IF;
     END $$""",
     f"""CREATE OR REPLACE FUNCTION {{s}}.reap(_q text, _now double precision, _max integer)
         RETURNS void LANGUAGE plpgsql AS $$
     DECLARE _n integer;
-    BEGIN {_lease_expiry(_EXPIRED_LEASES)}
+    BEGIN
+      IF NOT EXISTS (SELECT 1 FROM {{t}} WHERE queue = _q AND status = '{S.PROCESSING}'
+          AND lease_until < _now) THEN
+        RETURN;
+      END IF;
+      {_lease_expiry(_EXPIRED_LEASES)}
     END $$""",
     # Seconds until the earliest delayed task is due, lease expires or wait times out.
     f"""CREATE OR REPLACE FUNCTION {{s}}.hint(_q text, _now double precision,
-        _broker boolean) RETURNS double precision LANGUAGE sql STABLE AS $$
-    SELECT greatest(0, soonest - _now) FROM (SELECT least(
-        (SELECT min(scheduled_for) FROM {{t}} WHERE queue = _q AND status = '{S.SCHEDULED}'),
-        CASE WHEN NOT _broker THEN (SELECT min(lease_until) FROM {{t}} WHERE queue = _q
-            AND status = '{S.PROCESSING}') END,
-        (SELECT min(expire_at) FROM {{t}} WHERE queue = _q AND expire_at IS NOT NULL)
-    ) AS soonest) AS times WHERE soonest IS NOT NULL $$""",
+        _broker boolean) RETURNS double precision LANGUAGE plpgsql STABLE AS $$
+    DECLARE _soonest double precision;
+    BEGIN
+      _soonest := least(
+          (SELECT min(scheduled_for) FROM {{t}} WHERE queue = _q
+              AND status = '{S.SCHEDULED}'),
+          CASE WHEN NOT _broker THEN (SELECT min(lease_until) FROM {{t}} WHERE queue = _q
+              AND status = '{S.PROCESSING}') END,
+          (SELECT min(expire_at) FROM {{t}} WHERE queue = _q AND expire_at IS NOT NULL));
+      RETURN CASE WHEN _soonest IS NOT NULL THEN greatest(0, _soonest - _now) END;
+    END $$""",
     # Lease one pending row (already locked by the caller); the claimed task as JSON.
     f"""CREATE OR REPLACE FUNCTION {{s}}.take(_q text, _id text, _now double precision,
         _lease double precision, _consumer text, _event text, _copy text)
-        RETURNS jsonb LANGUAGE sql AS $$
+        RETURNS jsonb LANGUAGE plpgsql AS $$
+    DECLARE _taken jsonb;
+    BEGIN
     UPDATE {{t}} SET status = '{S.PROCESSING}', attempts = attempts + 1,
         token = replace(gen_random_uuid()::text, '-', ''), lease_until = _now + _lease,
         started_at = _now, updated_at = _now, worker = _consumer, expire_at = NULL,
@@ -165,16 +183,18 @@ _FUNCTIONS = [
     RETURNING jsonb_build_object('id', id, 'token', token, 'attempts', attempts,
         'priority', priority, 'data', data, 'type', type, 'max_retries', max_retries,
         'retry_backoff', retry_backoff, 'process_timeout', process_timeout,
-        'created_at', created_at, 'steps', steps) $$""",
-    f"""CREATE OR REPLACE FUNCTION {{s}}.claim(_q text, _count integer,
-        _lease double precision, _max integer, _consumer text, _min integer,
-        _broker boolean) RETURNS jsonb LANGUAGE plpgsql AS $$
+        'created_at', created_at, 'steps', steps) INTO _taken;
+    RETURN _taken;
+    END $$""",
+    # ``_begun``: the caller (settle) has just run begin_ in this transaction.
+    f"""CREATE OR REPLACE FUNCTION {{s}}.claim_at(_q text, _now double precision,
+        _count integer, _lease double precision, _max integer, _consumer text, _min integer,
+        _broker boolean, _begun boolean) RETURNS jsonb LANGUAGE plpgsql AS $$
     DECLARE
-      _now double precision := {{s}}.now_s();
       _out jsonb := '[]'::jsonb; _got integer := 0; _skips integer := 0; r record;
       _event text := CASE WHEN _lease IS NULL THEN '{E.PULLED}' ELSE '{E.STARTED}' END;
     BEGIN
-      PERFORM {{s}}.begin_(_q, _now, _broker);
+      IF NOT _begun THEN PERFORM {{s}}.begin_(_q, _now, _broker); END IF;
       IF NOT _broker THEN PERFORM {{s}}.reap(_q, _now, _max); END IF;
       WHILE _got < greatest(_count, 1) LOOP
         SELECT id, priority, expire_at INTO r FROM {{t}} WHERE queue = _q
@@ -195,6 +215,13 @@ _FUNCTIONS = [
       END LOOP;
       IF _got > 0 THEN RETURN jsonb_build_object('claimed', _out); END IF;
       RETURN jsonb_build_object('claimed', _out, 'hint', {{s}}.hint(_q, _now, _broker));
+    END $$""",
+    """CREATE OR REPLACE FUNCTION {s}.claim(_q text, _count integer,
+        _lease double precision, _max integer, _consumer text, _min integer,
+        _broker boolean) RETURNS jsonb LANGUAGE plpgsql AS $$
+    BEGIN
+      RETURN {s}.claim_at(_q, {s}.now_s(), _count, _lease, _max, _consumer, _min,
+          _broker, false);
     END $$""",
     # Broker mode: claim exactly the task a delivered message names (see base.TicketClaim).
     f"""CREATE OR REPLACE FUNCTION {{s}}.claim_ticket(_q text, _id text, _number bigint,
@@ -363,7 +390,7 @@ _FUNCTIONS = [
       IF _woke THEN PERFORM {{s}}.wake(_q); END IF;
       IF NOT _then THEN RETURN jsonb_build_object('settled', _out); END IF;
       RETURN jsonb_build_object('settled', _out, 'claim',
-          {{s}}.claim(_q, _count, _lease, _max, _consumer, _min, _broker));
+          {{s}}.claim_at(_q, _now, _count, _lease, _max, _consumer, _min, _broker, true));
     END $$""",
     f"""CREATE OR REPLACE FUNCTION {{s}}.cancel(_q text, _id text) RETURNS boolean
         LANGUAGE plpgsql AS $$
