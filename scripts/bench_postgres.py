@@ -174,6 +174,8 @@ async def main():
     driver = PsycopgDriver(conn)
     if mode == "setup":
         queries = Queries(driver)
+        if not await queries.schema_is_installed():
+            await queries.install()
         for start in range(0, n, 1000):
             size = min(n, start + 1000) - start
             await queries.enqueue([queue] * size, [None] * size, [0] * size)
@@ -186,7 +188,7 @@ async def main():
         done += 1
         if done >= n:
             pgq.shutdown.set()
-    await pgq.run(batch_size=c)
+    await pgq.run(batch_size=1, max_concurrent_tasks=max(2, c))
 asyncio.run(main())
 """
 PGQUEUER_LEFT = "SELECT count(*) FROM pgqueuer WHERE entrypoint = %s"
