@@ -72,9 +72,19 @@ def _tables(s: str) -> list[str]:
     ]
 
 
+def _entry(event: str, attempt: str = "attempts", note: str = "NULL") -> str:
+    """SQL for one history line, ``{"at", "event", "attempt"[, "note"]}`` and a newline,
+    built inline (a function call here would cost more than the rest of the statement)."""
+    return (
+        f"""'{{"at":' || _now || ',"event":' || to_json({event}::text)::text"""
+        f""" || ',"attempt":' || ({attempt})"""
+        f""" || coalesce(',"note":' || to_json({note}::text)::text, '') || '}}' || E'\\n'"""
+    )
+
+
 def _line(event: str, attempt: str = "attempts", note: str = "NULL") -> str:
     """SQL appending one history line (the only place a transition is recorded)."""
-    return f"history = coalesce(history, '') || {{s}}.line({event}, {attempt}, _now, {note})"
+    return f"history = coalesce(history, '') || {_entry(event, attempt, note)}"
 
 
 def _lit(value: str) -> str:
@@ -111,12 +121,6 @@ _TIME_OUT = f"""status = '{S.TIMEOUT}', finished_at = _now, {SETTLED}, expire_at
 _FUNCTIONS = [
     """CREATE OR REPLACE FUNCTION {s}.now_s() RETURNS double precision LANGUAGE sql VOLATILE
     AS $$ SELECT extract(epoch FROM clock_timestamp())::double precision $$""",
-    """CREATE OR REPLACE FUNCTION {s}.line(_event text, _attempt integer,
-        _at double precision, _note text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN _note IS NULL
-        THEN json_build_object('at', _at, 'event', _event, 'attempt', _attempt)
-        ELSE json_build_object('at', _at, 'event', _event, 'attempt', _attempt, 'note', _note)
-    END::text || E'\\n' $$""",
     """CREATE OR REPLACE FUNCTION {s}.wake(_q text) RETURNS void LANGUAGE sql
     AS $$ SELECT pg_notify('{channel}', _q) $$""",
     # Every transition starts here: due tasks enter the line and expired waiting tasks time
@@ -278,8 +282,7 @@ _FUNCTIONS = [
             CASE WHEN _later THEN '{S.SCHEDULED}' ELSE '{S.PENDING}' END, 0, 0,
             _max_retries[i], _backoffs[i], _queue_timeouts[i], _process_timeouts[i], _now,
             CASE WHEN _later THEN _ready END, _now, 0, 0,
-            {{s}}.line(CASE WHEN _later THEN '{E.SCHEDULED}' ELSE '{E.PUSHED}' END, 0, _now,
-                NULL),
+            {_entry(f"CASE WHEN _later THEN '{E.SCHEDULED}' ELSE '{E.PUSHED}' END", "0")},
             _ready + _queue_timeouts[i], CASE WHEN _later THEN NULL ELSE _now END,
             nextval('{{s}}.task_seq'), CASE WHEN _broker THEN 1 ELSE 0 END,
             CASE WHEN _broker AND NOT _later THEN _now + _grace END)
