@@ -17,6 +17,10 @@ A measurement, not a test. Usage::
   that has them (e.g. a venv made with ``pip install procrastinate pgqueuer``); without it
   the comparison is skipped. Each drain is timed by polling the database from the first
   finished task to the last, so worker start-up is left out for every system alike.
+  procrastinate runs ``concurrency`` sub-workers; pgqueuer runs async handlers in one
+  event loop, dequeues ``batch_size`` = concurrency jobs at a time and requires
+  ``max_concurrent_tasks`` of at least twice that (its entrypoint ``concurrency_limit=1``
+  stalled at about one job per 2 s here, so it is not used).
 """
 
 from __future__ import annotations
@@ -168,6 +172,7 @@ import psycopg
 from pgqueuer import PgQueuer
 from pgqueuer.db import PsycopgDriver
 from pgqueuer.queries import Queries
+from datetime import timedelta
 url, queue, n, c, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 async def main():
     conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
@@ -182,13 +187,13 @@ async def main():
         return
     pgq = PgQueuer(driver)
     done = 0
-    @pgq.entrypoint(queue, concurrency_limit=c)
+    @pgq.entrypoint(queue)
     async def noop(job):
         nonlocal done
         done += 1
         if done >= n:
             pgq.shutdown.set()
-    await pgq.run(batch_size=1, max_concurrent_tasks=max(2, c))
+    await pgq.run(batch_size=c, max_concurrent_tasks=2 * c, dequeue_timeout=timedelta(seconds=1))
 asyncio.run(main())
 """
 PGQUEUER_LEFT = "SELECT count(*) FROM pgqueuer WHERE entrypoint = %s"
