@@ -98,6 +98,7 @@ def test_a_claim_skips_rows_another_transaction_holds(postgres_url: str) -> None
 # -- restarts and cut connections -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_server_restarted_mid_drain_nothing_lost_and_no_worker_exits(
     private_postgres: PrivatePostgres, worker_process: Workers, tmp_path: Path
 ) -> None:
@@ -125,6 +126,7 @@ def test_server_restarted_mid_drain_nothing_lost_and_no_worker_exits(
     queue.close()
 
 
+@pytest.mark.slow
 def test_connections_cut_mid_drain_nothing_lost_and_no_worker_exits(
     private_postgres: PrivatePostgres, worker_process: Workers, tmp_path: Path
 ) -> None:
