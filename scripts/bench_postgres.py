@@ -275,14 +275,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000, help="tasks per single-client run")
     parser.add_argument("--drain", type=int, default=2000, help="tasks per worker drain")
     parser.add_argument("--samples", type=int, default=100, help="wake-up samples")
+    parser.add_argument("--rounds", type=int, default=3, help="single-client rounds")
     parser.add_argument("--peers", help="a Python with procrastinate and pgqueuer installed")
     args = parser.parse_args()
     print("(a loaded shared machine: compare columns within one run, not across runs)")
-    one = single_client(args.url, args.n)
+    # Rounds alternate the backend and the raw loop, so a load swing hits both alike.
+    rounds = [single_client(args.url, args.n) for _ in range(args.rounds)]
     for op in ("push", "ack_and_reserve"):
-        ratio = one[op] / one[f"raw_{op}"]
-        print(f"{op:<16} conveyor {one[op]:>8.0f}/s   raw psycopg {one[f'raw_{op}']:>8.0f}/s"
-              f"   ratio {ratio:.2f}x")  # fmt: skip
+        ours = statistics.median(r[op] for r in rounds)
+        raw = statistics.median(r[f"raw_{op}"] for r in rounds)
+        ratios = ", ".join(f"{r[op] / r[f'raw_{op}']:.2f}" for r in rounds)
+        print(
+            f"{op:<16} conveyor {ours:>8.0f}/s   raw psycopg {raw:>8.0f}/s"
+            f"   ratio {ours / raw:.2f}x (medians of {args.rounds}; per round {ratios})"
+        )
     wakes = wake_ups(args.url, args.samples)
     deciles = statistics.quantiles(wakes, n=10)
     print(f"wake-up          p50 {statistics.median(wakes):.2f} ms   p90 {deciles[8]:.2f} ms"
