@@ -8,6 +8,7 @@ concurrent consumers of unkeyed tasks never wait on one another.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -140,17 +141,16 @@ class PostgresStore(QueueStore):
             self._maybe_retain()
             self._seen = self._listener.mark(self.queue_name)
         claim = then or ClaimSpec(None, 0)
+        packed = json.dumps([
+            {"op": o.op.value, "id": o.task_id, "token": o.token, "payload": o.payload,
+             "delay": float(o.delay), "reason": o.reason, "fraction": float(o.fraction),
+             "status": o.status.value, "event": _event(o)}
+            for o in outcomes
+        ])  # fmt: skip
         found = self._database.call(
-            f"""SELECT {self._s}.settle(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-                %s, %s, %s, %s, %s)""",
-            (
-                self.queue_name, [o.op.value for o in outcomes], [o.task_id for o in outcomes],
-                [o.token for o in outcomes], [o.payload for o in outcomes],
-                [float(o.delay) for o in outcomes], [o.reason for o in outcomes],
-                [float(o.fraction) for o in outcomes], [o.status.value for o in outcomes],
-                [_event(o) for o in outcomes], self._broker, self._config.publish_grace,
-                then is not None, *self._claim_args(claim)[:-1],
-            ),
+            f"SELECT {self._s}.settle(%s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (self.queue_name, packed, self._broker, self._config.publish_grace,
+             then is not None, *self._claim_args(claim)[:-1]),
         )  # fmt: skip
         pairs = zip(outcomes, found["settled"], strict=True)
         settled = [self._settled(outcome, item) for outcome, item in pairs]
