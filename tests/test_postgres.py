@@ -165,6 +165,18 @@ def test_an_unreachable_server_is_broker_unavailable_with_the_url_masked() -> No
     assert "secret" not in str(caught.value) and "127.0.0.1" in str(caught.value)
 
 
+def test_a_missing_database_or_role_is_said_at_once(postgres_url: str) -> None:
+    """Not an outage to wait out: a worker exits 2 on these instead of waiting forever."""
+    from conveyor import BrokerAuthenticationError, ConfigError
+
+    base = postgres_url.rsplit("/", 1)[0]
+    with pytest.raises(ConfigError, match="does not exist"):
+        QueueManager.from_url(f"{base}/conveyor_no_such_db", connect_timeout=2)
+    nobody = base.replace("postgres@", "conveyor_no_such_role@")
+    with pytest.raises(BrokerAuthenticationError, match="credentials"):
+        QueueManager.from_url(f"{nobody}/postgres", connect_timeout=2)
+
+
 # -- schema -----------------------------------------------------------------------------------
 
 

@@ -68,6 +68,9 @@ class Database:
         )  # fmt: skip
         try:
             with self.errors():
+                # One plain connection first: refused credentials or a missing database
+                # say so at once, where the pool would only time out.
+                psycopg.connect(self.conninfo, autocommit=True, **self.options).close()
                 self._pool.open(wait=True, timeout=connect_timeout)
                 self.migrate()
         except BaseException:
@@ -180,7 +183,11 @@ def translate(exc: psycopg.Error, safe_url: str) -> ConveyorError:
     """psycopg's errors as Conveyor's: a lost or refused connection is an outage."""
     text = " ".join(str(exc).split())
     if isinstance(exc, psycopg.OperationalError):
-        if "authentication failed" in text or "password" in text:
+        if "database" in text and "does not exist" in text:
+            return ConfigError(
+                f"url: {text} on {safe_url}; create it (createdb NAME) or fix the URL"
+            )
+        if "authentication failed" in text or "password" in text or "role" in text:
             return BrokerAuthenticationError(
                 f"PostgreSQL at {safe_url} refused the credentials ({text}); fix the user and "
                 "password in the URL"
