@@ -216,6 +216,10 @@ class WorkerSettings(_Section):
     #: ``reconnect_max_backoff`` of the broker answering again.
     reconnect_backoff: float = Field(default=0.1, gt=0)
     reconnect_max_backoff: float = Field(default=1.0, gt=0)
+    #: Where steps run: ``process`` (the default: one child process per slot, killed at a
+    #: hard time limit, recycled by memory_mb) or ``thread`` (threads of the worker, for
+    #: tasks that need no isolation; refuses hard time limits and memory_mb at start).
+    pool: Literal["process", "thread"] = "process"
 
     @model_validator(mode="after")
     def _backoff_order(self) -> WorkerSettings:

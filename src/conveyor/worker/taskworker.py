@@ -49,6 +49,7 @@ from ..models import Message
 from ..pipeline import PipelineService
 from ..validation import check_name
 from .backoff import Backoff
+from .heap import freeze_startup_heap
 from .heartbeat import worker_info
 from .leases import renew_running
 from .options import WorkerOptions
@@ -56,6 +57,8 @@ from .outage import OutageWatch
 from .outbox import Outbox
 from .signals import StopSignals
 from .slots import Slot
+from .tasklog import info_enabled
+from .threadpool import check_thread_pool, make_slots
 from .usage import recycling_reason
 from .verdicts import Verdict, after_error, after_shutdown
 
@@ -134,15 +137,18 @@ class TaskWorker:
             queue.consumer_id = self.id
             for pipeline in self.service.pipelines.values():
                 queue.check_time_limit(pipeline.hard_limit(), f"pipeline {pipeline.name!r}")
+        if self.options.pool == "thread":
+            check_thread_pool(self.options, self.service)
         self._signals.install()
+        freeze_startup_heap()  # before forking: children share the frozen heap
         context = multiprocessing.get_context("fork")
-        self._slots = [
-            Slot(i, context, self.service, self._shutdown_flag) for i in range(self.concurrency)
-        ]
+        self._slots = make_slots(
+            self.options.pool, self.concurrency, context, self.service, self._shutdown_flag
+        )
         names = ",".join(queue.queue_name for queue in self.queues)
         logger.info(
-            "worker {} started: queues={} concurrency={} backend={} pid={}",
-            self.id, names, self.concurrency, self.queues[0].url, os.getpid(),
+            "worker {} started: queues={} concurrency={} pool={} backend={} pid={}",
+            self.id, names, self.concurrency, self.options.pool, self.queues[0].url, os.getpid(),
         )  # fmt: skip
         try:
             self._loop()
@@ -227,7 +233,8 @@ class TaskWorker:
             self._log(message).info("handed back at once: shutting down")
             return
         slot.start(message, queue, self.service)
-        self._log(message).info("started")
+        if info_enabled():
+            self._log(message).info("started")
 
     def _collect(self, busy: list[Slot], timeout: float) -> None:
         """Wait for replies from busy children (or their death) and act on them."""
@@ -280,7 +287,8 @@ class TaskWorker:
                 self._failed(slot, "invalid_result", _refused(exc), str(reply["name"]))
                 return
             self.outbox.put(queue, task.message, outcome)
-            self._log(task.message).info("step {} done", reply["name"])
+            if info_enabled():
+                self._log(task.message).info("step {} done", reply["name"])
         elif op == "done":
             self._succeeded(slot, reply.get("result"))
         elif op == "error":
