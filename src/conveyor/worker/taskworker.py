@@ -59,6 +59,7 @@ from .signals import StopSignals
 from .slots import Slot
 from .tasklog import info_enabled
 from .threadpool import check_thread_pool, make_slots
+from .upkeep import Upkeep, can_share
 from .usage import recycling_reason
 from .verdicts import Verdict, after_error, after_shutdown
 
@@ -117,6 +118,7 @@ class TaskWorker:
             *(self.options.renew_check_period(q.visibility_timeout) for q in self.queues),
         )
         self._next_sweep = 0.0
+        self._upkeep: Upkeep | None = None  # sweeps and heartbeats off the loop (Redis)
         self._signals = StopSignals(self.stop, max_shutdown_wait)
         self._shutdown_flag = multiprocessing.get_context("fork").Value("b", 0)
         self.outbox = Outbox(self._log)
@@ -150,6 +152,12 @@ class TaskWorker:
             "worker {} started: queues={} concurrency={} pool={} backend={} pid={}",
             self.id, names, self.concurrency, self.options.pool, self.queues[0].url, os.getpid(),
         )  # fmt: skip
+        if can_share(self.queues):
+            self._upkeep = Upkeep(
+                self.queues, self._heartbeat, lambda: self.stop_reason is None,
+                heartbeat_interval=self.options.heartbeat_interval, sweep_interval=_SWEEP_INTERVAL,
+            )  # fmt: skip
+            self._upkeep.start()
         try:
             self._loop()
         finally:
@@ -420,13 +428,14 @@ class TaskWorker:
         if now >= self._next_renewal:
             self._next_renewal = now + self._renewal_period
             renew_running(self.queues, self._slots, self.options, now, self._log)
-        if now >= self._next_sweep and self.stop_reason is None:
+        if now >= self._next_sweep and self.stop_reason is None and self._upkeep is None:
             self._next_sweep = now + _SWEEP_INTERVAL
             for queue in self.queues:
                 queue.sweep()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.options.heartbeat_interval
-            self._heartbeat()
+            if self._upkeep is None:
+                self._heartbeat()
             self._check_limits()
 
     def _time_limit(self, slot: Slot) -> None:
@@ -477,6 +486,8 @@ class TaskWorker:
     # -- the end ------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.stop()
         for slot in self._slots:
             slot.stop(timeout=2)
         self._send_last()
