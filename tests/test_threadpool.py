@@ -141,3 +141,27 @@ def test_thread_mode_refuses_hard_time_limits_and_memory_mb(tmp_path: Path) -> N
         worker = TaskWorker(queue, PipelineService([plain]), options=options)
         with pytest.raises(ConfigError, match=r"memory_mb.*worker\.pool: process"):
             worker.start()
+
+
+exiting = Pipeline("exiting", max_retries=2, retry_backoff=0)
+
+
+@exiting.step
+def exit_once(ctx: StepContext) -> str:
+    if ctx.attempt == 1:
+        raise SystemExit(3)  # ends the thread, as os._exit ends a child
+    return "second try"
+
+
+def test_a_thread_that_dies_is_a_crashed_run_and_the_slot_gets_a_new_thread(
+    tmp_path: Path,
+) -> None:
+    with QueueManager.from_url(f"sqlite:///{tmp_path}/q.db", queue_name="t") as queue:
+        queue.push("dies", {}, 5)
+        options = WorkerOptions(pool="thread", max_jobs=2, idle_block=0.1)
+        worker = TaskWorker(queue, PipelineService([exiting]), options=options)
+        worker.start()  # returns after two runs (max_jobs)
+        record = queue.get_task("dies")
+        assert record is not None and record.status == TaskStatus.SUCCESS, _describe(record)
+        assert record.attempts == 2 and record.result == "second try"
+        assert any(event.event == "retrying" for event in record.history), _describe(record)

@@ -130,6 +130,8 @@ def _thread_main(
 ) -> None:
     try:
         serve(conn, service, cancel_flag, shutdown_flag)
+    except SystemExit:
+        pass  # a step called sys.exit(): the thread ends, and its run counts as crashed
     finally:
         conn.close()
         os.close(sentinel)  # the loop sees the end of the thread, as it sees a child's exit
