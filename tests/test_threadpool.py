@@ -8,6 +8,8 @@ records; the settings a thread cannot honour are refused before any task is take
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -165,3 +167,14 @@ def test_a_thread_that_dies_is_a_crashed_run_and_the_slot_gets_a_new_thread(
         assert record is not None and record.status == TaskStatus.SUCCESS, _describe(record)
         assert record.attempts == 2 and record.result == "second try"
         assert any(event.event == "retrying" for event in record.history), _describe(record)
+
+
+def test_conveyor_worker_pool_thread_with_memory_exits_2_saying_why(tmp_path: Path) -> None:
+    conveyor = Path(sys.executable).parent / "conveyor"
+    result = subprocess.run(
+        [str(conveyor), "worker", "--url", f"sqlite:///{tmp_path}/q.db", "-Q", "t",
+         "--pool", "thread", "--memory", "100", "-P", "helpers.pipelines:quick", "--wait", "0"],
+        cwd=Path(__file__).parent, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "worker.memory_mb (100) needs worker.pool: process" in result.stderr
