@@ -208,6 +208,35 @@ class Settled:
 
 
 @dataclass(frozen=True, slots=True)
+class Head:
+    """The task at the head of the line: its declared priority and when it became ready.
+
+    What a busy worker's preemption check and a reserved slot look at: one O(1) read (the
+    first entry of the pending index), never a scan. With aging on, it is the task the next
+    claim takes, with its declared (not aged) priority.
+    """
+
+    task_id: str
+    priority: int
+    ready_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt:
+    """A running task to yield at a step boundary (see ``QueueStore.preempt``).
+
+    ``steps_json`` is its checkpoint, stored in the same step. ``min_priority`` is the
+    lowest declared priority worth yielding for: the urgent task must have at least that.
+    """
+
+    task_id: str
+    token: str
+    steps_json: str | None
+    min_priority: int
+    max_preemptions: int
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseState:
     """A running task as its holder's renewal sees it."""
 
@@ -232,6 +261,9 @@ class StoreConfig:
     max_priority: int = 10
     broker_leases: bool = False
     publish_grace: float = 30.0
+    #: Seconds of waiting worth one priority level (None: aging off). With aging on, the
+    #: place in line is ``ready_at - priority * aging_interval``: a static score.
+    aging_interval: float | None = None
 
 
 class QueueStore(ABC):
@@ -258,6 +290,23 @@ class QueueStore(ABC):
         self, outcomes: Sequence[Outcome], then: ClaimSpec | None = None
     ) -> tuple[list[Settled], ClaimResult | None]:
         """Apply outcomes of held tasks in order, then (``then``) claim, in one step."""
+
+    def preempt(self, yielded: Preempt, spec: ClaimSpec) -> tuple[Settled, ClaimResult]:
+        """Yield a running task and claim the most urgent ready one, in one atomic step.
+
+        The lifecycle's PREEMPT rows: refused (nothing changes, status None, nothing
+        claimed) when a cancel was asked, when no ready task has ``min_priority``, or at
+        ``max_preemptions``. Otherwise the yielded task is pending again at its original
+        place (its checkpoint stored, its attempt returned, ``preemptions`` + 1, history
+        ``preempted`` with the urgent task's id) and the urgent task is claimed with
+        ``spec``. A yield that leaves ``processing`` frees the task's concurrency-key slot
+        (per-key limits hook in where each store's preempt leaves processing).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot preempt")
+
+    def head(self) -> Head | None:
+        """The most urgent ready task (None: nothing is ready); one cheap read."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read its head")
 
     @abstractmethod
     def renew(self, leases: Sequence[tuple[str, str]], seconds: float | None) -> list[LeaseState]:
