@@ -84,6 +84,14 @@ _TASK_OPTIONS = frozenset(
 )
 
 
+class WaitingBand(BaseModel):
+    """The ready tasks of one declared priority: how many, and the oldest one's wait."""
+
+    priority: int
+    count: int
+    oldest_seconds: float
+
+
 class QueueStats(BaseModel):
     """A queue's counts per status and its recent throughput."""
 
@@ -92,6 +100,10 @@ class QueueStats(BaseModel):
     done_last_minute: int
     failed_last_minute: int
     mean_run_seconds: float | None
+    #: Ready tasks per declared priority, most urgent first, with the longest wait of each.
+    waiting: list[WaitingBand] = []
+    #: How many times tasks of this queue yielded to more urgent ones (records kept).
+    preemptions: int = 0
 
 
 class _SharedServer:
@@ -621,12 +633,19 @@ class QueueManager:
     def stats(self) -> QueueStats:
         """Counts per status, successes and failures in the last minute, mean run time."""
         done, failed, mean = self._records.recent(60.0)
+        now = self._records.now()
+        waiting = [
+            WaitingBand(priority=priority, count=count, oldest_seconds=max(0.0, now - ready))
+            for priority, count, ready in self._records.waiting()
+        ]
         return QueueStats(
             queue=self.queue_name,
             counts=self._records.counts(),
             done_last_minute=done,
             failed_last_minute=failed,
             mean_run_seconds=mean if mean is not None and math.isfinite(mean) else None,
+            waiting=waiting,
+            preemptions=self._records.preemptions(),
         )
 
     def known_queues(self) -> list[str]:

@@ -72,6 +72,12 @@ ROW_FIELDS = (
 )
 
 
+#: Ready tasks per declared priority: (priority, count, ready time of the oldest).
+WaitingBands = list[tuple[int, int, float]]
+#: Ready tasks a generic ``QueueRecords.waiting`` reads (stores with an index read all).
+WAITING_SAMPLE = 10000
+
+
 @dataclass(frozen=True, slots=True)
 class NewTask:
     """A validated task ready to store: the manager has encoded and checked every field."""
@@ -386,6 +392,31 @@ class QueueRecords(ABC):
     @abstractmethod
     def now(self) -> float:
         """The backend's clock (epoch seconds), for what readers derive from stored times."""
+
+    def waiting(self) -> WaitingBands:
+        """Ready tasks per declared priority, most urgent first: (priority, how many, the
+        ready time of the longest-waiting one). This generic form reads the first
+        ``WAITING_SAMPLE`` tasks in line; a store that can do better (an index per priority)
+        overrides it."""
+        bands: dict[int, list[float]] = {}
+        for row in self.list(TaskStatus.PENDING.value, WAITING_SAMPLE, 0):
+            try:
+                priority, created = int(row["priority"]), float(row["created_at"] or 0)
+            except (TypeError, ValueError):
+                continue
+            ready = row.get("ready_at")
+            try:
+                moment = float(ready) if ready not in (None, "") else created
+            except (TypeError, ValueError):
+                moment = created
+            band = bands.setdefault(priority, [0, moment])
+            band[0] += 1
+            band[1] = min(band[1], moment)
+        return [(p, int(b[0]), b[1]) for p, b in sorted(bands.items(), reverse=True)]
+
+    def preemptions(self) -> int:
+        """How many times tasks of this queue yielded to more urgent ones (kept records)."""
+        return 0
 
 
 class ServerRegistry(ABC):
