@@ -243,6 +243,10 @@ class RabbitMQQueue(QueueStore):
         per task on a worker's hot path."""
         self._publish_due()
         claimed: ClaimResult | None = None
+        reserved = then is not None and then.min_priority is not None
+        if reserved and then is not None and not self._urgent_ready(then.min_priority or 0):
+            settled, _ = self.settle(outcomes)  # a reserved slot, and nothing urgent is ready
+            return settled, ClaimResult([])
         delivery = self.link.get(self.topology) if then is not None and then.count == 1 else None
         ticket = self._ticket_of(delivery) if delivery is not None else None
         if then is not None and delivery is not None and ticket is not None:
