@@ -239,3 +239,47 @@ def test_head_is_the_next_task_to_claim(make_queue: MakeQueue) -> None:
     stats = queue.stats()
     assert [(band.priority, band.count) for band in stats.waiting] == [(1, 1)]
     assert stats.waiting[0].oldest_seconds >= 0
+
+
+# -- the pure decisions -----------------------------------------------------------------------
+
+
+def test_the_lowest_running_task_yields_and_only_past_margin_and_wait() -> None:
+    from conveyor.backends import Head
+    from conveyor.worker.preemption import PreemptPolicy, yield_floor
+
+    policy = PreemptPolicy(margin=5, after=2.0)
+    urgent = Head("u", 10, ready_at=100.0)
+    assert yield_floor(policy, 0, [0], urgent, now=103.0) == 5  # a tie: the one that ended
+    assert yield_floor(policy, 3, [0], urgent, now=103.0) is None  # a lower one is running
+    assert yield_floor(policy, 6, [], urgent, now=103.0) is None  # within the margin
+    assert yield_floor(policy, 0, [], urgent, now=101.0) is None  # not waited long enough
+    assert yield_floor(policy, 0, [], None, now=103.0) is None  # nothing ready
+
+
+def test_reserved_slots_keep_room_for_urgent_work() -> None:
+    from conveyor.worker.reserve import Reserve, claim_floor
+
+    reserve = Reserve(priority=8, slots=1)
+    assert claim_floor(reserve, 3, []) is None
+    assert claim_floor(reserve, 3, [0]) is None
+    assert claim_floor(reserve, 3, [0, 2]) == 8  # the ordinary room is full
+    assert claim_floor(reserve, 3, [9, 0]) is None  # an urgent task in an ordinary slot
+    assert claim_floor(None, 3, [0, 0, 0]) is None
+
+
+def test_settings_for_priorities_are_checked() -> None:
+    from pydantic import ValidationError
+
+    from conveyor.settings import Settings
+
+    settings = Settings(
+        worker={"concurrency": 3, "preempt_margin": 5, "reserve": {"priority": 8, "slots": 1}},
+        queue={"aging_interval": 30},
+    )
+    assert settings.worker.reserve is not None and settings.worker.reserve.priority == 8
+    assert settings.queue.aging_interval == 30
+    with pytest.raises(ValidationError, match=r"must be below worker\.concurrency"):
+        Settings(worker={"concurrency": 1, "reserve": {"priority": 8, "slots": 1}})
+    with pytest.raises(ValidationError):
+        Settings(queue={"aging_interval": 0})
