@@ -130,6 +130,32 @@ def test_preemption_starts_urgent_work_at_the_next_step_boundary(
     assert queue.stats().preemptions == 1
 
 
+def test_two_busy_workers_never_both_yield_for_one_urgent_task(
+    make_queue: MakeQueue, start_worker: Callable[..., Worker], tmp_path: Path
+) -> None:
+    """The yield and the claim are one transition: of two busy workers (one slot each) at
+    their step boundaries, exactly one yields for the one urgent task."""
+    queue = make_queue()
+    ledger = tmp_path / "ledger"
+    data = {"ledger": str(ledger), "seconds": 0.5, "steps": 6}
+    assert queue.push("long-a", data, 0, type="long")
+    assert queue.push("long-b", data, 0, type="long")
+    start_worker("--concurrency", "1", "--preempt-margin", "5")
+    start_worker("--concurrency", "1", "--preempt-margin", "5")
+    wait_until(
+        lambda: {"long-a", "long-b"} <= {line["task"] for line in read_ledger(ledger)},
+        30, message="both long tasks to start",
+    )  # fmt: skip
+    assert queue.push("urgent", {"ledger": str(ledger), "seconds": 0.05}, 10, type="quick")
+    wait_done(queue, ["long-a", "long-b", "urgent"], 60)
+    lines = read_ledger(ledger)
+    assert len(starts(lines, "urgent")) == 1
+    records = [queue.get_task(task) for task in ("long-a", "long-b")]
+    assert sum(r.preemptions for r in records if r is not None) == 1, records
+    for task in ("long-a", "long-b"):
+        steps_ran_once(lines, task, 6)
+
+
 def test_max_preemptions_holds(
     make_queue: MakeQueue, start_worker: Callable[..., Worker], tmp_path: Path
 ) -> None:
