@@ -384,7 +384,7 @@ class QueueManager:
         wait_for = math.inf if timeout is None else check_seconds("timeout", timeout) or 0.0
         deadline = time.monotonic() + wait_for
         while True:
-            result = self._store.claim(replace(self._spec(lease), min_priority=min_priority))
+            result = self._store.claim(self._spec(lease, min_priority=min_priority))
             messages = self._messages(result, lease is not None)
             if messages:
                 return messages[0]
@@ -398,8 +398,12 @@ class QueueManager:
                 slice_ = min(slice_, max(result.wait_hint, 0.001))
             self._store.wait(slice_)
 
-    def _spec(self, lease: float | None, count: int = 1) -> ClaimSpec:
-        return ClaimSpec(lease, self.max_deliveries, self.consumer_id, count=count)
+    def _spec(
+        self, lease: float | None, count: int = 1, min_priority: int | None = None
+    ) -> ClaimSpec:
+        return ClaimSpec(
+            lease, self.max_deliveries, self.consumer_id, count=count, min_priority=min_priority
+        )
 
     def _messages(self, result: ClaimResult, leased: bool) -> list[Message]:
         """The claimed tasks as messages; malformed ones are dead-lettered and left out."""
@@ -446,7 +450,7 @@ class QueueManager:
         """
         then = None
         if claim > 0:
-            then = replace(self._spec(self.visibility_timeout, claim), min_priority=min_priority)
+            then = self._spec(self.visibility_timeout, claim, min_priority)
         settled, result = self._store.settle(outcomes, then)
         messages = self._messages(result, True) if result is not None else []
         more_wanted = result is not None and (result.claimed or result.skipped)
