@@ -22,3 +22,9 @@ def freeze_startup_heap() -> None:
     """Collect what start-up left behind, then freeze the rest out of later collections."""
     gc.collect()
     gc.freeze()
+
+
+def thaw_heap() -> None:
+    """When the worker returns: hand the frozen objects back to the collector, so a
+    program that embeds a worker (and goes on after it) frees their cycles as before."""
+    gc.unfreeze()

@@ -49,7 +49,7 @@ from ..models import Message
 from ..pipeline import PipelineService
 from ..validation import check_name
 from .backoff import Backoff
-from .heap import freeze_startup_heap
+from .heap import freeze_startup_heap, thaw_heap
 from .heartbeat import worker_info
 from .leases import renew_running
 from .options import WorkerOptions
@@ -166,6 +166,7 @@ class TaskWorker:
         finally:
             self._finish()
             self._signals.restore()
+            thaw_heap()
 
     @property
     def refused(self) -> int:
