@@ -413,7 +413,9 @@ class QueueManager:
     def _decode(self, claimed: Claimed, leased: bool) -> Message | None:
         """Turn a claimed entry into a Message, dead-lettering it if it is malformed."""
         try:
-            return Message(
+            # Every field is read and checked just here (the strict helpers below), so
+            # pydantic's validation would only repeat it, once per task on the hot path.
+            return Message.model_construct(
                 task_id=claimed.task_id,
                 data=decode_json("data", claimed.data_json, self.max_json_depth),
                 priority=strict_int(claimed.priority),

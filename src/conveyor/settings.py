@@ -234,6 +234,11 @@ class WorkerSettings(_Section):
     max_preemptions: int = Field(default=3, ge=0)
     reserve: ReserveSettings | None = None
 
+    #: Where steps run: ``process`` (the default: one child process per slot, killed at a
+    #: hard time limit, recycled by memory_mb) or ``thread`` (threads of the worker, for
+    #: tasks that need no isolation; refuses hard time limits and memory_mb at start).
+    pool: Literal["process", "thread"] = "process"
+
     @model_validator(mode="after")
     def _reserve_fits(self) -> WorkerSettings:
         if self.reserve is not None and self.reserve.slots >= self.concurrency:

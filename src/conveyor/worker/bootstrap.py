@@ -40,6 +40,7 @@ def options_from(settings: Settings) -> WorkerOptions:
         reserve=None
         if worker.reserve is None
         else Reserve(worker.reserve.priority, worker.reserve.slots),
+        pool=worker.pool,
         retry=RetryDefaults(
             max_retries=worker.max_retries,
             retry_backoff=worker.retry_backoff,

@@ -57,6 +57,17 @@ def child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
+    serve(conn, service, cancel_flag, shutdown_flag)
+
+
+def serve(
+    conn: Connection,
+    service: PipelineService,
+    cancel_flag: Synchronized[int],
+    shutdown_flag: Synchronized[int],
+) -> None:
+    """The request loop itself: in a child process, or in a thread of the worker
+    (``worker.pool: thread``), which speaks the same protocol over the same kind of pipe."""
     runner = _Runner(conn, service, cancel_flag, shutdown_flag)
     while True:
         try:
@@ -66,8 +77,12 @@ def child_main(
         if request.get("op") != "run":
             return
         reply = runner.run(request)
-        if reply is not None:  # None: the task yielded (preempted); the parent knows
+        if reply is None:  # the task yielded (preempted); the parent knows
+            continue
+        try:
             conn.send_bytes(json.dumps(reply, default=str).encode())
+        except OSError:
+            return  # the worker closed its end (it gave up on this run): nothing to tell
 
 
 class _Runner:

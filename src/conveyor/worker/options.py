@@ -28,6 +28,8 @@ class WorkerOptions:
     # Step-boundary preemption (worker.preempt_margin None: off) and reserved slots.
     preemption: PreemptPolicy | None = None
     reserve: Reserve | None = None
+    #: Where steps run: child processes (isolated, killable) or threads of the worker.
+    pool: Literal["process", "thread"] = "process"
 
     def renew_interval(self, visibility_timeout: float) -> float:
         """Renew a lease three times per visibility window, so one slow round trip is safe."""

@@ -30,6 +30,7 @@ from ..lifecycle import Op
 from ..manager import QueueManager
 from ..models import Message
 from ..outcomes import FINAL_OPS
+from .tasklog import info_enabled
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -117,15 +118,14 @@ class Outbox:
         return claimed
 
     def _report(self, entry: Entry, op: Op, accepted: bool) -> None:
-        log = self._log(entry.message)
         if accepted:
-            if op is Op.ACK:
-                log.info("succeeded in {:.3f}s", entry.ran)
+            if op is Op.ACK and info_enabled():
+                self._log(entry.message).info("succeeded in {:.3f}s", entry.ran)
             return
         self.refused += 1
         what = f"finished in {entry.ran:.3f}s but its result" if op is Op.ACK else f"its {op}"
         maybe = " (or an earlier send of it went through)" if entry.failed_sends else ""
-        log.warning(
+        self._log(entry.message).warning(
             "{} was refused: the lease was lost{}; the task may run twice (refused so far: {})",
             what, maybe, self.refused,
         )  # fmt: skip

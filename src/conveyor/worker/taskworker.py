@@ -49,6 +49,7 @@ from ..models import Message
 from ..pipeline import PipelineService
 from ..validation import check_name
 from .backoff import Backoff
+from .heap import freeze_startup_heap, thaw_heap
 from .heartbeat import worker_info
 from .leases import renew_running
 from .options import WorkerOptions
@@ -58,6 +59,9 @@ from .preemption import yield_floor
 from .reserve import claim_floor
 from .signals import StopSignals
 from .slots import RunningTask, Slot
+from .tasklog import info_enabled
+from .threadpool import check_thread_pool, make_slots
+from .upkeep import Upkeep, can_share
 from .usage import recycling_reason
 from .verdicts import Verdict, after_error, after_shutdown
 
@@ -117,6 +121,7 @@ class TaskWorker:
             *(self.options.renew_check_period(q.visibility_timeout) for q in self.queues),
         )
         self._next_sweep = 0.0
+        self._upkeep: Upkeep | None = None  # sweeps and heartbeats off the loop (Redis)
         self._signals = StopSignals(self.stop, max_shutdown_wait)
         self._shutdown_flag = multiprocessing.get_context("fork").Value("b", 0)
         self.outbox = Outbox(self._log)
@@ -137,21 +142,31 @@ class TaskWorker:
             queue.consumer_id = self.id
             for pipeline in self.service.pipelines.values():
                 queue.check_time_limit(pipeline.hard_limit(), f"pipeline {pipeline.name!r}")
+        if self.options.pool == "thread":
+            check_thread_pool(self.options, self.service)
         self._signals.install()
+        freeze_startup_heap()  # before forking: children share the frozen heap
         context = multiprocessing.get_context("fork")
-        self._slots = [
-            Slot(i, context, self.service, self._shutdown_flag) for i in range(self.concurrency)
-        ]
+        self._slots = make_slots(
+            self.options.pool, self.concurrency, context, self.service, self._shutdown_flag
+        )
         names = ",".join(queue.queue_name for queue in self.queues)
         logger.info(
-            "worker {} started: queues={} concurrency={} backend={} pid={}",
-            self.id, names, self.concurrency, self.queues[0].url, os.getpid(),
+            "worker {} started: queues={} concurrency={} pool={} backend={} pid={}",
+            self.id, names, self.concurrency, self.options.pool, self.queues[0].url, os.getpid(),
         )  # fmt: skip
+        if can_share(self.queues):
+            self._upkeep = Upkeep(
+                self.queues, self._heartbeat, lambda: self.stop_reason is None,
+                heartbeat_interval=self.options.heartbeat_interval, sweep_interval=_SWEEP_INTERVAL,
+            )  # fmt: skip
+            self._upkeep.start()
         try:
             self._loop()
         finally:
             self._finish()
             self._signals.restore()
+            thaw_heap()
 
     @property
     def refused(self) -> int:
@@ -232,7 +247,8 @@ class TaskWorker:
             self._log(message).info("handed back at once: shutting down")
             return
         slot.start(message, queue, self.service, preempting=self.options.preemption is not None)
-        self._log(message).info("started")
+        if info_enabled():
+            self._log(message).info("started")
 
     def _collect(self, busy: list[Slot], timeout: float) -> None:
         """Wait for replies from busy children (or their death) and act on them."""
@@ -285,7 +301,8 @@ class TaskWorker:
                 self._failed(slot, "invalid_result", _refused(exc), str(reply["name"]))
                 return
             self.outbox.put(queue, task.message, outcome)
-            self._log(task.message).info("step {} done", reply["name"])
+            if info_enabled():
+                self._log(task.message).info("step {} done", reply["name"])
             if task.pauses:
                 self._at_step_boundary(slot)
         elif op == "done":
@@ -473,13 +490,14 @@ class TaskWorker:
         if now >= self._next_renewal:
             self._next_renewal = now + self._renewal_period
             renew_running(self.queues, self._slots, self.options, now, self._log)
-        if now >= self._next_sweep and self.stop_reason is None:
+        if now >= self._next_sweep and self.stop_reason is None and self._upkeep is None:
             self._next_sweep = now + _SWEEP_INTERVAL
             for queue in self.queues:
                 queue.sweep()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.options.heartbeat_interval
-            self._heartbeat()
+            if self._upkeep is None:
+                self._heartbeat()
             self._check_limits()
 
     def _time_limit(self, slot: Slot) -> None:
@@ -530,6 +548,8 @@ class TaskWorker:
     # -- the end ------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.stop()
         for slot in self._slots:
             slot.stop(timeout=2)
         self._send_last()
