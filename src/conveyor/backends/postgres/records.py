@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...lifecycle import TaskStatus
-from ..base import ROW_FIELDS, QueueRecords
+from ..base import ROW_FIELDS, QueueRecords, WaitingBands
 from .connection import Database
 from .schema import CLAIM_ORDER
 
@@ -70,6 +70,22 @@ class PostgresRecords(QueueRecords):
             (self.queue_name, float(seconds)),
         )[0]
         return int(done), int(failed), None if mean is None else float(mean)
+
+    def waiting(self) -> WaitingBands:
+        rows = self._database.reads(
+            f"""SELECT priority, count(*), min(ready_at) FROM {self._t} WHERE queue = %s
+            AND status = '{S.PENDING}' GROUP BY priority ORDER BY priority DESC""",
+            (self.queue_name,),
+        )
+        return [(int(p), int(n), float(oldest or 0.0)) for p, n, oldest in rows]
+
+    def preemptions(self) -> int:
+        return int(
+            self._database.read(
+                f"SELECT coalesce(sum(preemptions), 0) FROM {self._t} WHERE queue = %s",
+                (self.queue_name,),
+            )
+        )
 
     def size(self) -> int:
         return int(

@@ -30,6 +30,16 @@ CLAIM_ORDER = "priority DESC, ready_at, seq"
 SETTLED = "token = NULL, lease_until = NULL, updated_at = _now"
 
 
+def aged_index(schema: str, interval: float) -> str:
+    """The pending index of the aged claim order for one interval (created when a store
+    opens with aging on; one per interval in use; :func:`pick` orders by the same
+    expression, so a claim stays one index seek)."""
+    name = f"tasks_aged_{int(interval * 1000)}"
+    return f"""CREATE INDEX IF NOT EXISTS {name} ON {schema}.tasks
+        (queue, (ready_at - priority * {float(interval)!r}::double precision), seq)
+        WHERE status = '{S.PENDING}'"""
+
+
 def channel(schema: str) -> str:
     """The LISTEN/NOTIFY channel of a schema: the payload is the queue name."""
     return f"{schema}_wake"
@@ -52,7 +62,7 @@ def _tables(s: str) -> list[str]:
             history text DEFAULT '', steps text, worker text, expire_at double precision,
             token text, lease_until double precision, ready_at double precision, seq bigint,
             ticket bigint DEFAULT 0, publish_by double precision, copy_id text,
-            PRIMARY KEY (queue, id))""",
+            preemptions integer NOT NULL DEFAULT 0, PRIMARY KEY (queue, id))""",
         f"""CREATE INDEX IF NOT EXISTS tasks_ready ON {s}.tasks (queue, {CLAIM_ORDER})
             WHERE status = '{S.PENDING}'""",
         f"""CREATE INDEX IF NOT EXISTS tasks_due ON {s}.tasks (queue, scheduled_for)
@@ -190,10 +200,74 @@ _FUNCTIONS = [
         'created_at', created_at, 'steps', steps) INTO _taken;
     RETURN _taken;
     END $$""",
+    # The head of the line: priority first, or with aging on (``_aging`` seconds per
+    # priority level) the static score ready_at - priority * _aging, which an expression
+    # index of the store's own covers (dynamic SQL: the constant must match the index).
+    # ``_lock``: FOR UPDATE SKIP LOCKED (a claim); else a plain read (head()).
+    f"""CREATE OR REPLACE FUNCTION {{s}}.pick(_q text, _aging double precision,
+        _lock boolean, OUT id text, OUT priority integer, OUT expire_at double precision,
+        OUT ready_at double precision) LANGUAGE plpgsql AS $$
+    #variable_conflict use_column
+    BEGIN
+      IF _aging IS NULL AND _lock THEN
+        SELECT t.id, t.priority, t.expire_at, t.ready_at INTO id, priority, expire_at,
+            ready_at FROM {{t}} t WHERE t.queue = _q AND t.status = '{S.PENDING}'
+            ORDER BY {CLAIM_ORDER} LIMIT 1 FOR UPDATE SKIP LOCKED;
+      ELSIF _aging IS NULL THEN
+        SELECT t.id, t.priority, t.expire_at, t.ready_at INTO id, priority, expire_at,
+            ready_at FROM {{t}} t WHERE t.queue = _q AND t.status = '{S.PENDING}'
+            ORDER BY {CLAIM_ORDER} LIMIT 1;
+      ELSE
+        EXECUTE format('SELECT id, priority, expire_at, ready_at FROM {{t}}
+            WHERE queue = $1 AND status = ''{S.PENDING}''
+            ORDER BY ready_at - priority * %s::double precision, seq LIMIT 1 %s', _aging,
+            CASE WHEN _lock THEN 'FOR UPDATE SKIP LOCKED' ELSE '' END)
+            INTO id, priority, expire_at, ready_at USING _q;
+      END IF;
+    END $$""",
+    # Yield a running task at a step boundary and claim the urgent one, in one step: the
+    # lifecycle's PREEMPT rows, in their order (a cancel asked, no urgent task, maxed).
+    f"""CREATE OR REPLACE FUNCTION {{s}}.preempt(_q text, _id text, _token text,
+        _steps text, _min_priority integer, _max_preemptions integer, _ticket_id text,
+        _ticket_number bigint, _copy text, _lease double precision, _consumer text,
+        _broker boolean, _aging double precision) RETURNS jsonb LANGUAGE plpgsql AS $$
+    DECLARE
+      _now double precision := {{s}}.now_s(); st record; u record;
+      _refused jsonb := jsonb_build_object('status', NULL, 'claimed', '[]'::jsonb);
+      _event text := CASE WHEN _lease IS NULL THEN '{E.PULLED}' ELSE '{E.STARTED}' END;
+    BEGIN
+      PERFORM {{s}}.begin_(_q, _now, _broker);
+      SELECT cancel_requested, preemptions INTO st FROM {{t}} WHERE queue = _q AND id = _id
+          AND status = '{S.PROCESSING}' AND token = _token FOR UPDATE;
+      IF NOT FOUND OR st.cancel_requested = 1 OR st.preemptions >= _max_preemptions THEN
+        RETURN _refused;  -- not held, a cancel was asked, or preempted enough
+      END IF;
+      IF _ticket_id IS NOT NULL THEN
+        SELECT t.id, t.priority, t.expire_at INTO u FROM {{t}} t WHERE t.queue = _q
+            AND t.id = _ticket_id AND t.status = '{S.PENDING}'
+            AND t.ticket = _ticket_number FOR UPDATE;
+        IF NOT FOUND THEN RETURN _refused; END IF;
+      ELSE
+        u := {{s}}.pick(_q, _aging, true);
+        IF u.id IS NULL THEN RETURN _refused; END IF;
+      END IF;
+      IF (u.expire_at IS NOT NULL AND _now > u.expire_at) OR u.priority < _min_priority THEN
+        RETURN _refused;  -- no ready task urgent enough: another worker took it
+      END IF;
+      UPDATE {{t}} SET status = '{S.PENDING}', steps = coalesce(_steps, steps),
+          attempts = greatest(attempts - 1, 0), preemptions = preemptions + 1, {SETTLED},
+          {_line(_lit(E.PREEMPTED), "greatest(attempts - 1, 0)", "'preempted by ' || u.id")}
+      WHERE queue = _q AND id = _id;
+      -- PER-KEY LIMITS HOOK: the yielded task has left processing here.
+      PERFORM {{s}}.wake(_q);
+      RETURN jsonb_build_object('status', '{S.PENDING}', 'claimed', jsonb_build_array(
+          {{s}}.take(_q, u.id, _now, _lease, _consumer, _event, _copy)));
+    END $$""",
     # ``_begun``: the caller (settle) has just run begin_ in this transaction.
     f"""CREATE OR REPLACE FUNCTION {{s}}.claim_at(_q text, _now double precision,
         _count integer, _lease double precision, _max integer, _consumer text, _min integer,
-        _broker boolean, _begun boolean) RETURNS jsonb LANGUAGE plpgsql AS $$
+        _broker boolean, _begun boolean, _aging double precision) RETURNS jsonb
+        LANGUAGE plpgsql AS $$
     DECLARE
       _out jsonb := '[]'::jsonb; _got integer := 0; _skips integer := 0; r record;
       _event text := CASE WHEN _lease IS NULL THEN '{E.PULLED}' ELSE '{E.STARTED}' END;
@@ -201,9 +275,8 @@ _FUNCTIONS = [
       IF NOT _begun THEN PERFORM {{s}}.begin_(_q, _now, _broker); END IF;
       IF NOT _broker THEN PERFORM {{s}}.reap(_q, _now, _max); END IF;
       WHILE _got < greatest(_count, 1) LOOP
-        SELECT id, priority, expire_at INTO r FROM {{t}} WHERE queue = _q
-            AND status = '{S.PENDING}' ORDER BY {CLAIM_ORDER} LIMIT 1 FOR UPDATE SKIP LOCKED;
-        EXIT WHEN NOT FOUND;
+        r := {{s}}.pick(_q, _aging, true);
+        EXIT WHEN r.id IS NULL;
         EXIT WHEN _min IS NOT NULL AND r.priority < _min;
         IF r.expire_at IS NOT NULL AND _now > r.expire_at THEN
           UPDATE {{t}} SET {_TIME_OUT} WHERE queue = _q AND id = r.id;
@@ -222,10 +295,10 @@ _FUNCTIONS = [
     END $$""",
     """CREATE OR REPLACE FUNCTION {s}.claim(_q text, _count integer,
         _lease double precision, _max integer, _consumer text, _min integer,
-        _broker boolean) RETURNS jsonb LANGUAGE plpgsql AS $$
+        _broker boolean, _aging double precision) RETURNS jsonb LANGUAGE plpgsql AS $$
     BEGIN
       RETURN {s}.claim_at(_q, {s}.now_s(), _count, _lease, _max, _consumer, _min,
-          _broker, false);
+          _broker, false, _aging);
     END $$""",
     # Broker mode: claim exactly the task a delivered message names (see base.TicketClaim).
     f"""CREATE OR REPLACE FUNCTION {{s}}.claim_ticket(_q text, _id text, _number bigint,
@@ -298,7 +371,7 @@ _FUNCTIONS = [
             expire_at = excluded.expire_at, token = NULL, lease_until = NULL,
             ready_at = excluded.ready_at, seq = excluded.seq,
             ticket = coalesce(t.ticket, 0) + excluded.ticket,
-            publish_by = excluded.publish_by, copy_id = NULL
+            publish_by = excluded.publish_by, copy_id = NULL, preemptions = 0
         -- A live id is left alone; one whose wait ran out already reads as timed out.
         WHERE t.status NOT IN {LIVE} OR (t.status IN {WAITING} AND t.expire_at < _now)
         RETURNING t.ticket INTO _ticket;
@@ -317,7 +390,8 @@ _FUNCTIONS = [
     # status, event} objects: one parameter, cheaper to send and parse than nine arrays.
     f"""CREATE OR REPLACE FUNCTION {{s}}.settle(_q text, _outcomes jsonb, _broker boolean,
         _grace double precision, _then boolean, _count integer, _lease double precision,
-        _max integer, _consumer text, _min integer) RETURNS jsonb LANGUAGE plpgsql AS $$
+        _max integer, _consumer text, _min integer, _aging double precision) RETURNS jsonb
+        LANGUAGE plpgsql AS $$
     DECLARE
       _now double precision := {{s}}.now_s(); _out jsonb := '[]'::jsonb;
       _woke boolean := false; _n integer; r record; _counted boolean; _later boolean;
@@ -395,7 +469,8 @@ _FUNCTIONS = [
       IF _woke THEN PERFORM {{s}}.wake(_q); END IF;
       IF NOT _then THEN RETURN jsonb_build_object('settled', _out); END IF;
       RETURN jsonb_build_object('settled', _out, 'claim',
-          {{s}}.claim_at(_q, _now, _count, _lease, _max, _consumer, _min, _broker, true));
+          {{s}}.claim_at(_q, _now, _count, _lease, _max, _consumer, _min, _broker, true,
+              _aging));
     END $$""",
     f"""CREATE OR REPLACE FUNCTION {{s}}.cancel(_q text, _id text) RETURNS boolean
         LANGUAGE plpgsql AS $$

@@ -19,15 +19,18 @@ from ..base import (
     ClaimResult,
     ClaimSpec,
     Enqueued,
+    Head,
     LeaseState,
     NewTask,
     Outcome,
+    Preempt,
     QueueStore,
     Settled,
     StoreConfig,
     Ticket,
 )
 from .connection import Database
+from .schema import aged_index
 from .wake import Listener
 
 _RETENTION_CLAIMS, _RETENTION_SECONDS = 1000, 60.0
@@ -76,6 +79,9 @@ class PostgresStore(QueueStore):
         self._s = database.schema
         self._seen = listener.mark(queue_name)
         self._claims, self._retained = 0, float("-inf")
+        self._aging = config.aging_interval
+        if self._aging is not None:
+            database.reads(aged_index(self._s, self._aging), ())
 
     # -- producing --------------------------------------------------------------------------
 
@@ -106,7 +112,7 @@ class PostgresStore(QueueStore):
     def _claim_args(self, spec: ClaimSpec) -> tuple[Any, ...]:
         return (
             spec.count, spec.lease, spec.max_deliveries, spec.consumer, spec.min_priority,
-            self._broker,
+            self._broker, self._aging,
         )  # fmt: skip
 
     def claim(self, spec: ClaimSpec) -> ClaimResult:
@@ -121,7 +127,7 @@ class PostgresStore(QueueStore):
             )  # fmt: skip
             return _claim_result(found)
         found = self._database.call(
-            f"SELECT {self._s}.claim(%s, %s, %s, %s, %s, %s, %s)",
+            f"SELECT {self._s}.claim(%s, %s, %s, %s, %s, %s, %s, %s)",
             (self.queue_name, *self._claim_args(spec)),
         )
         return _claim_result(found)
@@ -148,9 +154,9 @@ class PostgresStore(QueueStore):
             for o in outcomes
         ])  # fmt: skip
         found = self._database.call(
-            f"SELECT {self._s}.settle(%s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s)",
+            f"SELECT {self._s}.settle(%s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (self.queue_name, packed, self._broker, self._config.publish_grace,
-             then is not None, *self._claim_args(claim)[:-1]),
+             then is not None, *self._claim_args(claim)[:5], self._aging),
         )  # fmt: skip
         pairs = zip(outcomes, found["settled"], strict=True)
         settled = [self._settled(outcome, item) for outcome, item in pairs]
@@ -163,6 +169,31 @@ class PostgresStore(QueueStore):
         if len(item) > 1 and item[1] is not None:
             return Settled(status, Ticket(outcome.task_id, int(item[1]), _priority(item[2])))
         return Settled(status)
+
+    # -- preemption -------------------------------------------------------------------------
+
+    def head(self) -> Head | None:
+        row = self._database.reads(
+            f"SELECT id, priority, ready_at FROM {self._s}.pick(%s, %s, false)",
+            (self.queue_name, self._aging),
+        )[0]
+        if row[0] is None:
+            return None
+        return Head(str(row[0]), int(row[1]), float(row[2] or 0.0))
+
+    def preempt(self, yielded: Preempt, spec: ClaimSpec) -> tuple[Settled, ClaimResult]:
+        ticket = spec.ticket
+        found = self._database.call(
+            f"""SELECT {self._s}.preempt(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+                %s)""",
+            (self.queue_name, yielded.task_id, yielded.token, yielded.steps_json,
+             yielded.min_priority, yielded.max_preemptions,
+             None if ticket is None else ticket.task_id,
+             None if ticket is None else ticket.number,
+             None if ticket is None else ticket.copy, spec.lease, spec.consumer,
+             self._broker, self._aging),
+        )  # fmt: skip
+        return Settled(found["status"]), _claim_result(found)
 
     def renew(self, leases: Sequence[tuple[str, str]], seconds: float | None) -> list[LeaseState]:
         if not leases:
