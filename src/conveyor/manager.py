@@ -50,6 +50,7 @@ from .errors import (
     TaskValidationError,
 )
 from .heartbeat import heartbeat_from
+from .keylimits import key_fields
 from .lifecycle import FINISHED_STATUSES, DeadReason, TaskStatus
 from .models import Message, TaskRecord
 from .records import record_from_row
@@ -76,8 +77,9 @@ DEFAULT_PRIORITY = 5
 _MAX_WAIT_SLICE = 1.0
 
 _TASK_OPTIONS = frozenset(
-    {"type", "delay", "eta", "max_retries", "retry_backoff", "queue_timeout", "process_timeout"}
-)
+    {"type", "delay", "eta", "max_retries", "retry_backoff", "queue_timeout", "process_timeout",
+     "concurrency_key", "max_concurrency"}
+)  # fmt: skip
 
 
 class QueueStats(BaseModel):
@@ -148,6 +150,8 @@ class QueueManager:
         self.backend_kind = spec.kind
         #: Stored as the ``worker`` of each task this manager claims (a TaskWorker sets it).
         self.consumer_id = ""
+        #: Configured per-key limits of this queue (``queue.key_limits``; ``"*"``: any key).
+        self.key_limits: dict[str, int] = {}
         self._config = StoreConfig(
             result_ttl=result_ttl, max_deliveries=max_deliveries, max_priority=max_priority
         )
@@ -244,8 +248,14 @@ class QueueManager:
         retry_backoff: float | None = None,
         queue_timeout: float | None = None,
         process_timeout: float | None = None,
+        concurrency_key: str | None = None,
+        max_concurrency: int | None = None,
     ) -> bool:
         """Enqueue one task; True if stored, False if that id is already live.
+
+        ``concurrency_key``/``max_concurrency``: at most that many tasks of the key (scoped
+        to this queue) process at once, across all workers; the smallest limit wins. A
+        limit configured for the key (``key_limits``) applies too.
 
         Raises ``TaskValidationError``/``TaskTypeError`` (``ValueError``/``TypeError``)
         naming the bad field before anything is written.
@@ -258,6 +268,8 @@ class QueueManager:
             "retry_backoff": retry_backoff,
             "queue_timeout": queue_timeout,
             "process_timeout": process_timeout,
+            "concurrency_key": concurrency_key,
+            "max_concurrency": max_concurrency,
         }
         task = self._new_task(task_id, data, priority, options)
         return self._store.enqueue([task]).stored[0]
@@ -333,7 +345,11 @@ class QueueManager:
             process_timeout=check_seconds(
                 "process_timeout", options.get("process_timeout"), allow_zero=False
             ),
-        )
+            **key_fields(
+                options.get("concurrency_key"), options.get("max_concurrency"),
+                self.key_limits, self.backend_kind,
+            ),
+        )  # fmt: skip
 
     # -- consuming --------------------------------------------------------------------------
 

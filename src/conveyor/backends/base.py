@@ -69,6 +69,8 @@ ROW_FIELDS = (
     "steps",  # JSON object: results of the pipeline steps finished so far (checkpoints)
     "worker",  # id of the consumer that claimed it last, or None
     "expire_at",  # epoch seconds a never-started task times out (queue_timeout), or None
+    "concurrency_key",  # per-key concurrency: the key (scoped to the queue), or None
+    "max_concurrency",  # the key's limit this task asks for, or None
 )
 
 
@@ -85,6 +87,10 @@ class NewTask:
     retry_backoff: float | None = None
     queue_timeout: float | None = None  # seconds after it becomes ready before status timeout
     process_timeout: float | None = None
+    #: Per-key concurrency: at most ``max_concurrency`` tasks of this key processing at once
+    #: (the smallest limit among the key's running tasks and the candidate wins).
+    concurrency_key: str | None = None
+    max_concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

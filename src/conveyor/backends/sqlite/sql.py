@@ -14,10 +14,12 @@ from ..base import ROW_FIELDS
 
 S, E, R = TaskStatus, Event, DeadReason
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Columns beyond the row fields: the lease, the place in line, and the broker ticket.
 EXTRA = ("token", "lease_until", "ready_at", "seq", "ticket", "publish_by", "copy")
-COLUMNS = (*ROW_FIELDS, *EXTRA)
+#: Per-key concurrency (version 4, see keylimits.py): written after the columns above.
+KEYED = ("concurrency_key", "max_concurrency", "parked")
+COLUMNS = (*(f for f in ROW_FIELDS if f not in KEYED), *EXTRA, *KEYED)
 FIELDS = ", ".join(ROW_FIELDS)
 SCHEMA = (
     # Few constraints on purpose: a damaged row must stay readable so it can be dead-lettered.
@@ -54,6 +56,7 @@ LATE_SCHEMA = (
 ADDED_COLUMNS = {
     2: ("steps TEXT", "worker TEXT"),
     3: ("expire_at REAL", "ticket INTEGER DEFAULT 0", "publish_by REAL", "copy TEXT"),
+    4: ("concurrency_key TEXT", "max_concurrency INTEGER", "parked INTEGER DEFAULT 0"),
 }
 #: Version 3 times out only never-started tasks (see lifecycle): give them their deadline.
 BACKFILL_EXPIRE_AT = f"""UPDATE tasks SET expire_at = CASE WHEN status = '{S.SCHEDULED}'
@@ -129,11 +132,12 @@ MALFORMED_ROW = f"""UPDATE tasks SET status = '{S.FAILED}', dead_reason = '{R.MA
 
 # -- claiming ---------------------------------------------------------------------------------
 CLAIM_ORDER = "priority DESC, ready_at, seq"
-PICK = f"""SELECT rowid FROM tasks WHERE queue = ? AND status = '{S.PENDING}'
+# Parked rows (their concurrency key is full) are out of the line: see keylimits.py.
+PICK = f"""SELECT rowid FROM tasks WHERE queue = ? AND status = '{S.PENDING}' AND parked = 0
     ORDER BY {CLAIM_ORDER} LIMIT 1"""
 CLAIM_ROW = """SELECT id, priority, data, type, max_retries, retry_backoff, process_timeout,
-    created_at, attempts, expire_at, steps, expiries, status, ticket, copy, lease_until
-    FROM tasks WHERE rowid = ?"""
+    created_at, attempts, expire_at, steps, expiries, status, ticket, copy, lease_until,
+    concurrency_key, max_concurrency FROM tasks WHERE rowid = ?"""
 TICKET_ROW = "SELECT rowid FROM tasks WHERE queue = ? AND id = ?"
 RAW_TEXT = "SELECT CAST(id AS BLOB), CAST(data AS BLOB) FROM tasks WHERE rowid = ?"
 TAKE = f"""UPDATE tasks SET status = '{S.PROCESSING}', attempts = :attempt, token = :token,

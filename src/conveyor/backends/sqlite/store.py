@@ -34,7 +34,7 @@ from ..base import (
     StoreConfig,
     Ticket,
 )
-from . import sql
+from . import keylimits, sql
 from .connection import Database
 
 _MAX_SKIPS = 500  # timed-out or malformed rows skipped per claim before yielding
@@ -122,7 +122,7 @@ class SqliteStore(QueueStore):
         event = {"at": now, "event": Event.SCHEDULED if delayed else Event.PUSHED, "attempt": 0}
         expire_at = None if task.queue_timeout is None else ready + task.queue_timeout
         publish_by = now + self._config.publish_grace if self._broker and not delayed else None
-        # The order of sql.COLUMNS: ROW_FIELDS, then sql.EXTRA.
+        # The order of sql.COLUMNS: ROW_FIELDS but sql.KEYED, sql.EXTRA, then sql.KEYED.
         return (
             task.task_id, self.queue_name, task.type, task.priority, task.data_json,
             TaskStatus.SCHEDULED if delayed else TaskStatus.PENDING, 0, 0, task.max_retries,
@@ -130,6 +130,7 @@ class SqliteStore(QueueStore):
             ready if delayed else None, None, None, now, 0.0, None, None, None, None, 0,
             json.dumps(event, separators=(",", ":")) + "\n", None, None, expire_at,
             None, None, None if delayed else now, seq, ticket, publish_by, None,
+            task.concurrency_key, task.max_concurrency, 0,
         )  # fmt: skip
 
     # -- claiming ---------------------------------------------------------------------------
@@ -204,6 +205,10 @@ class SqliteStore(QueueStore):
         if expire_at is not None and now > expire_at:
             cursor.execute(sql.TIME_OUT_ROW, params)
             return None
+        if spec.ticket is None and not keylimits.admit(
+            self._db(), self.queue_name, rowid, row, now
+        ):
+            return None  # its concurrency key is full: parked, the claim goes on
         attempt = (row["attempts"] or 0) + 1
         token = uuid.uuid4().hex
         lease = None if spec.lease is None else now + spec.lease

@@ -1,0 +1,89 @@
+"""Per-key concurrency limits on SQLite (schema version 4): parking and re-admission.
+
+A task pushed with a ``concurrency_key`` counts against its key while it is
+``processing``; the key's limit is the smallest ``max_concurrency`` among the key's running
+tasks and the candidate. A claim that meets a task whose key is full *parks* it (``parked =
+1``: out of the ready index, still ``pending``) and goes on to the next task, so a busy key
+never blocks the rest of the queue, however many of its tasks wait.
+
+Re-admission is done by the database itself, in triggers, so that *every* exit from
+``processing`` frees a slot — ack, nack, fail, cancel, lease expiry, a hand-back, a
+preemption yield, a delete — including exits added later by other statements: whenever a
+keyed task leaves ``processing`` (or an admitted task of the key leaves the line without
+running), the head of the key's parked rows, in claim order, becomes ready again. It keeps
+its ``ready_at`` and ``seq``, so it stands at the place it had. The running count is never
+stored (it is ``COUNT(*)`` of the key's processing rows), so a slot cannot leak: a SIGKILLed
+worker's task leaves ``processing`` when its lease is reaped, and that fires the trigger.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from ...lifecycle import Event, TaskStatus
+from .sql import history, q
+
+S = TaskStatus
+
+_HEAD = f"""SELECT rowid FROM tasks WHERE queue = OLD.queue
+    AND concurrency_key = OLD.concurrency_key AND parked = 1 AND status = '{S.PENDING}'
+    ORDER BY priority DESC, ready_at, seq LIMIT 1"""
+_READMIT_HEAD = f"UPDATE tasks SET parked = 0 WHERE rowid = ({_HEAD});"
+
+#: Indexes and triggers of version 4 (idempotent: run by every migration after the columns).
+SCHEMA = (
+    """CREATE INDEX IF NOT EXISTS tasks_keyed ON tasks (queue, concurrency_key, status)
+        WHERE concurrency_key IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS tasks_parked
+        ON tasks (queue, concurrency_key, priority DESC, ready_at, seq) WHERE parked = 1""",
+    f"""CREATE INDEX IF NOT EXISTS tasks_ready_free ON tasks (queue, priority DESC, ready_at, seq)
+        WHERE status = '{S.PENDING}' AND parked = 0""",
+    # A slot freed (processing -> anything), or an admitted task that leaves the line without
+    # running (pending -> canceled, timeout...): the key's next parked task is ready again.
+    f"""CREATE TRIGGER IF NOT EXISTS key_slot_freed AFTER UPDATE OF status ON tasks
+        WHEN OLD.concurrency_key IS NOT NULL AND OLD.status IS NOT NEW.status
+        AND (OLD.status = '{S.PROCESSING}'
+             OR (OLD.status = '{S.PENDING}' AND OLD.parked = 0
+                 AND NEW.status IS NOT '{S.PROCESSING}'))
+        BEGIN {_READMIT_HEAD} END""",
+    f"""CREATE TRIGGER IF NOT EXISTS key_slot_deleted AFTER DELETE ON tasks
+        WHEN OLD.concurrency_key IS NOT NULL AND OLD.status = '{S.PROCESSING}'
+        BEGIN {_READMIT_HEAD} END""",
+    # Parked means "pending, set aside": a row that leaves pending is never parked.
+    f"""CREATE TRIGGER IF NOT EXISTS key_unpark_on_leave AFTER UPDATE OF status ON tasks
+        WHEN NEW.parked = 1 AND NEW.status IS NOT '{S.PENDING}'
+        BEGIN UPDATE tasks SET parked = 0 WHERE rowid = NEW.rowid; END""",
+)
+
+RUNNING = f"""SELECT COUNT(*), MIN(max_concurrency) FROM tasks WHERE queue = ?
+    AND concurrency_key = ? AND status = '{S.PROCESSING}'"""
+PARK = f"""UPDATE tasks SET parked = 1, updated_at = :now, {history(q(Event.PARKED))}
+    WHERE rowid = :rowid"""
+READMIT_ONE = f"""UPDATE tasks SET parked = 0 WHERE rowid = (SELECT rowid FROM tasks
+    WHERE queue = ? AND concurrency_key = ? AND parked = 1 AND status = '{S.PENDING}'
+    ORDER BY priority DESC, ready_at, seq LIMIT 1)"""
+
+
+def _limit(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def admit(db: sqlite3.Connection, queue: str, rowid: int, row: sqlite3.Row, now: float) -> bool:
+    """Inside a claim's transaction: may this pending row run now? If its key is full, park
+    it (and return False). If it may run and its key keeps room after it, re-admit the
+    key's next parked row too (a limit that was raised, or mixed limits, never strands one).
+    """
+    key = row["concurrency_key"]
+    if not isinstance(key, str):
+        return True
+    running, smallest = db.execute(RUNNING, (queue, key)).fetchone()
+    limits = [x for x in (_limit(row["max_concurrency"]), _limit(smallest)) if x is not None]
+    if not limits:
+        return True
+    if int(running) >= min(limits):
+        db.execute(PARK, {"rowid": rowid, "now": now})
+        return False
+    if int(running) + 1 < min(limits):
+        db.execute(READMIT_ONE, (queue, key))
+    return True
