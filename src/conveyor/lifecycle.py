@@ -107,6 +107,7 @@ class DeadReason(StrEnum):
     SHUTDOWN = "shutdown"  # interrupted by a shutdown with shutdown_mode fail
     UNKNOWN_PIPELINE = "unknown_pipeline"
     INVALID_DATA = "invalid_data"
+    PERMANENT = "permanent"  # a step raised PermanentError (or a type it does not retry on)
 
 
 #: Reasons the backend itself gives up on a task (not a consumer's failure): a FAIL with one

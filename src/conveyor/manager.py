@@ -54,6 +54,7 @@ from .keylimits import key_fields
 from .lifecycle import FINISHED_STATUSES, DeadReason, TaskStatus
 from .models import Message, TaskRecord
 from .records import record_from_row
+from .retries import check_backoff, decode_backoff, encode_backoff
 from .validation import (
     DEFAULT_JSON_DEPTH,
     MAX_JSON_DEPTH,
@@ -132,6 +133,7 @@ class QueueManager:
         url: str | None = None,
         server: Server | None = None,
         max_json_depth: int = DEFAULT_JSON_DEPTH,
+        key_limits: Mapping[str, int] | None = None,
     ) -> None:
         spec = spec_for_kind(backend)
         _check_tuning(
@@ -151,7 +153,7 @@ class QueueManager:
         #: Stored as the ``worker`` of each task this manager claims (a TaskWorker sets it).
         self.consumer_id = ""
         #: Configured per-key limits of this queue (``queue.key_limits``; ``"*"``: any key).
-        self.key_limits: dict[str, int] = {}
+        self.key_limits: dict[str, int] = dict(key_limits or {})
         self._config = StoreConfig(
             result_ttl=result_ttl, max_deliveries=max_deliveries, max_priority=max_priority
         )
@@ -201,6 +203,7 @@ class QueueManager:
             visibility_timeout=self.visibility_timeout, max_deliveries=self.max_deliveries,
             max_priority=self.max_priority, max_payload_bytes=self.max_payload_bytes,
             result_ttl=self._config.result_ttl, max_json_depth=self.max_json_depth,
+            key_limits=self.key_limits,
         )  # fmt: skip
         sibling._shared = self._shared
         self._shared.owners += 1
@@ -220,6 +223,7 @@ class QueueManager:
             max_json_depth=queue.max_json_depth,
             result_ttl=queue.result_ttl,
             connect_timeout=queue.connect_timeout,
+            key_limits=queue.key_limits,
             **_store_option(settings),
         )
 
@@ -245,7 +249,7 @@ class QueueManager:
         delay: float | None = None,
         eta: datetime | float | None = None,
         max_retries: int | None = None,
-        retry_backoff: float | None = None,
+        retry_backoff: float | Sequence[float] | None = None,
         queue_timeout: float | None = None,
         process_timeout: float | None = None,
         concurrency_key: str | None = None,
@@ -338,7 +342,9 @@ class QueueManager:
             type=check_type_name(options.get("type")),
             delay=delay_from(options.get("delay"), options.get("eta")),
             max_retries=check_optional_count("max_retries", options.get("max_retries")),
-            retry_backoff=check_seconds("retry_backoff", options.get("retry_backoff")),
+            retry_backoff=encode_backoff(
+                check_backoff("retry_backoff", options.get("retry_backoff"))
+            ),
             queue_timeout=check_seconds(
                 "queue_timeout", options.get("queue_timeout"), allow_zero=False
             ),
@@ -406,7 +412,7 @@ class QueueManager:
                 type=claimed.type or None,
                 attempts=claimed.attempts,
                 max_retries=None if claimed.max_retries in (None, "") else int(claimed.max_retries),
-                retry_backoff=optional_float(claimed.retry_backoff),
+                retry_backoff=decode_backoff(claimed.retry_backoff),
                 process_timeout=optional_float(claimed.process_timeout),
                 created_at=optional_float(claimed.created_at) or 0.0,
                 steps=steps_from(claimed.steps_json, self.max_json_depth),

@@ -12,13 +12,14 @@ them by their qualified name, as Celery and RQ do.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
 from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError, ConveyorError
+from .retries import Backoff, check_backoff, exception_types, is_permanent
 
 StepFunction = Callable[["StepContext"], Any]
 
@@ -31,15 +32,25 @@ class PipelineError(ConveyorError):
         self.reason = reason
 
 
+ExceptionTypes = tuple[type[BaseException], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One step: its function and its own limits (None: the pipeline's or the task's)."""
+    """One step: its function and its own limits (None: the pipeline's or the task's).
+
+    ``retry_backoff`` is a base delay or a list of delays (see ``conveyor.retries``).
+    ``retry_on`` retries only these exception types (any other fails the task at once);
+    ``dont_retry_on`` fails the task at once on these. ``PermanentError`` never retries.
+    """
 
     name: str
     function: StepFunction
     timeout: float | None = None
     max_retries: int | None = None
-    retry_backoff: float | None = None
+    retry_backoff: Backoff | None = None
+    retry_on: ExceptionTypes | None = None
+    dont_retry_on: ExceptionTypes | None = None
 
 
 class StepContext:
@@ -96,10 +107,19 @@ class Pipeline:
 
     name: str
     max_retries: int | None = None
-    retry_backoff: float | None = None
+    retry_backoff: Backoff | Sequence[float] | None = None
     timeout: float | None = None
     schema: type[BaseModel] | None = None
     steps: list[Step] = field(default_factory=list)
+    #: Defaults for every step that sets none (see :class:`Step`).
+    retry_on: ExceptionTypes | None = None
+    dont_retry_on: ExceptionTypes | None = None
+
+    def __post_init__(self) -> None:
+        self.retry_backoff = check_backoff(f"pipeline {self.name!r}: retry_backoff",
+                                           self.retry_backoff)  # fmt: skip
+        self.retry_on = exception_types("retry_on", self.retry_on)
+        self.dont_retry_on = exception_types("dont_retry_on", self.dont_retry_on)
 
     @overload
     def step(self, function: StepFunction, /) -> StepFunction: ...
@@ -111,7 +131,9 @@ class Pipeline:
         name: str | None = None,
         timeout: float | None = None,
         max_retries: int | None = None,
-        retry_backoff: float | None = None,
+        retry_backoff: float | Sequence[float] | None = None,
+        retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+        dont_retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
     ) -> Callable[[StepFunction], StepFunction]: ...
 
     def step(
@@ -121,7 +143,9 @@ class Pipeline:
         name: str | None = None,
         timeout: float | None = None,
         max_retries: int | None = None,
-        retry_backoff: float | None = None,
+        retry_backoff: float | Sequence[float] | None = None,
+        retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+        dont_retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
     ) -> StepFunction | Callable[[StepFunction], StepFunction]:
         """Register a step (``@pipeline.step`` or ``@pipeline.step(timeout=600)``).
 
@@ -132,7 +156,15 @@ class Pipeline:
             step_name = name or fn.__name__
             if any(existing.name == step_name for existing in self.steps):
                 raise ConfigError(f"pipeline {self.name!r}: two steps named {step_name!r}")
-            self.steps.append(Step(step_name, fn, timeout, max_retries, retry_backoff))
+            where = f"pipeline {self.name!r} step {step_name!r}"
+            self.steps.append(
+                Step(
+                    step_name, fn, timeout, max_retries,
+                    check_backoff(f"{where}: retry_backoff", retry_backoff),
+                    exception_types(f"{where}: retry_on", retry_on),
+                    exception_types(f"{where}: dont_retry_on", dont_retry_on),
+                )
+            )  # fmt: skip
             return fn
 
         return register(function) if function is not None else register
@@ -160,6 +192,12 @@ class Pipeline:
             return self.timeout
         limits = [step.timeout for step in self.steps]
         return None if None in limits else sum(limit for limit in limits if limit is not None)
+
+    def is_permanent(self, step: Step, exc: BaseException) -> bool:
+        """Does ``exc``, raised by ``step``, end the task at once (no retry)?"""
+        retry_on = step.retry_on if step.retry_on is not None else self.retry_on
+        dont = step.dont_retry_on if step.dont_retry_on is not None else self.dont_retry_on
+        return is_permanent(exc, retry_on, dont)
 
     def step_named(self, name: str) -> Step:
         for step in self.steps:

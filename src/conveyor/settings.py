@@ -190,6 +190,9 @@ class QueueSettings(_Section):
     max_json_depth: int = Field(default=DEFAULT_JSON_DEPTH, ge=1, le=MAX_JSON_DEPTH)
     result_ttl: Seconds = 7 * 24 * 3600.0
     connect_timeout: Seconds = 5.0
+    #: Per-key concurrency limits: key -> at most that many of its tasks running at once
+    #: (``"*"``: any key without its own entry). A push's smaller max_concurrency wins.
+    key_limits: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
 
 
 class WorkerSettings(_Section):

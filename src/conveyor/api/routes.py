@@ -125,6 +125,8 @@ def create_task(task: TaskIn, registry: Registry, response: Response) -> TaskCre
             retry_backoff=task.retry_backoff,
             queue_timeout=task.queue_timeout,
             process_timeout=task.process_timeout,
+            concurrency_key=task.concurrency_key,
+            max_concurrency=task.max_concurrency,
         )
         if task_id is None:
             raise HTTPException(

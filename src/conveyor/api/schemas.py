@@ -99,8 +99,10 @@ class TaskIn(BaseModel):
         validation_alias=AliasChoices("max_retries", "max_retry"),
         description="retries after errors (default: the worker's worker.max_retries)",
     )
-    retry_backoff: Seconds | None = Field(
-        default=None, description="base seconds between retries (doubles each time)"
+    retry_backoff: Seconds | list[Seconds] | None = Field(
+        default=None,
+        description="base seconds between retries (doubles each time), or a list of delays "
+        "([60, 300, 900]: retry n waits entry n; past the end, the last)",
     )
     queue_timeout: PositiveSeconds | None = Field(
         default=None, description="give up (status timeout) if not started within this"
@@ -115,6 +117,20 @@ class TaskIn(BaseModel):
         description="the task id; default: a new one. A live duplicate is refused (409)",
     )
     queue: PushQueue | None = None
+    concurrency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="per-key concurrency: the key (scoped to the queue) this task counts "
+        "against while it runs (the XQueue field)",
+    )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_COUNT,
+        description="at most this many tasks of concurrency_key run at once; the smallest "
+        "limit wins",
+    )
 
 
 class QueueQuery(BaseModel):

@@ -51,7 +51,7 @@ ROW_FIELDS = (
     "attempts",  # deliveries so far
     "expiries",  # leases that ran out (poison counter)
     "max_retries",  # int or None
-    "retry_backoff",  # float or None
+    "retry_backoff",  # float, a list of delays as JSON text, or None
     "queue_timeout",  # float seconds or None
     "process_timeout",  # float seconds or None
     "created_at",  # epoch seconds
@@ -84,7 +84,7 @@ class NewTask:
     type: str | None = None
     delay: float = 0.0  # seconds from now (backend clock) until it may be claimed
     max_retries: int | None = None
-    retry_backoff: float | None = None
+    retry_backoff: float | str | None = None  # a list of delays travels as its JSON text
     queue_timeout: float | None = None  # seconds after it becomes ready before status timeout
     process_timeout: float | None = None
     #: Per-key concurrency: at most ``max_concurrency`` tasks of this key processing at once
