@@ -22,6 +22,7 @@ from .errors import ConfigError, ConveyorError
 from .retries import Backoff, check_backoff, exception_types, is_permanent
 
 StepFunction = Callable[["StepContext"], Any]
+Hook = Callable[[Any], Any]  # called with the task's TaskRecord
 
 
 class PipelineError(ConveyorError):
@@ -114,6 +115,12 @@ class Pipeline:
     #: Defaults for every step that sets none (see :class:`Step`).
     retry_on: ExceptionTypes | None = None
     dont_retry_on: ExceptionTypes | None = None
+    #: Hooks, called in the worker with the task's record after its outcome is recorded;
+    #: at most once, bounded, never changing the outcome (see ``worker/hooks.py``).
+    on_success: Hook | None = None
+    on_failure: Hook | None = None
+    on_retry: Hook | None = None
+    on_cancel: Hook | None = None
 
     def __post_init__(self) -> None:
         self.retry_backoff = check_backoff(f"pipeline {self.name!r}: retry_backoff",

@@ -219,6 +219,8 @@ class WorkerSettings(_Section):
     #: ``reconnect_max_backoff`` of the broker answering again.
     reconnect_backoff: float = Field(default=0.1, gt=0)
     reconnect_max_backoff: float = Field(default=1.0, gt=0)
+    #: A pipeline hook (on_success...) running longer is logged and left behind.
+    hook_timeout: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> WorkerSettings:

@@ -32,6 +32,7 @@ def options_from(settings: Settings) -> WorkerOptions:
         heartbeat_interval=worker.heartbeat_interval,
         reconnect_backoff=worker.reconnect_backoff,
         reconnect_max_backoff=worker.reconnect_max_backoff,
+        hook_timeout=worker.hook_timeout,
         retry=RetryDefaults(
             max_retries=worker.max_retries,
             retry_backoff=worker.retry_backoff,
