@@ -322,6 +322,12 @@ def test_four_workers_keep_every_key_within_its_limit_and_a_sigkill_leaks_no_slo
         f"({len(keyed) / span(keyed):.1f}/s)"
     )
     assert all(n <= 2 for n in most.values()), most
+    cut = {task for runs in by_key.values() for _, end, task in runs if end == killed_at}
+    for task in cut:  # the SIGKILLed worker's tasks: their lease ran out, their slot came back
+        record = queue.require_task(task)
+        assert record.status == S.SUCCESS and Event.LEASE_EXPIRED in [
+            e.event for e in record.history
+        ]
     assert len({task for _, _, task in keyed}) == 200 and len(plain) >= 100
     # Unkeyed tasks are not held behind keyed ones: all done well before the keyed ones are.
     assert max(e for _, e, _ in plain) < max(e for _, e, _ in keyed)
