@@ -12,6 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -276,6 +277,13 @@ class QueueManager:
             "max_concurrency": max_concurrency,
         }
         task = self._new_task(task_id, data, priority, options)
+        return self._store.enqueue([task]).stored[0]
+
+    def push_once(self, task_id: str, data: Any, priority: int = DEFAULT_PRIORITY,
+                  **options: Any) -> bool:  # fmt: skip
+        """Enqueue a task unless a record of ``task_id`` exists at all, finished ones too
+        (one atomic step): a schedule's tick is claimed by pushing its deterministic id."""
+        task = replace(self._new_task(task_id, data, priority, options), unique=True)
         return self._store.enqueue([task]).stored[0]
 
     def submit(

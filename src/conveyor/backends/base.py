@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import BackendError
 from ..lifecycle import Op, TaskStatus
 
 #: The fields of a stored task, shared by every backend's rows.
@@ -91,6 +92,9 @@ class NewTask:
     #: (the smallest limit among the key's running tasks and the candidate wins).
     concurrency_key: str | None = None
     max_concurrency: int | None = None
+    #: Enqueue once: refused while *any* record of this id exists, finished ones too (a
+    #: schedule's tick: its deterministic id and its record are the tick's claim).
+    unique: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +379,25 @@ class ServerRegistry(ABC):
     @abstractmethod
     def forget_queue(self, queue_name: str) -> None:
         """Forget a queue name (it was cleared)."""
+
+    # -- schedules (conveyor.schedules): every scheduler writes what it runs ------------------
+
+    def note_schedule(
+        self, name: str, fingerprint: str, definition_json: str, writer: str,
+        next_run: float | None,
+    ) -> None:  # fmt: skip
+        """Record that ``writer`` runs schedule ``name`` with this definition, next at
+        ``next_run``; two fingerprints under one name are a conflict readers report."""
+        raise BackendError("this backend keeps no schedules registry")
+
+    def advance_schedule(self, name: str, tick: float) -> None:
+        """The latest tick of ``name`` that was pushed is at least ``tick``."""
+        raise BackendError("this backend keeps no schedules registry")
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every noted (name, fingerprint): ``name``, ``fingerprint``, ``definition``
+        (JSON), ``writer``, ``seen_at``, ``next_run``, ``last_tick`` (None: none yet)."""
+        raise BackendError("this backend keeps no schedules registry")
 
 
 class Server(ABC):

@@ -31,8 +31,12 @@ _HEAD = f"""SELECT rowid FROM tasks WHERE queue = OLD.queue
     ORDER BY priority DESC, ready_at, seq LIMIT 1"""
 _READMIT_HEAD = f"UPDATE tasks SET parked = 0 WHERE rowid = ({_HEAD});"
 
-#: Indexes and triggers of version 4 (idempotent: run by every migration after the columns).
+#: Indexes, triggers and tables of version 4 (idempotent: run by every migration after the
+#: columns). The two schedule tables are the schedules registry (conveyor.schedules).
 SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS schedules (name TEXT, fingerprint TEXT, definition TEXT,
+        writer TEXT, seen_at REAL, next_run REAL, PRIMARY KEY (name, fingerprint))""",
+    "CREATE TABLE IF NOT EXISTS schedule_runs (name TEXT PRIMARY KEY, last_tick REAL)",
     """CREATE INDEX IF NOT EXISTS tasks_keyed ON tasks (queue, concurrency_key, status)
         WHERE concurrency_key IS NOT NULL""",
     """CREATE INDEX IF NOT EXISTS tasks_parked

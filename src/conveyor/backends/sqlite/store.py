@@ -103,7 +103,7 @@ class SqliteStore(QueueStore):
             seq, rows = self._database.next_seq(), list[tuple[Any, ...]]()
             for task in tasks:
                 status, ticket = old.get(task.task_id, (None, 0))
-                stored.append(status not in sql_live())
+                stored.append(status is None if task.unique else status not in sql_live())
                 if not stored[-1]:
                     continue
                 old[task.task_id] = (TaskStatus.PENDING.value, 0)  # a second copy is a duplicate

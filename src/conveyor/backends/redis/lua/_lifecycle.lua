@@ -527,9 +527,9 @@ local function give_back(key, id, delay, counted, error_json)
   return ST.PENDING, ticket
 end
 
--- Store one new task from the 11 values at ARGV[i] (id, priority, data, type, delay,
+-- Store one new task from the 12 values at ARGV[i] (id, priority, data, type, delay,
 -- max_retries, retry_backoff, queue_timeout, process_timeout, concurrency_key,
--- max_concurrency; '' = not set). A live id is
+-- max_concurrency, unique ('1': refused while any record of the id exists); '' = not set). A live id is
 -- left alone; a finished one is replaced by a fresh record.
 -- Returns 'live' (refused), 'scheduled' or 'pending', and the ticket (broker mode).
 local function store_task(i)
@@ -537,6 +537,7 @@ local function store_task(i)
   local key = KEYS[4] .. id
   local old = readable(key) and redis.call('HGET', key, 'status')
   if old and LIVE[old] then return 'live' end
+  if ARGV[i + 11] == '1' and redis.call('EXISTS', key) == 1 then return 'live' end -- once
   local ticket = readable(key) and num(key, 'ticket') or 0
   if old and DONE_KEY[old] then redis.call('ZREM', DONE_KEY[old], id) end
   redis.call('DEL', key)
