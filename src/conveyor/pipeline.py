@@ -121,6 +121,8 @@ class Pipeline:
     on_failure: Hook | None = None
     on_retry: Hook | None = None
     on_cancel: Hook | None = None
+    #: Cron schedules of this pipeline (``schedule()``), as config entries.
+    schedules: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.retry_backoff = check_backoff(f"pipeline {self.name!r}: retry_backoff",
@@ -205,6 +207,31 @@ class Pipeline:
         retry_on = step.retry_on if step.retry_on is not None else self.retry_on
         dont = step.dont_retry_on if step.dont_retry_on is not None else self.dont_retry_on
         return is_permanent(exc, retry_on, dont)
+
+    def schedule(
+        self,
+        cron: str,
+        *,
+        data: Any = None,
+        tz: str = "UTC",
+        priority: int = 5,
+        name: str | None = None,
+        queue: str | None = None,
+        missed: str = "skip",
+        grace: float = 60.0,
+        **options: Any,
+    ) -> None:
+        """Run this pipeline on a cron schedule (``"0 9 * * MON-FRI"``; a leading 6th field
+        is seconds): every worker that loads the pipeline runs the scheduler, and each tick
+        is pushed once however many do. ``queue`` None: the worker's first queue. Checked
+        now (a bad expression or time zone raises ConfigError here)."""
+        from .schedules import schedule_from
+
+        entry = {"name": name or f"{self.name}:{cron}", "cron": cron, "queue": queue,
+                 "data": data, "tz": tz, "priority": priority, "type": self.name,
+                 "missed": missed, "grace": grace, "options": options}  # fmt: skip
+        schedule_from({**entry, "queue": queue or "default"})
+        self.schedules.append(entry)
 
     def step_named(self, name: str) -> Step:
         for step in self.steps:

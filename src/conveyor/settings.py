@@ -221,6 +221,8 @@ class WorkerSettings(_Section):
     reconnect_max_backoff: float = Field(default=1.0, gt=0)
     #: A pipeline hook (on_success...) running longer is logged and left behind.
     hook_timeout: float = Field(default=30.0, gt=0)
+    #: Run the scheduler (config ``schedules:`` and pipelines' schedules) in this worker.
+    run_schedules: bool = True
 
     @model_validator(mode="after")
     def _backoff_order(self) -> WorkerSettings:
@@ -306,6 +308,18 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    #: Cron schedules (see conveyor.schedules): name, cron, queue, data, tz, priority, type,
+    #: missed (skip | run_once), grace, options. Every worker runs them (worker.run_schedules).
+    schedules: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _schedules_are_valid(self) -> Settings:
+        if self.schedules:
+            from .schedules import schedule_from
+
+            for item in self.schedules:
+                schedule_from(item)  # ConfigError (a ValueError) names the schedule and key
+        return self
 
     @model_validator(mode="after")
     def _leases_outlive_heartbeats(self) -> Settings:
