@@ -214,6 +214,36 @@ class WorkerList(BaseModel):
     workers: list[WorkerInfo]
 
 
+class ScheduleConflict(BaseModel):
+    fingerprint: str
+    writer: str | None = None
+    definition: str | None = Field(default=None, description="the definition, as JSON text")
+
+
+class ScheduleOut(BaseModel):
+    """One cron schedule as the schedulers wrote it to the backend."""
+
+    name: str
+    cron: str | None = None
+    tz: str | None = None
+    queue: str | None = None
+    missed: str | None = Field(default=None, description="skip or run_once")
+    next_run: float | None = Field(default=None, description="epoch seconds")
+    last_run: float | None = Field(default=None, description="epoch seconds of the last tick")
+    last_task: str | None = Field(default=None, description="the last tick's task id")
+    last_status: str | None = Field(
+        default=None, description="its status ('forgotten': past result_ttl)"
+    )
+    writers: list[str] = Field(default_factory=list, description="workers that run it")
+    conflict: list[ScheduleConflict] = Field(
+        default_factory=list, description="two or more definitions under this name: each"
+    )
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleOut]
+
+
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
     backend: str = Field(description="the backend kind: sqlite, redis or rabbitmq")
