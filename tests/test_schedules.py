@@ -175,7 +175,7 @@ def test_three_schedulers_push_each_of_200_ticks_exactly_once(
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         for k in range(1, 201):
             _write_clock(clock_file, f"{base + k + 0.5}")
-            task_id = f"cron:every-second:{base + k}"
+            task_id = f"cron:tick-{queue_name}:{base + k}"
             wait_until(lambda t=task_id: queue.get_task(t) is not None, timeout=60,  # type: ignore[misc]
                        message=f"tick {k} pushed")  # fmt: skip
             while (message := queue.reserve(timeout=0)) is not None:  # finish what is there
@@ -188,13 +188,14 @@ def test_three_schedulers_push_each_of_200_ticks_exactly_once(
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+        queue.server.registry.forget_schedule(f"tick-{queue_name}")  # the shared Redis
     lines = [line.split() for line in ledger.read_text().splitlines()]
     per_tick = Counter(task_id for task_id, _, _ in lines)
     per_scheduler = Counter(name for _, _, name in lines)
     print(f"\nledger [{queue.backend_kind.value}]: {len(lines)} pushes for 200 ticks; "
           f"by scheduler {dict(per_scheduler)}; ticks pushed twice: "
           f"{[t for t, n in per_tick.items() if n > 1]}")  # fmt: skip
-    assert sorted(per_tick) == sorted(f"cron:every-second:{base + k}" for k in range(1, 201))
+    assert sorted(per_tick) == sorted(f"cron:tick-{queue_name}:{base + k}" for k in range(1, 201))
     assert set(per_tick.values()) == {1}
     counts = queue.stats().counts
     assert counts["success"] + counts["pending"] == 200, counts
@@ -269,6 +270,7 @@ def test_two_workers_run_a_schedule_every_second_for_twenty_seconds(
     finally:
         for worker in workers:
             worker.kill()
+        queue.server.registry.forget_schedule(f"tick-{queue_name}")
     ids = [line.split()[1] for line in ledger.read_text().splitlines() if line.startswith("E ")]
     ticks = sorted(int(task_id.rsplit(":", 1)[1]) for task_id in ids)
     runs = Counter(ids)

@@ -394,6 +394,10 @@ class ServerRegistry(ABC):
         """The latest tick of ``name`` that was pushed is at least ``tick``."""
         raise BackendError("this backend keeps no schedules registry")
 
+    def forget_schedule(self, name: str) -> None:
+        """Remove a schedule from the registry (it was deleted from every config)."""
+        raise BackendError("this backend keeps no schedules registry")
+
     def schedules(self) -> list[dict[str, Any]]:
         """Every noted (name, fingerprint): ``name``, ``fingerprint``, ``definition``
         (JSON), ``writer``, ``seen_at``, ``next_run``, ``last_tick`` (None: none yet)."""

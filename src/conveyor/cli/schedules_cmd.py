@@ -21,12 +21,21 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument("--json", action="store_true", help="JSON output")
+    parser.add_argument(
+        "--forget", metavar="NAME",
+        help="remove a schedule deleted from every config from the listing (a worker that "
+        "still runs it writes it again)",
+    )  # fmt: skip
     parser.set_defaults(handler=schedules_command)
 
 
 def schedules_command(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     with open_queue(settings) as queue:
+        if args.forget:
+            queue.server.registry.forget_schedule(args.forget)
+            out(f"schedule {args.forget!r} forgotten")
+            return 0
         entries = list_schedules(queue)
     if args.json:
         print_json(entries)

@@ -158,6 +158,16 @@ class RedisRegistry(ServerRegistry):
     def advance_schedule(self, name: str, tick: float) -> None:
         self._client.call(lambda: self._client.redis.zadd(_SCHEDULE_LAST, {name: tick}, gt=True))
 
+    def forget_schedule(self, name: str) -> None:
+        def forget() -> None:
+            redis = self._client.redis
+            fields = [f for f in redis.hkeys(_SCHEDULES) if str(f).partition("\0")[0] == name]
+            if fields:
+                redis.hdel(_SCHEDULES, *fields)
+            redis.zrem(_SCHEDULE_LAST, name)
+
+        self._client.call(forget)
+
     def schedules(self) -> list[dict[str, Any]]:
         def read() -> tuple[dict[Any, Any], list[Any]]:
             pipe = self._client.redis.pipeline(transaction=False)

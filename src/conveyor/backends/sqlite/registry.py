@@ -75,6 +75,11 @@ class SqliteRegistry(ServerRegistry):
                 (name, tick),
             )
 
+    def forget_schedule(self, name: str) -> None:
+        with self._database.write():
+            self._database.db().execute("DELETE FROM schedules WHERE name = ?", (name,))
+            self._database.db().execute("DELETE FROM schedule_runs WHERE name = ?", (name,))
+
     def schedules(self) -> list[dict[str, Any]]:
         with self._database.errors():
             rows = (
