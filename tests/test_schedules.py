@@ -280,3 +280,46 @@ def test_two_workers_run_a_schedule_every_second_for_twenty_seconds(
           f"{[t for t, n in runs.items() if n > 1]}")  # fmt: skip
     assert len(ticks) >= 15 and set(runs.values()) == {1}
     assert not gaps, gaps  # grace 5 s: a loaded machine's late pass still pushes each tick
+
+
+# -- where they are seen: CLI and API (and the XQueue body of per-key limits) ------------------
+
+
+def test_the_cli_and_the_api_list_schedules_and_accept_keyed_pushes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from api_support import clear_conveyor_env, client_factory
+    from conveyor.cli import main
+
+    clear_conveyor_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    with QueueManager.from_url(url, queue_name="q") as queue:
+        clock = FakeClock(1_800_000_000.5)
+        schedule = Schedule("nightly", "0 3 * * *", queue="q", tz="Europe/Paris")
+        _scheduler(queue, [schedule], clock, writer="host-a").run_pending()
+    assert main(["schedules", "--url", url]) == 0
+    listing = capsys.readouterr().out
+    assert "nightly" in listing and "Europe/Paris" in listing and "host-a" in listing
+    assert main(["push", '{"n": 1}', "--url", url, "-q", "q", "--concurrency-key", "user_1",
+                 "--max-concurrency", "2", "--retry-backoff", "60,300,900"]) == 0  # fmt: skip
+    task_id = capsys.readouterr().out.strip()
+    factory = client_factory(url, "q")
+    make = next(factory)
+    client = make()
+    body = client.get("/api/v1/schedules").json()
+    assert [s["name"] for s in body["schedules"]] == ["nightly"]
+    assert body["schedules"][0]["next_run"] == schedule.next_after(clock.now)
+    created = client.post("/api/v1/tasks", json={
+        "payload": {"n": 2}, "concurrency_key": "user_123", "max_concurrency": 5,
+        "retry_backoff": [60, 300],
+    })  # fmt: skip
+    assert created.status_code == 201, created.text
+    record = client.get(f"/api/v1/tasks/{created.json()['id']}").json()
+    assert (record["concurrency_key"], record["max_concurrency"]) == ("user_123", 5)
+    assert record["retry_backoff"] == [60.0, 300.0]
+    cli_record = client.get(f"/api/v1/tasks/{task_id}").json()
+    assert cli_record["retry_backoff"] == [60.0, 300.0, 900.0]
+    assert cli_record["concurrency_key"] == "user_1"
+    for _ in factory:
+        pass
