@@ -85,8 +85,9 @@ end
 -- goes on. Every exit from processing goes through leave(), which frees the slot and
 -- re-admits the head of the key's parked tasks at its original score (its place in line).
 local function keyed(key)
-  local name = redis.call('HGET', key, 'concurrency_key')
-  if name and name ~= '' then return name end
+  -- pcall: a damaged record (not a hash) has no key, and must not fail the script
+  local name = redis.pcall('HGET', key, 'concurrency_key')
+  if type(name) == 'string' and name ~= '' then return name end
   return nil
 end
 
