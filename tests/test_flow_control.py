@@ -244,7 +244,7 @@ def _intervals(ledger: Path, killed_at: float | None) -> dict[str, list[tuple[fl
             by_key[key].append((starts.pop((task, pid)), float(at), task))
     for (task, _pid), started in starts.items():  # cut by the SIGKILL
         assert killed_at is not None, f"{task} started and never ended"
-        key = task.split("-")[0]
+        key = "-" if task.startswith("plain-") else task.split("-")[0]
         by_key[key].append((started, killed_at, task))
     return by_key
 
