@@ -12,13 +12,14 @@ them by their qualified name, as Celery and RQ do.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, overload
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError, ConveyorError
+from .errors import ConfigError, ConveyorError, TaskTypeError, TaskValidationError
 from .retries import Backoff, check_backoff, exception_types, is_permanent
 
 StepFunction = Callable[["StepContext"], Any]
@@ -125,10 +126,11 @@ class Pipeline:
     schedules: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.retry_backoff = check_backoff(f"pipeline {self.name!r}: retry_backoff",
-                                           self.retry_backoff)  # fmt: skip
-        self.retry_on = exception_types("retry_on", self.retry_on)
-        self.dont_retry_on = exception_types("dont_retry_on", self.dont_retry_on)
+        where = f"pipeline {self.name!r}"
+        with _as_config_error():
+            self.retry_backoff = check_backoff(f"{where}: retry_backoff", self.retry_backoff)
+            self.retry_on = exception_types(f"{where}: retry_on", self.retry_on)
+            self.dont_retry_on = exception_types(f"{where}: dont_retry_on", self.dont_retry_on)
 
     @overload
     def step(self, function: StepFunction, /) -> StepFunction: ...
@@ -166,13 +168,12 @@ class Pipeline:
             if any(existing.name == step_name for existing in self.steps):
                 raise ConfigError(f"pipeline {self.name!r}: two steps named {step_name!r}")
             where = f"pipeline {self.name!r} step {step_name!r}"
+            with _as_config_error():
+                backoff = check_backoff(f"{where}: retry_backoff", retry_backoff)
+                retry_types = exception_types(f"{where}: retry_on", retry_on)
+                dont_types = exception_types(f"{where}: dont_retry_on", dont_retry_on)
             self.steps.append(
-                Step(
-                    step_name, fn, timeout, max_retries,
-                    check_backoff(f"{where}: retry_backoff", retry_backoff),
-                    exception_types(f"{where}: retry_on", retry_on),
-                    exception_types(f"{where}: dont_retry_on", dont_retry_on),
-                )
+                Step(step_name, fn, timeout, max_retries, backoff, retry_types, dont_types)
             )  # fmt: skip
             return fn
 
@@ -285,6 +286,15 @@ class PipelineService:
             f"no pipeline named {type_name!r} in this worker (it runs: {known}); "
             "push with type= one of these, or add the pipeline to worker.pipelines",
         )
+
+
+@contextmanager
+def _as_config_error() -> Iterator[None]:
+    """A pipeline's bad setting is a configuration error, named as such."""
+    try:
+        yield
+    except (TaskValidationError, TaskTypeError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _load(path: str) -> list[Pipeline]:
