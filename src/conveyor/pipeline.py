@@ -113,6 +113,8 @@ class Pipeline:
     timeout: float | None = None
     schema: type[BaseModel] | None = None
     steps: list[Step] = field(default_factory=list)
+    #: May yield to a more urgent task between two steps (a worker with preemption on).
+    preemptible: bool = False
     #: Defaults for every step that sets none (see :class:`Step`).
     retry_on: ExceptionTypes | None = None
     dont_retry_on: ExceptionTypes | None = None

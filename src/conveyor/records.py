@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import TaskValidationError
-from .lifecycle import LEGACY_EVENTS, effective_status
+from .lifecycle import LEGACY_EVENTS, Event, effective_status
 from .models import TaskError, TaskEvent, TaskRecord, TaskStatus, from_timestamp
 from .retries import decode_backoff
 from .validation import (
@@ -45,6 +45,7 @@ def record_from_row(
     """
     read = _Reader(row, max_depth)
     created = read.moment("created_at")
+    history = read.history()
     return TaskRecord(
         id=read.text("id") or read.missing("id", ""),
         queue=read.text("queue") or queue,
@@ -72,7 +73,9 @@ def record_from_row(
         worker=read.text("worker"),
         concurrency_key=read.text("concurrency_key"),
         max_concurrency=read.optional_integer("max_concurrency"),
-        history=read.history(),
+        history=history,
+        # Counted from the history: every backend keeps it, so no row field is added.
+        preemptions=sum(1 for event in history if event.event == Event.PREEMPTED),
         damage=read.damage,
     )
 

@@ -193,6 +193,16 @@ class QueueSettings(_Section):
     #: Per-key concurrency limits: key -> at most that many of its tasks running at once
     #: (``"*"``: any key without its own entry). A push's smaller max_concurrency wins.
     key_limits: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    #: Aging: seconds of waiting worth one priority level (None: off). SQLite and Redis.
+    aging_interval: Seconds | None = None
+
+
+class ReserveSettings(_Section):
+    """``worker.reserve``: keep ``slots`` of the worker's slots for tasks of declared
+    priority ``priority`` or higher, so urgent work starts at once on a busy worker."""
+
+    priority: int = Field(ge=0, le=255)
+    slots: int = Field(default=1, ge=1)
 
 
 class WorkerSettings(_Section):
@@ -223,6 +233,22 @@ class WorkerSettings(_Section):
     hook_timeout: float = Field(default=30.0, gt=0)
     #: Run the scheduler (config ``schedules:`` and pipelines' schedules) in this worker.
     run_schedules: bool = True
+    #: Step-boundary preemption (None: off): a running preemptible task yields to a ready
+    #: task whose declared priority is at least this much higher and that has waited
+    #: longer than ``preempt_after`` seconds; each task yields at most ``max_preemptions``.
+    preempt_margin: int | None = Field(default=None, ge=1)
+    preempt_after: float = Field(default=0.0, ge=0)
+    max_preemptions: int = Field(default=3, ge=0)
+    reserve: ReserveSettings | None = None
+
+    @model_validator(mode="after")
+    def _reserve_fits(self) -> WorkerSettings:
+        if self.reserve is not None and self.reserve.slots >= self.concurrency:
+            raise ValueError(
+                f"worker.reserve.slots ({self.reserve.slots}) must be below "
+                f"worker.concurrency ({self.concurrency}): at least one slot must take any task"
+            )
+        return self
 
     @model_validator(mode="after")
     def _backoff_order(self) -> WorkerSettings:

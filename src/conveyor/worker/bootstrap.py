@@ -18,6 +18,8 @@ from ..schedules.runner import SchedulerThread, schedules_for
 from ..settings import Settings
 from .options import WorkerOptions
 from .policy import RetryDefaults
+from .preemption import PreemptPolicy
+from .reserve import Reserve
 from .startup import open_queues
 from .taskworker import TaskWorker
 
@@ -34,6 +36,12 @@ def options_from(settings: Settings) -> WorkerOptions:
         reconnect_backoff=worker.reconnect_backoff,
         reconnect_max_backoff=worker.reconnect_max_backoff,
         hook_timeout=worker.hook_timeout,
+        preemption=None
+        if worker.preempt_margin is None
+        else PreemptPolicy(worker.preempt_margin, worker.preempt_after, worker.max_preemptions),
+        reserve=None
+        if worker.reserve is None
+        else Reserve(worker.reserve.priority, worker.reserve.slots),
         retry=RetryDefaults(
             max_retries=worker.max_retries,
             retry_backoff=worker.retry_backoff,

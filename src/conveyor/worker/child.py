@@ -9,6 +9,8 @@ Protocol (one JSON object per message):
   parent -> child  {"op": "run", "task_id", "data", "attempt", "queue", "type", "steps",
                     "limits": {"max_bytes", "max_depth"}}     the queue's JSON policy
                    {"op": "stop"}
+                   {"op": "go"} / {"op": "yield"}  after a step of a run with "pause": true
+                                   (preemption): go on, or return at once with no reply
   child -> parent  {"op": "progress", "fraction", "message"}
                    {"op": "step", "name", "result"}       an intermediate step finished
                    {"op": "done", "result", "steps"}      the last step finished
@@ -63,7 +65,9 @@ def child_main(
             return
         if request.get("op") != "run":
             return
-        conn.send_bytes(json.dumps(runner.run(request), default=str).encode())
+        reply = runner.run(request)
+        if reply is not None:  # None: the task yielded (preempted); the parent knows
+            conn.send_bytes(json.dumps(reply, default=str).encode())
 
 
 class _Runner:
@@ -80,8 +84,9 @@ class _Runner:
         self.shutdown_flag = shutdown_flag
         self._last_progress = 0.0
 
-    def run(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Run the task's remaining steps; the reply is ``done`` or ``error``."""
+    def run(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Run the task's remaining steps; the reply is ``done`` or ``error`` (None: the
+        worker told it to yield at a step boundary)."""
         step_name: str | None = None
         step: Step | None = None
         pipeline: Pipeline | None = None
@@ -101,6 +106,8 @@ class _Runner:
                 results[step.name] = _json_safe(result, step.name, request.get("limits") or {})
                 if step is not pipeline.steps[-1]:
                     self._send({"op": "step", "name": step.name, "result": results[step.name]})
+                    if request.get("pause") and not self._go_on():
+                        return None
             return {"op": "done", "result": results.get(_last(pipeline)), "steps": results}
         except PipelineError as exc:
             return _error(exc.reason, type(exc).__name__, str(exc))
@@ -114,6 +121,14 @@ class _Runner:
             reply = _error(reason, type(exc).__name__, _text(exc), traceback.format_exc())
             reply["step"] = step_name
             return reply
+
+    def _go_on(self) -> bool:
+        """A preemptible run waits at each step boundary for the worker's word."""
+        try:
+            answer = json.loads(self.conn.recv_bytes())
+        except (EOFError, OSError, ValueError):
+            raise SystemExit(0) from None  # the worker is gone
+        return not (isinstance(answer, dict) and answer.get("op") == "yield")
 
     def _context(self, request: dict[str, Any], results: dict[str, Any], step: str) -> StepContext:
         return StepContext(

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .policy import RetryDefaults
+from .preemption import PreemptPolicy
+from .reserve import Reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,9 @@ class WorkerOptions:
     reconnect_max_backoff: float = 1.0
     # A pipeline hook running longer than this is logged and left behind (see hooks.py).
     hook_timeout: float = 30.0
+    # Step-boundary preemption (worker.preempt_margin None: off) and reserved slots.
+    preemption: PreemptPolicy | None = None
+    reserve: Reserve | None = None
 
     def renew_interval(self, visibility_timeout: float) -> float:
         """Renew a lease three times per visibility window, so one slow round trip is safe."""

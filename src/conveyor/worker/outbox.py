@@ -91,7 +91,14 @@ class Outbox:
         waiting = {id(entry.queue) for entry in self._entries.values()}
         return [queue for queue in order if id(queue) in waiting]
 
-    def send(self, queue: QueueManager, claim: int = 0) -> list[Message]:
+    def drop(self, queue: QueueManager, message: Message) -> None:
+        """Forget what waits for a task that a preemption yields: the yield stores its
+        checkpoint itself, and anything sent after it would be refused (not held)."""
+        self._entries.pop((queue.queue_name, message.task_id, message.token or ""), None)
+
+    def send(
+        self, queue: QueueManager, claim: int = 0, min_priority: int | None = None
+    ) -> list[Message]:
         """Send the queue's outcomes and claim up to ``claim`` tasks, in one round trip;
         log what became of each final outcome; return the claimed tasks.
 
@@ -101,7 +108,7 @@ class Outbox:
         entries = [self._entries[key] for key in keys]
         outcomes = [outcome for entry in entries for outcome in entry.outcomes()]
         try:
-            settled, claimed = queue.settle(outcomes, claim=claim)
+            settled, claimed = queue.settle(outcomes, claim=claim, min_priority=min_priority)
         except BrokerUnavailableError:
             for entry in entries:
                 entry.failed_sends += 1

@@ -73,21 +73,33 @@ def _limit(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def _full(db: sqlite3.Connection, queue: str, row: sqlite3.Row) -> tuple[bool, int, int | None]:
+    """Is the row's key full? Also the key's running count and its smallest limit."""
+    key = row["concurrency_key"]
+    if not isinstance(key, str):
+        return False, 0, None
+    running, smallest = db.execute(RUNNING, (queue, key)).fetchone()
+    limits = [x for x in (_limit(row["max_concurrency"]), _limit(smallest)) if x is not None]
+    limit = min(limits) if limits else None
+    return limit is not None and int(running) >= limit, int(running), limit
+
+
+def has_room(db: sqlite3.Connection, queue: str, row: sqlite3.Row) -> bool:
+    """Could this pending row run now (its key has a free slot)? Changes nothing."""
+    return not _full(db, queue, row)[0]
+
+
 def admit(db: sqlite3.Connection, queue: str, rowid: int, row: sqlite3.Row, now: float) -> bool:
     """Inside a claim's transaction: may this pending row run now? If its key is full, park
     it (and return False). If it may run and its key keeps room after it, re-admit the
     key's next parked row too (a limit that was raised, or mixed limits, never strands one).
     """
-    key = row["concurrency_key"]
-    if not isinstance(key, str):
+    full, running, limit = _full(db, queue, row)
+    if limit is None:
         return True
-    running, smallest = db.execute(RUNNING, (queue, key)).fetchone()
-    limits = [x for x in (_limit(row["max_concurrency"]), _limit(smallest)) if x is not None]
-    if not limits:
-        return True
-    if int(running) >= min(limits):
+    if full:
         db.execute(PARK, {"rowid": rowid, "now": now})
         return False
-    if int(running) + 1 < min(limits):
-        db.execute(READMIT_ONE, (queue, key))
+    if running + 1 < limit:
+        db.execute(READMIT_ONE, (queue, row["concurrency_key"]))
     return True
