@@ -43,21 +43,22 @@ SCHEMA = (
         ON tasks (queue, concurrency_key, priority DESC, ready_at, seq) WHERE parked = 1""",
     f"""CREATE INDEX IF NOT EXISTS tasks_ready_free ON tasks (queue, priority DESC, ready_at, seq)
         WHERE status = '{S.PENDING}' AND parked = 0""",
-    # A slot freed (processing -> anything), or an admitted task that leaves the line without
-    # running (pending -> canceled, timeout...): the key's next parked task is ready again.
-    f"""CREATE TRIGGER IF NOT EXISTS key_slot_freed AFTER UPDATE OF status ON tasks
+    # One trigger for every status change of a keyed row (an unkeyed row, most of them,
+    # costs one NULL test): a row leaving pending is never parked; a slot freed
+    # (processing -> anything), or an admitted task that leaves the line without running
+    # (pending -> canceled, timeout...), lets the key's next parked task into the line.
+    f"""CREATE TRIGGER IF NOT EXISTS key_status_changed AFTER UPDATE OF status ON tasks
         WHEN OLD.concurrency_key IS NOT NULL AND OLD.status IS NOT NEW.status
-        AND (OLD.status = '{S.PROCESSING}'
-             OR (OLD.status = '{S.PENDING}' AND OLD.parked = 0
-                 AND NEW.status IS NOT '{S.PROCESSING}'))
-        BEGIN {_READMIT_HEAD} END""",
+        BEGIN
+        UPDATE tasks SET parked = 0 WHERE rowid = NEW.rowid AND NEW.parked = 1
+            AND NEW.status IS NOT '{S.PENDING}';
+        UPDATE tasks SET parked = 0 WHERE rowid = ({_HEAD})
+            AND (OLD.status = '{S.PROCESSING}' OR (OLD.status = '{S.PENDING}'
+                 AND OLD.parked = 0 AND NEW.status IS NOT '{S.PROCESSING}'));
+        END""",
     f"""CREATE TRIGGER IF NOT EXISTS key_slot_deleted AFTER DELETE ON tasks
         WHEN OLD.concurrency_key IS NOT NULL AND OLD.status = '{S.PROCESSING}'
         BEGIN {_READMIT_HEAD} END""",
-    # Parked means "pending, set aside": a row that leaves pending is never parked.
-    f"""CREATE TRIGGER IF NOT EXISTS key_unpark_on_leave AFTER UPDATE OF status ON tasks
-        WHEN NEW.parked = 1 AND NEW.status IS NOT '{S.PENDING}'
-        BEGIN UPDATE tasks SET parked = 0 WHERE rowid = NEW.rowid; END""",
 )
 
 RUNNING = f"""SELECT COUNT(*), MIN(max_concurrency) FROM tasks WHERE queue = ?
