@@ -14,7 +14,8 @@ Checks (each yields :class:`Finding` values; a ``problem`` makes ``conveyor doct
   ``startsecs``/``startretries`` pair does not leave them FATAL during a broker outage
   (see ``doctor.starts``);
 * on RabbitMQ, a pipeline whose hard time limit is missing or above the broker's
-  ``consumer_timeout`` (the broker would deliver the task again while it still runs).
+  ``consumer_timeout`` (the broker would deliver the task again while it still runs);
+* no schedule name has two different definitions in use (see ``doctor.schedules``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def run_checks(settings: Settings, options: DoctorOptions) -> list[Finding]:
     findings = check_backend(settings)
     if findings[0].status == "ok":
         findings += check_redis(settings)
+        from .schedules import check_schedules
+
+        findings += check_schedules(settings)
     if options.supervisor_conf is not None:
         findings += check_supervisor_file(options.supervisor_conf, settings, options.margin)
     if options.supervisor_url is not None:
