@@ -75,6 +75,7 @@ class Event(StrEnum):
     TIMEOUT = "timeout"  # not started within its queue_timeout
     REDRIVEN = "redriven"  # a finished task started over by ``retry``
     REPUBLISHED = "republished"  # RabbitMQ: its message was published again (lost confirm)
+    PARKED = "parked"  # met by a claim while its concurrency key is full: set aside
 
 
 #: Events that change only a field, not the status: not appended to the stored history.
@@ -106,6 +107,7 @@ class DeadReason(StrEnum):
     SHUTDOWN = "shutdown"  # interrupted by a shutdown with shutdown_mode fail
     UNKNOWN_PIPELINE = "unknown_pipeline"
     INVALID_DATA = "invalid_data"
+    PERMANENT = "permanent"  # a step raised PermanentError (or a type it does not retry on)
 
 
 #: Reasons the backend itself gives up on a task (not a consumer's failure): a FAIL with one
@@ -159,7 +161,9 @@ class Rule:
     ``to`` None means the operation is refused: nothing changes and it returns False.
     ``place`` says where a task that goes back in line stands: ``back`` of its priority
     band (a new place), ``kept`` (its original place), or ``due`` (the back of its band
-    once its delay has passed).
+    once its delay has passed). ``parked``: out of the line, on its concurrency key's
+    parked list, until a task of that key leaves ``processing``; then it is re-admitted at
+    the place it had (see ``conveyor.keylimits``).
     """
 
     state: TaskStatus
@@ -186,6 +190,14 @@ TRANSITIONS: tuple[Rule, ...] = (
     # -- waiting ----------------------------------------------------------------------------
     Rule(S.PENDING, Op.CLAIM, S.TIMEOUT, E.TIMEOUT, "its queue_timeout passed: skipped"),
     Rule(S.PENDING, Op.CLAIM, S.FAILED, E.DEAD_LETTERED, "the record is unreadable", R.MALFORMED),
+    Rule(
+        S.PENDING,
+        Op.CLAIM,
+        S.PENDING,
+        E.PARKED,
+        "its concurrency key is full: parked, the claim goes on",
+        place="parked",
+    ),
     Rule(S.PENDING, Op.CLAIM, S.PROCESSING, E.STARTED, "attempts + 1, a new fencing token"),
     Rule(S.PENDING, Op.QUEUE_TIMEOUT, S.TIMEOUT, E.TIMEOUT, "never started"),
     Rule(S.SCHEDULED, Op.QUEUE_TIMEOUT, S.TIMEOUT, E.TIMEOUT, "never started"),

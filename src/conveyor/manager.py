@@ -54,9 +54,11 @@ from .errors import (
     TaskValidationError,
 )
 from .heartbeat import heartbeat_from
+from .keylimits import key_fields
 from .lifecycle import FINISHED_STATUSES, DeadReason, TaskStatus
 from .models import Message, TaskRecord
 from .records import record_from_row
+from .retries import check_backoff, decode_backoff, encode_backoff
 from .validation import (
     DEFAULT_JSON_DEPTH,
     MAX_JSON_DEPTH,
@@ -80,8 +82,9 @@ DEFAULT_PRIORITY = 5
 _MAX_WAIT_SLICE = 1.0
 
 _TASK_OPTIONS = frozenset(
-    {"type", "delay", "eta", "max_retries", "retry_backoff", "queue_timeout", "process_timeout"}
-)
+    {"type", "delay", "eta", "max_retries", "retry_backoff", "queue_timeout", "process_timeout",
+     "concurrency_key", "max_concurrency"}
+)  # fmt: skip
 
 
 class WaitingBand(BaseModel):
@@ -146,6 +149,7 @@ class QueueManager:
         url: str | None = None,
         server: Server | None = None,
         max_json_depth: int = DEFAULT_JSON_DEPTH,
+        key_limits: Mapping[str, int] | None = None,
         aging_interval: float | None = None,
     ) -> None:
         spec = spec_for_kind(backend)
@@ -165,6 +169,8 @@ class QueueManager:
         self.backend_kind = spec.kind
         #: Stored as the ``worker`` of each task this manager claims (a TaskWorker sets it).
         self.consumer_id = ""
+        #: Configured per-key limits of this queue (``queue.key_limits``; ``"*"``: any key).
+        self.key_limits: dict[str, int] = dict(key_limits or {})
         self.aging_interval = check_aging(spec.kind, aging_interval)
         self._config = StoreConfig(
             result_ttl=result_ttl, max_deliveries=max_deliveries, max_priority=max_priority,
@@ -216,6 +222,7 @@ class QueueManager:
             visibility_timeout=self.visibility_timeout, max_deliveries=self.max_deliveries,
             max_priority=self.max_priority, max_payload_bytes=self.max_payload_bytes,
             result_ttl=self._config.result_ttl, max_json_depth=self.max_json_depth,
+            key_limits=self.key_limits,
             aging_interval=self.aging_interval,
         )  # fmt: skip
         sibling._shared = self._shared
@@ -236,6 +243,7 @@ class QueueManager:
             max_json_depth=queue.max_json_depth,
             result_ttl=queue.result_ttl,
             connect_timeout=queue.connect_timeout,
+            key_limits=queue.key_limits,
             aging_interval=queue.aging_interval,
             **_store_option(settings),
         )
@@ -262,11 +270,17 @@ class QueueManager:
         delay: float | None = None,
         eta: datetime | float | None = None,
         max_retries: int | None = None,
-        retry_backoff: float | None = None,
+        retry_backoff: float | Sequence[float] | None = None,
         queue_timeout: float | None = None,
         process_timeout: float | None = None,
+        concurrency_key: str | None = None,
+        max_concurrency: int | None = None,
     ) -> bool:
         """Enqueue one task; True if stored, False if that id is already live.
+
+        ``concurrency_key``/``max_concurrency``: at most that many tasks of the key (scoped
+        to this queue) process at once, across all workers; the smallest limit wins. A
+        limit configured for the key (``key_limits``) applies too.
 
         Raises ``TaskValidationError``/``TaskTypeError`` (``ValueError``/``TypeError``)
         naming the bad field before anything is written.
@@ -279,8 +293,17 @@ class QueueManager:
             "retry_backoff": retry_backoff,
             "queue_timeout": queue_timeout,
             "process_timeout": process_timeout,
+            "concurrency_key": concurrency_key,
+            "max_concurrency": max_concurrency,
         }
         task = self._new_task(task_id, data, priority, options)
+        return self._store.enqueue([task]).stored[0]
+
+    def push_once(self, task_id: str, data: Any, priority: int = DEFAULT_PRIORITY,
+                  **options: Any) -> bool:  # fmt: skip
+        """Enqueue a task unless a record of ``task_id`` exists at all, finished ones too
+        (one atomic step): a schedule's tick is claimed by pushing its deterministic id."""
+        task = replace(self._new_task(task_id, data, priority, options), unique=True)
         return self._store.enqueue([task]).stored[0]
 
     def submit(
@@ -347,14 +370,20 @@ class QueueManager:
             type=check_type_name(options.get("type")),
             delay=delay_from(options.get("delay"), options.get("eta")),
             max_retries=check_optional_count("max_retries", options.get("max_retries")),
-            retry_backoff=check_seconds("retry_backoff", options.get("retry_backoff")),
+            retry_backoff=encode_backoff(
+                check_backoff("retry_backoff", options.get("retry_backoff"))
+            ),
             queue_timeout=check_seconds(
                 "queue_timeout", options.get("queue_timeout"), allow_zero=False
             ),
             process_timeout=check_seconds(
                 "process_timeout", options.get("process_timeout"), allow_zero=False
             ),
-        )
+            **key_fields(
+                options.get("concurrency_key"), options.get("max_concurrency"),
+                self.key_limits, self.backend_kind,
+            ),
+        )  # fmt: skip
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -423,7 +452,7 @@ class QueueManager:
                 type=claimed.type or None,
                 attempts=claimed.attempts,
                 max_retries=None if claimed.max_retries in (None, "") else int(claimed.max_retries),
-                retry_backoff=optional_float(claimed.retry_backoff),
+                retry_backoff=decode_backoff(claimed.retry_backoff),
                 process_timeout=optional_float(claimed.process_timeout),
                 created_at=optional_float(claimed.created_at) or 0.0,
                 steps=steps_from(claimed.steps_json, self.max_json_depth),

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import BackendError
 from ..lifecycle import Op, TaskStatus
 
 #: The fields of a stored task, shared by every backend's rows.
@@ -51,7 +52,7 @@ ROW_FIELDS = (
     "attempts",  # deliveries so far
     "expiries",  # leases that ran out (poison counter)
     "max_retries",  # int or None
-    "retry_backoff",  # float or None
+    "retry_backoff",  # float, a list of delays as JSON text, or None
     "queue_timeout",  # float seconds or None
     "process_timeout",  # float seconds or None
     "created_at",  # epoch seconds
@@ -69,6 +70,8 @@ ROW_FIELDS = (
     "steps",  # JSON object: results of the pipeline steps finished so far (checkpoints)
     "worker",  # id of the consumer that claimed it last, or None
     "expire_at",  # epoch seconds a never-started task times out (queue_timeout), or None
+    "concurrency_key",  # per-key concurrency: the key (scoped to the queue), or None
+    "max_concurrency",  # the key's limit this task asks for, or None
 )
 
 
@@ -88,9 +91,16 @@ class NewTask:
     type: str | None = None
     delay: float = 0.0  # seconds from now (backend clock) until it may be claimed
     max_retries: int | None = None
-    retry_backoff: float | None = None
+    retry_backoff: float | str | None = None  # a list of delays travels as its JSON text
     queue_timeout: float | None = None  # seconds after it becomes ready before status timeout
     process_timeout: float | None = None
+    #: Per-key concurrency: at most ``max_concurrency`` tasks of this key processing at once
+    #: (the smallest limit among the key's running tasks and the candidate wins).
+    concurrency_key: str | None = None
+    max_concurrency: int | None = None
+    #: Enqueue once: refused while *any* record of this id exists, finished ones too (a
+    #: schedule's tick: its deterministic id and its record are the tick's claim).
+    unique: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +459,29 @@ class ServerRegistry(ABC):
     @abstractmethod
     def forget_queue(self, queue_name: str) -> None:
         """Forget a queue name (it was cleared)."""
+
+    # -- schedules (conveyor.schedules): every scheduler writes what it runs ------------------
+
+    def note_schedule(
+        self, name: str, fingerprint: str, definition_json: str, writer: str,
+        next_run: float | None,
+    ) -> None:  # fmt: skip
+        """Record that ``writer`` runs schedule ``name`` with this definition, next at
+        ``next_run``; two fingerprints under one name are a conflict readers report."""
+        raise BackendError("this backend keeps no schedules registry")
+
+    def advance_schedule(self, name: str, tick: float) -> None:
+        """The latest tick of ``name`` that was pushed is at least ``tick``."""
+        raise BackendError("this backend keeps no schedules registry")
+
+    def forget_schedule(self, name: str) -> None:
+        """Remove a schedule from the registry (it was deleted from every config)."""
+        raise BackendError("this backend keeps no schedules registry")
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every noted (name, fingerprint): ``name``, ``fingerprint``, ``definition``
+        (JSON), ``writer``, ``seen_at``, ``next_run``, ``last_tick`` (None: none yet)."""
+        raise BackendError("this backend keeps no schedules registry")
 
 
 class Server(ABC):

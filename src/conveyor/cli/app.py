@@ -11,7 +11,7 @@ from typing import NoReturn
 from loguru import logger
 
 from ..errors import ConveyorError, TaskNotFoundError
-from . import api_cmd, doctor_cmd, manage, overview, produce, run
+from . import api_cmd, doctor_cmd, manage, overview, produce, run, schedules_cmd
 from .common import CliError, printable
 
 _EPILOG = (
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     manage.register(sub, common)
     doctor_cmd.register(sub, common)
     api_cmd.register(sub, common)
+    schedules_cmd.register(sub, common)
     return parser
 
 

@@ -18,7 +18,8 @@ Checks (each yields :class:`Finding` values; a ``problem`` makes ``conveyor doct
 * on RabbitMQ, a SQLite task store through a relative path (a warning: each working
   directory and host gets a store of its own);
 * on RabbitMQ, a pipeline whose hard time limit is missing or above the broker's
-  ``consumer_timeout`` (the broker would deliver the task again while it still runs).
+  ``consumer_timeout`` (the broker would deliver the task again while it still runs);
+* no schedule name has two different definitions in use (see ``doctor.schedules``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def run_checks(settings: Settings, options: DoctorOptions) -> list[Finding]:
     if findings[0].status == "ok":
         findings += check_redis(settings)
         findings += check_postgres(settings)
+        from .schedules import check_schedules
+
+        findings += check_schedules(settings)
     if options.supervisor_conf is not None:
         findings += check_supervisor_file(options.supervisor_conf, settings, options.margin)
     if options.supervisor_url is not None:

@@ -30,7 +30,7 @@ from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 from ..errors import TaskTypeError, TaskValidationError
-from ..pipeline import Pipeline, PipelineError, PipelineService, StepContext
+from ..pipeline import Pipeline, PipelineError, PipelineService, Step, StepContext
 from ..validation import DEFAULT_JSON_DEPTH, encode_json
 
 #: Progress is sent at most this often per task, so a chatty step cannot flood the pipe.
@@ -103,6 +103,8 @@ class _Runner:
         """Run the task's remaining steps; the reply is ``done`` or ``error`` (None: the
         worker told it to yield at a step boundary)."""
         step_name: str | None = None
+        step: Step | None = None
+        pipeline: Pipeline | None = None
         try:
             pipeline = self.service.resolve(request.get("type"))
             pipeline.validate_data(request["data"])
@@ -129,7 +131,9 @@ class _Runner:
             reply["step"] = step_name
             return reply
         except Exception as exc:  # a step's failure is data for the retry policy
-            reply = _error("error", type(exc).__name__, _text(exc), traceback.format_exc())
+            permanent = bool(step and pipeline and pipeline.is_permanent(step, exc))
+            reason = "permanent" if permanent else "error"
+            reply = _error(reason, type(exc).__name__, _text(exc), traceback.format_exc())
             reply["step"] = step_name
             return reply
 

@@ -25,6 +25,8 @@ class WorkerOptions:
     # Reconnecting to an unreachable backend: backoff doubling from the first to the cap.
     reconnect_backoff: float = 0.1
     reconnect_max_backoff: float = 1.0
+    # A pipeline hook running longer than this is logged and left behind (see hooks.py).
+    hook_timeout: float = 30.0
     # Step-boundary preemption (worker.preempt_margin None: off) and reserved slots.
     preemption: PreemptPolicy | None = None
     reserve: Reserve | None = None

@@ -56,9 +56,15 @@ class Entry:
 class Outbox:
     """Outcomes waiting to be sent, per held task; ``log(message)`` is a task's logger."""
 
-    def __init__(self, log: Callable[[Message], Logger]) -> None:
+    def __init__(
+        self,
+        log: Callable[[Message], Logger],
+        accepted: Callable[[Entry, Op, str], None] | None = None,
+    ) -> None:
         self._entries: dict[tuple[str, str, str], Entry] = {}
         self._log = log
+        #: Told of each final outcome the backend accepted, with the status it set (hooks).
+        self._accepted = accepted
         #: Final outcomes fencing refused: each one is a run that may be duplicated.
         self.refused = 0
 
@@ -114,7 +120,10 @@ class Outbox:
         for entry in entries:
             position += len(entry.outcomes())
             if entry.final is not None:  # the final outcome is an entry's last one
-                self._report(entry, entry.final.op, settled[position - 1].status is not None)
+                status = settled[position - 1].status
+                self._report(entry, entry.final.op, status is not None)
+                if status is not None and self._accepted is not None:
+                    self._accepted(entry, entry.final.op, status)
         return claimed
 
     def _report(self, entry: Entry, op: Op, accepted: bool) -> None:

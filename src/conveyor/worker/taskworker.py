@@ -44,17 +44,19 @@ from ..errors import (
     TaskTypeError,
     TaskValidationError,
 )
+from ..lifecycle import Op
 from ..manager import QueueManager
 from ..models import Message
-from ..pipeline import PipelineService
+from ..pipeline import PipelineError, PipelineService
 from ..validation import check_name
 from .backoff import Backoff
 from .heap import freeze_startup_heap, thaw_heap
 from .heartbeat import worker_info
+from .hooks import HookRunner, hook_name
 from .leases import renew_running
 from .options import WorkerOptions
 from .outage import OutageWatch
-from .outbox import Outbox
+from .outbox import Entry, Outbox
 from .preemption import yield_floor
 from .reserve import claim_floor
 from .signals import StopSignals
@@ -124,7 +126,8 @@ class TaskWorker:
         self._upkeep: Upkeep | None = None  # sweeps and heartbeats off the loop (Redis)
         self._signals = StopSignals(self.stop, max_shutdown_wait)
         self._shutdown_flag = multiprocessing.get_context("fork").Value("b", 0)
-        self.outbox = Outbox(self._log)
+        self.outbox = Outbox(self._log, self._after_outcome)
+        self.hooks = HookRunner(self.options.hook_timeout)
         self.backend = OutageWatch(
             self.queues[0].url,
             Backoff(self.options.reconnect_backoff, self.options.reconnect_max_backoff),
@@ -396,6 +399,25 @@ class TaskWorker:
         room = reserve.ordinary_room(self.concurrency, self._running_priorities())
         return (min(free, room), None) if room > 0 else (free, reserve.priority)
 
+    def _after_outcome(self, entry: Entry, op: Op, status: str) -> None:
+        """Run the pipeline's hook for an outcome the backend accepted (at most once)."""
+        name = hook_name(op, status)
+        if name is None:
+            return
+        try:
+            function = getattr(self.service.resolve(entry.message.type), name)
+        except PipelineError:
+            return
+        if function is None:
+            return
+        try:
+            record = entry.queue.get_task(entry.message.task_id)
+        except ConveyorError as exc:
+            self._log(entry.message).warning("{} not run: cannot read the record: {}", name, exc)
+            return
+        if record is not None:
+            self.hooks.fire(name, function, record)
+
     def _send_last(self) -> None:
         """At the end: send what is left, once (not waiting for a backend that is down
         and was tried just now); log, with the task ids, what cannot be sent."""
@@ -485,6 +507,7 @@ class TaskWorker:
             deadline = task.deadline()
             if deadline is not None and now > deadline:
                 self._time_limit(slot)
+        self.hooks.check()
         if not self.backend.up:
             return
         if now >= self._next_renewal:
@@ -553,6 +576,7 @@ class TaskWorker:
         for slot in self._slots:
             slot.stop(timeout=2)
         self._send_last()
+        self.hooks.wait(min(self.options.hook_timeout, 5.0))
         if self.backend.up:
             try:
                 self.queues[0].unregister_worker(self.id)

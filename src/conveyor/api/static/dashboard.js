@@ -195,6 +195,30 @@ function drawWorkers(workers) {
   fill("workers", rows, "no live workers: start one with `conveyor worker`", 8);
 }
 
+function inTime(epoch) {
+  if (epoch === null || epoch === undefined) return "–";
+  const seconds = epoch - Date.now() / 1000;
+  if (seconds <= 0) return "now";
+  if (seconds < 60) return `in ${Math.ceil(seconds)}s`;
+  if (seconds < 3600) return `in ${Math.ceil(seconds / 60)}m`;
+  if (seconds < 86400) return `in ${Math.ceil(seconds / 3600)}h`;
+  return `in ${Math.ceil(seconds / 86400)}d`;
+}
+
+function drawSchedules(schedules) {
+  const rows = schedules.map((schedule) => el("tr", {},
+    el("td", {}, el("code", { text: schedule.name }),
+      schedule.conflict.length ? badge("conflict") : null),
+    el("td", {}, el("code", { text: `${schedule.cron ?? "?"} (${schedule.tz ?? "?"})` })),
+    el("td", { text: schedule.queue ?? "?" }),
+    el("td", { className: "when", text: inTime(schedule.next_run) }),
+    el("td", { className: "when", text: ago(schedule.last_run) }),
+    el("td", {}, schedule.last_status ? badge(schedule.last_status) : "–"),
+    el("td", { text: (schedule.writers || []).join(", ") }),
+  ));
+  fill("schedules", rows, "no schedules: declare them in config (schedules:) or with pipeline.schedule()", 7);
+}
+
 async function fetchTasks(stats) {
   const queues = stats.queues.slice(0, MAX_QUEUES);
   const wanted = [];
@@ -244,11 +268,14 @@ function showState(text, kind) {
 }
 
 async function refresh() {
-  const [stats, workers] = await Promise.all([api("/api/v1/stats"), api("/api/v1/workers")]);
+  const [stats, workers, schedules] = await Promise.all([
+    api("/api/v1/stats"), api("/api/v1/workers"), api("/api/v1/schedules"),
+  ]);
   $("backend").textContent = stats.backend;
   drawCards(stats, workers.workers);
   drawQueues(stats);
   drawWorkers(workers.workers);
+  drawSchedules(schedules.schedules);
   drawTasks(await fetchTasks(stats));
   $("signout").hidden = !sessionStorage.getItem(TOKEN_KEY);
   showState(`live · ${new Date().toLocaleTimeString()}`, "ok");

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from ..base import ServerRegistry
 from .connection import Database
@@ -64,3 +65,46 @@ class PostgresRegistry(ServerRegistry):
         self._database.reads(
             f"DELETE FROM {self._s}.queues WHERE name = %s RETURNING name", (queue_name,)
         )
+
+    # -- schedules (conveyor.schedules) ------------------------------------------------------
+
+    def note_schedule(
+        self, name: str, fingerprint: str, definition_json: str, writer: str,
+        next_run: float | None,
+    ) -> None:  # fmt: skip
+        s = self._s
+        self._database.reads(
+            f"""INSERT INTO {s}.schedules VALUES (%s, %s, %s, %s, {s}.now_s(), %s)
+            ON CONFLICT (name, fingerprint) DO UPDATE SET definition = excluded.definition,
+            writer = excluded.writer, seen_at = excluded.seen_at,
+            next_run = excluded.next_run RETURNING name""",
+            (name, fingerprint, definition_json, writer, next_run),
+        )
+
+    def advance_schedule(self, name: str, tick: float) -> None:
+        self._database.reads(
+            f"""INSERT INTO {self._s}.schedule_runs VALUES (%s, %s) ON CONFLICT (name)
+            DO UPDATE SET last_tick = greatest({self._s}.schedule_runs.last_tick,
+            excluded.last_tick) RETURNING name""",
+            (name, float(tick)),
+        )
+
+    def forget_schedule(self, name: str) -> None:
+        s = self._s
+        self._database.reads(
+            f"""WITH runs AS (DELETE FROM {s}.schedule_runs WHERE name = %s)
+            DELETE FROM {s}.schedules WHERE name = %s RETURNING name""",
+            (name, name),
+        )
+
+    def schedules(self) -> list[dict[str, Any]]:
+        s = self._s
+        rows = self._database.reads(
+            f"""SELECT s.name, s.fingerprint, s.definition, s.writer, s.seen_at, s.next_run,
+            r.last_tick FROM {s}.schedules s LEFT JOIN {s}.schedule_runs r ON r.name = s.name
+            ORDER BY s.name, s.seen_at DESC""",
+            (),
+        )
+        fields = ("name", "fingerprint", "definition", "writer", "seen_at", "next_run",
+                  "last_tick")  # fmt: skip
+        return [dict(zip(fields, row, strict=True)) for row in rows]

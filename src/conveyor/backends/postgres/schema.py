@@ -34,10 +34,10 @@ def aged_index(schema: str, interval: float) -> str:
     """The pending index of the aged claim order for one interval (created when a store
     opens with aging on; one per interval in use; :func:`pick` orders by the same
     expression, so a claim stays one index seek)."""
-    name = f"tasks_aged_{int(interval * 1000)}"
+    name = f"tasks_aged_free_{int(interval * 1000)}"  # "free": parked rows left out
     return f"""CREATE INDEX IF NOT EXISTS {name} ON {schema}.tasks
         (queue, (ready_at - priority * {float(interval)!r}::double precision), seq)
-        WHERE status = '{S.PENDING}'"""
+        WHERE status = '{S.PENDING}' AND parked = 0"""
 
 
 def channel(schema: str) -> str:
@@ -53,7 +53,7 @@ def _tables(s: str) -> list[str]:
             queue text NOT NULL, id text NOT NULL, type text, priority integer NOT NULL,
             data text, status text NOT NULL, attempts integer NOT NULL DEFAULT 0,
             expiries integer NOT NULL DEFAULT 0, max_retries integer,
-            retry_backoff double precision, queue_timeout double precision,
+            retry_backoff text, queue_timeout double precision,
             process_timeout double precision, created_at double precision,
             scheduled_for double precision, started_at double precision,
             finished_at double precision, updated_at double precision,
@@ -62,9 +62,22 @@ def _tables(s: str) -> list[str]:
             history text DEFAULT '', steps text, worker text, expire_at double precision,
             token text, lease_until double precision, ready_at double precision, seq bigint,
             ticket bigint DEFAULT 0, publish_by double precision, copy_id text,
-            preemptions integer NOT NULL DEFAULT 0, PRIMARY KEY (queue, id))""",
+            preemptions integer NOT NULL DEFAULT 0, concurrency_key text,
+            max_concurrency integer, parked integer NOT NULL DEFAULT 0,
+            PRIMARY KEY (queue, id))""",
+        # Parked rows (their concurrency key is full) are out of the line: see _keylimits.
         f"""CREATE INDEX IF NOT EXISTS tasks_ready ON {s}.tasks (queue, {CLAIM_ORDER})
-            WHERE status = '{S.PENDING}'""",
+            WHERE status = '{S.PENDING}' AND parked = 0""",
+        f"""CREATE INDEX IF NOT EXISTS tasks_keyed ON {s}.tasks (queue, concurrency_key, status)
+            WHERE concurrency_key IS NOT NULL""",
+        f"""CREATE INDEX IF NOT EXISTS tasks_parked ON {s}.tasks
+            (queue, concurrency_key, {CLAIM_ORDER}) WHERE parked = 1""",
+        # The schedules registry (conveyor.schedules): every scheduler notes what it runs.
+        f"""CREATE TABLE IF NOT EXISTS {s}.schedules (name text, fingerprint text,
+            definition text, writer text, seen_at double precision,
+            next_run double precision, PRIMARY KEY (name, fingerprint))""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.schedule_runs (name text PRIMARY KEY,
+            last_tick double precision)""",
         f"""CREATE INDEX IF NOT EXISTS tasks_due ON {s}.tasks (queue, scheduled_for)
             WHERE status = '{S.SCHEDULED}'""",
         f"""CREATE INDEX IF NOT EXISTS tasks_lease ON {s}.tasks (queue, lease_until)
@@ -212,14 +225,14 @@ _FUNCTIONS = [
       IF _aging IS NULL AND _lock THEN
         SELECT t.id, t.priority, t.expire_at, t.ready_at INTO id, priority, expire_at,
             ready_at FROM {{t}} t WHERE t.queue = _q AND t.status = '{S.PENDING}'
-            ORDER BY {CLAIM_ORDER} LIMIT 1 FOR UPDATE SKIP LOCKED;
+            AND t.parked = 0 ORDER BY {CLAIM_ORDER} LIMIT 1 FOR UPDATE SKIP LOCKED;
       ELSIF _aging IS NULL THEN
         SELECT t.id, t.priority, t.expire_at, t.ready_at INTO id, priority, expire_at,
             ready_at FROM {{t}} t WHERE t.queue = _q AND t.status = '{S.PENDING}'
-            ORDER BY {CLAIM_ORDER} LIMIT 1;
+            AND t.parked = 0 ORDER BY {CLAIM_ORDER} LIMIT 1;
       ELSE
         EXECUTE format('SELECT id, priority, expire_at, ready_at FROM {{t}}
-            WHERE queue = $1 AND status = ''{S.PENDING}''
+            WHERE queue = $1 AND status = ''{S.PENDING}'' AND parked = 0
             ORDER BY ready_at - priority * %s::double precision, seq LIMIT 1 %s', _aging,
             CASE WHEN _lock THEN 'FOR UPDATE SKIP LOCKED' ELSE '' END)
             INTO id, priority, expire_at, ready_at USING _q;
@@ -254,6 +267,9 @@ _FUNCTIONS = [
       IF (u.expire_at IS NOT NULL AND _now > u.expire_at) OR u.priority < _min_priority THEN
         RETURN _refused;  -- no ready task urgent enough: another worker took it
       END IF;
+      IF NOT {{s}}.admit(_q, u.id, _now, false) THEN
+        RETURN _refused;  -- its concurrency key is full: yielding would start nothing
+      END IF;
       UPDATE {{t}} SET status = '{S.PENDING}', steps = coalesce(_steps, steps),
           attempts = greatest(attempts - 1, 0), preemptions = preemptions + 1, {SETTLED},
           {_line(_lit(E.PREEMPTED), "greatest(attempts - 1, 0)", "'preempted by ' || u.id")}
@@ -263,6 +279,70 @@ _FUNCTIONS = [
       RETURN jsonb_build_object('status', '{S.PENDING}', 'claimed', jsonb_build_array(
           {{s}}.take(_q, u.id, _now, _lease, _consumer, _event, _copy)));
     END $$""",
+    # Per-key concurrency: may this pending task run now? Its key's limit is the smallest
+    # max_concurrency among the key's running tasks and it. A claim (``_park``) parks it
+    # when the key is full; when the key keeps room after it, the key's next parked task
+    # is re-admitted too (a raised limit, or mixed limits, never strands one). An advisory
+    # lock per key serialises the count between concurrent claims.
+    f"""CREATE OR REPLACE FUNCTION {{s}}.admit(_q text, _id text, _now double precision,
+        _park boolean) RETURNS boolean LANGUAGE plpgsql AS $$
+    DECLARE k record; c record; _limit integer;
+    BEGIN
+      SELECT concurrency_key, max_concurrency INTO k FROM {{t}} WHERE queue = _q AND id = _id;
+      IF k.concurrency_key IS NULL THEN RETURN true; END IF;
+      PERFORM pg_advisory_xact_lock(hashtext(_q), hashtext(k.concurrency_key));
+      SELECT count(*) AS running, min(max_concurrency) FILTER (WHERE max_concurrency > 0)
+          AS smallest INTO c FROM {{t}} WHERE queue = _q
+          AND concurrency_key = k.concurrency_key AND status = '{S.PROCESSING}';
+      _limit := least(CASE WHEN k.max_concurrency > 0 THEN k.max_concurrency END, c.smallest);
+      IF _limit IS NULL THEN RETURN true; END IF;
+      IF c.running >= _limit THEN
+        IF _park THEN
+          UPDATE {{t}} SET parked = 1, updated_at = _now, {_line(_lit(E.PARKED))}
+              WHERE queue = _q AND id = _id;
+        END IF;
+        RETURN false;
+      END IF;
+      IF _park AND c.running + 1 < _limit THEN
+        PERFORM {{s}}.readmit(_q, k.concurrency_key);
+      END IF;
+      RETURN true;
+    END $$""",
+    f"""CREATE OR REPLACE FUNCTION {{s}}.readmit(_q text, _key text) RETURNS void
+        LANGUAGE sql AS $$
+    UPDATE {{t}} SET parked = 0 WHERE (queue, id) = (SELECT queue, id FROM {{t}}
+        WHERE queue = _q AND concurrency_key = _key AND parked = 1
+        AND status = '{S.PENDING}' ORDER BY {CLAIM_ORDER} LIMIT 1) $$""",
+    # Re-admission is the database's: whenever a keyed task leaves processing (ack, nack,
+    # fail, cancel, lease expiry, hand-back, preemption, delete), or an admitted one leaves
+    # the line without running, the head of the key's parked tasks is ready again, at the
+    # place it had. The running count is never stored, so a slot cannot leak.
+    f"""CREATE OR REPLACE FUNCTION {{s}}.key_status_changed() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+    BEGIN
+      IF TG_OP = 'DELETE' THEN
+        IF OLD.status = '{S.PROCESSING}' THEN
+          PERFORM {{s}}.readmit(OLD.queue, OLD.concurrency_key);
+        END IF;
+        RETURN NULL;
+      END IF;
+      IF NEW.parked = 1 AND NEW.status <> '{S.PENDING}' THEN
+        UPDATE {{t}} SET parked = 0 WHERE queue = NEW.queue AND id = NEW.id;
+      END IF;
+      IF OLD.status = '{S.PROCESSING}' OR (OLD.status = '{S.PENDING}' AND OLD.parked = 0
+          AND NEW.status <> '{S.PROCESSING}') THEN
+        PERFORM {{s}}.readmit(OLD.queue, OLD.concurrency_key);
+      END IF;
+      RETURN NULL;
+    END $$""",
+    "DROP TRIGGER IF EXISTS key_status_changed ON {t}",
+    """CREATE TRIGGER key_status_changed AFTER UPDATE OF status ON {t} FOR EACH ROW
+        WHEN (OLD.concurrency_key IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status)
+        EXECUTE FUNCTION {s}.key_status_changed()""",
+    "DROP TRIGGER IF EXISTS key_slot_deleted ON {t}",
+    """CREATE TRIGGER key_slot_deleted AFTER DELETE ON {t} FOR EACH ROW
+        WHEN (OLD.concurrency_key IS NOT NULL AND OLD.status = 'processing')
+        EXECUTE FUNCTION {s}.key_status_changed()""",
     # ``_begun``: the caller (settle) has just run begin_ in this transaction.
     f"""CREATE OR REPLACE FUNCTION {{s}}.claim_at(_q text, _now double precision,
         _count integer, _lease double precision, _max integer, _consumer text, _min integer,
@@ -285,6 +365,9 @@ _FUNCTIONS = [
             RETURN jsonb_build_object('claimed', _out, 'hint', 0, 'skipped', true);
           END IF;
           CONTINUE;
+        END IF;
+        IF NOT {{s}}.admit(_q, r.id, _now, true) THEN
+          CONTINUE;  -- its concurrency key is full: parked, the claim goes on
         END IF;
         _out := _out || jsonb_build_array(
             {{s}}.take(_q, r.id, _now, _lease, _consumer, _event, NULL));
@@ -336,8 +419,9 @@ _FUNCTIONS = [
     END $$""",
     f"""CREATE OR REPLACE FUNCTION {{s}}.enqueue(_q text, _ids text[], _types text[],
         _priorities integer[], _datas text[], _delays double precision[],
-        _max_retries integer[], _backoffs double precision[], _queue_timeouts double precision[],
-        _process_timeouts double precision[], _broker boolean, _grace double precision)
+        _max_retries integer[], _backoffs text[], _queue_timeouts double precision[],
+        _process_timeouts double precision[], _broker boolean, _grace double precision,
+        _keys text[], _limits integer[], _unique boolean[])
         RETURNS jsonb LANGUAGE plpgsql AS $$
     DECLARE
       _now double precision := {{s}}.now_s(); _out jsonb := '[]'::jsonb; _woke boolean := false;
@@ -350,7 +434,7 @@ _FUNCTIONS = [
         INSERT INTO {{t}} AS t (queue, id, type, priority, data, status, attempts, expiries,
             max_retries, retry_backoff, queue_timeout, process_timeout, created_at,
             scheduled_for, updated_at, progress, cancel_requested, history, expire_at,
-            ready_at, seq, ticket, publish_by)
+            ready_at, seq, ticket, publish_by, concurrency_key, max_concurrency, parked)
         VALUES (_q, _ids[i], _types[i], _priorities[i], _datas[i],
             CASE WHEN _later THEN '{S.SCHEDULED}' ELSE '{S.PENDING}' END, 0, 0,
             _max_retries[i], _backoffs[i], _queue_timeouts[i], _process_timeouts[i], _now,
@@ -358,7 +442,7 @@ _FUNCTIONS = [
             {_entry(f"CASE WHEN _later THEN '{E.SCHEDULED}' ELSE '{E.PUSHED}' END", "0")},
             _ready + _queue_timeouts[i], CASE WHEN _later THEN NULL ELSE _now END,
             nextval('{{s}}.task_seq'), CASE WHEN _broker THEN 1 ELSE 0 END,
-            CASE WHEN _broker AND NOT _later THEN _now + _grace END)
+            CASE WHEN _broker AND NOT _later THEN _now + _grace END, _keys[i], _limits[i], 0)
         ON CONFLICT (queue, id) DO UPDATE SET type = excluded.type,
             priority = excluded.priority, data = excluded.data, status = excluded.status,
             attempts = 0, expiries = 0, max_retries = excluded.max_retries,
@@ -371,9 +455,13 @@ _FUNCTIONS = [
             expire_at = excluded.expire_at, token = NULL, lease_until = NULL,
             ready_at = excluded.ready_at, seq = excluded.seq,
             ticket = coalesce(t.ticket, 0) + excluded.ticket,
-            publish_by = excluded.publish_by, copy_id = NULL, preemptions = 0
+            publish_by = excluded.publish_by, copy_id = NULL, preemptions = 0,
+            concurrency_key = excluded.concurrency_key,
+            max_concurrency = excluded.max_concurrency, parked = 0
         -- A live id is left alone; one whose wait ran out already reads as timed out.
-        WHERE t.status NOT IN {LIVE} OR (t.status IN {WAITING} AND t.expire_at < _now)
+        -- A unique push (a schedule's tick) is refused while any record of the id exists.
+        WHERE NOT _unique[i] AND (t.status NOT IN {LIVE}
+            OR (t.status IN {WAITING} AND t.expire_at < _now))
         RETURNING t.ticket INTO _ticket;
         IF FOUND THEN
           _out := _out || jsonb_build_array(jsonb_build_array(true, _ticket));

@@ -44,6 +44,13 @@ def _priority(value: Any) -> int:
         return 0
 
 
+def _backoff_text(value: float | str | None) -> str | None:
+    """``retry_backoff`` as stored: a number's text, or a list of delays as its JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return repr(float(value))
+
+
 def _claimed(item: dict[str, Any]) -> Claimed:
     return Claimed(
         task_id=item["id"], token=item["token"], attempts=int(item["attempts"]),
@@ -89,14 +96,17 @@ class PostgresStore(QueueStore):
         if not tasks:
             return Enqueued([], [])
         found = self._database.call(
-            f"SELECT {self._s}.enqueue(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            f"""SELECT {self._s}.enqueue(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+                %s, %s, %s)""",
             (
                 self.queue_name, [t.task_id for t in tasks], [t.type for t in tasks],
                 [t.priority for t in tasks], [t.data_json for t in tasks],
                 [float(t.delay) for t in tasks], [t.max_retries for t in tasks],
-                [t.retry_backoff for t in tasks], [t.queue_timeout for t in tasks],
-                [t.process_timeout for t in tasks], self._broker,
-                self._config.publish_grace,
+                [_backoff_text(t.retry_backoff) for t in tasks],
+                [t.queue_timeout for t in tasks], [t.process_timeout for t in tasks],
+                self._broker, self._config.publish_grace,
+                [t.concurrency_key for t in tasks], [t.max_concurrency for t in tasks],
+                [t.unique for t in tasks],
             ),
         )  # fmt: skip
         stored = [bool(item[0]) for item in found]

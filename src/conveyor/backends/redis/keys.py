@@ -19,7 +19,7 @@ class QueueKeys:
         names = (
             "pending", "delayed", "leases", "task:", "seq", "wake", "done:success",
             "done:failed", "done:canceled", "done:timeout", "pulled", "publishing", "expiring",
-            "layout", "preemptions",
+            "layout", "preemptions", "parked", "keyrun:",
         )  # fmt: skip
         return cls(tag, tuple(f"{tag}:{name}" for name in names))
 
@@ -50,6 +50,11 @@ class QueueKeys:
     @property
     def preemptions(self) -> str:
         return self.all[14]
+
+    @property
+    def parked(self) -> str:
+        """Every task set aside because its concurrency key was full (per-key limits)."""
+        return self.all[15]
 
     def task(self, task_id: str) -> str:
         return f"{self.all[3]}{task_id}"

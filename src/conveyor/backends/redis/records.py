@@ -58,7 +58,10 @@ class RedisRecords(QueueRecords):
                 if status == TaskStatus.PROCESSING:  # leased first, then pulled ones
                     ids = redis.zrange(key, 0, stop) + redis.zrange(self._keys.pulled, 0, stop)
                     return list(ids[offset : offset + limit])
-                if status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
+                if status == TaskStatus.PENDING:  # ready ones in claim order, then parked
+                    ids = redis.zrange(key, 0, stop) + redis.zrange(self._keys.parked, 0, stop)
+                    return list(ids[offset : offset + limit])
+                if status == TaskStatus.SCHEDULED:
                     return list(redis.zrange(key, offset, stop))
                 return list(redis.zrevrange(key, offset, stop))
 
@@ -75,11 +78,13 @@ class RedisRecords(QueueRecords):
             for status in TaskStatus:
                 pipe.zcard(self._keys.index(status.value))
             pipe.zcard(self._keys.pulled)
+            pipe.zcard(self._keys.parked)
             return list(pipe.execute())
 
-        *replies, pulled = self._read(read)
+        *replies, pulled, parked = self._read(read)
         counts = {status.value: int(n) for status, n in zip(TaskStatus, replies, strict=True)}
         counts[TaskStatus.PROCESSING.value] += int(pulled)
+        counts[TaskStatus.PENDING.value] += int(parked)
         return counts
 
     def recent(self, seconds: float) -> tuple[int, int, float | None]:
@@ -117,7 +122,15 @@ class RedisRecords(QueueRecords):
         return int(_number(self._read(lambda redis: redis.get(self._keys.preemptions))))
 
     def size(self) -> int:
-        return int(self._read(lambda redis: redis.zcard(self._keys.pending)))
+        """Pending tasks: ready ones and those parked behind a full concurrency key."""
+
+        def read(redis: Any) -> int:
+            pipe = redis.pipeline(transaction=False)
+            pipe.zcard(self._keys.pending)
+            pipe.zcard(self._keys.parked)
+            return sum(int(n) for n in pipe.execute())
+
+        return self._read(read)
 
     def now(self) -> float:
         """The clock of the master holding this queue: the one its scripts stamp times with."""

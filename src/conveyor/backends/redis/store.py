@@ -147,7 +147,8 @@ class RedisStore(QueueStore):
             args += (
                 task.task_id, task.priority, task.data_json, task.type or "", task.delay,
                 _opt(task.max_retries), _opt(task.retry_backoff), _opt(task.queue_timeout),
-                _opt(task.process_timeout),
+                _opt(task.process_timeout), _opt(task.concurrency_key),
+                _opt(task.max_concurrency), "1" if task.unique else "",
             )  # fmt: skip
         reply, acked = self._run_durable("enqueue", *args) if tasks else ([], None)
         if acked is not None and self._client.durability is not None:

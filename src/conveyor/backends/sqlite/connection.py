@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from ...errors import BackendError, BrokerUnavailableError, ConfigError, ConveyorError
-from . import sql
+from . import keylimits, sql
 
 _SYNC_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
@@ -128,6 +128,8 @@ class Database:
         if version:  # a file with tasks in it: derive what the new columns would hold
             conn.execute(sql.BACKFILL_EXPIRE_AT)
         for statement in sql.LATE_SCHEMA:
+            conn.execute(statement)
+        for statement in keylimits.SCHEMA:  # version 4: per-key concurrency
             conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
 

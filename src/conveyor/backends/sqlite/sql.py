@@ -17,7 +17,9 @@ S, E, R = TaskStatus, Event, DeadReason
 SCHEMA_VERSION = 5
 #: Columns beyond the row fields: the lease, the place in line, and the broker ticket.
 EXTRA = ("token", "lease_until", "ready_at", "seq", "ticket", "publish_by", "copy")
-COLUMNS = (*ROW_FIELDS, *EXTRA)
+#: Per-key concurrency (version 4, see keylimits.py): written after the columns above.
+KEYED = ("concurrency_key", "max_concurrency", "parked")
+COLUMNS = (*(f for f in ROW_FIELDS if f not in KEYED), *EXTRA, *KEYED)
 FIELDS = ", ".join(ROW_FIELDS)
 SCHEMA = (
     # Few constraints on purpose: a damaged row must stay readable so it can be dead-lettered.
@@ -54,6 +56,7 @@ LATE_SCHEMA = (
 ADDED_COLUMNS = {
     2: ("steps TEXT", "worker TEXT"),
     3: ("expire_at REAL", "ticket INTEGER DEFAULT 0", "publish_by REAL", "copy TEXT"),
+    4: ("concurrency_key TEXT", "max_concurrency INTEGER", "parked INTEGER DEFAULT 0"),
     # Version 5 (preemption): how often a task yielded; a fresh record (INSERT OR REPLACE
     # does not name it) starts at 0.
     5: ("preemptions INTEGER DEFAULT 0",),
@@ -132,11 +135,12 @@ MALFORMED_ROW = f"""UPDATE tasks SET status = '{S.FAILED}', dead_reason = '{R.MA
 
 # -- claiming ---------------------------------------------------------------------------------
 CLAIM_ORDER = "priority DESC, ready_at, seq"
-PICK = f"""SELECT rowid FROM tasks WHERE queue = ? AND status = '{S.PENDING}'
+# Parked rows (their concurrency key is full) are out of the line: see keylimits.py.
+PICK = f"""SELECT rowid FROM tasks WHERE queue = ? AND status = '{S.PENDING}' AND parked = 0
     ORDER BY {CLAIM_ORDER} LIMIT 1"""
 CLAIM_ROW = """SELECT id, priority, data, type, max_retries, retry_backoff, process_timeout,
-    created_at, attempts, expire_at, steps, expiries, status, ticket, copy, lease_until
-    FROM tasks WHERE rowid = ?"""
+    created_at, attempts, expire_at, steps, expiries, status, ticket, copy, lease_until,
+    concurrency_key, max_concurrency FROM tasks WHERE rowid = ?"""
 TICKET_ROW = "SELECT rowid FROM tasks WHERE queue = ? AND id = ?"
 RAW_TEXT = "SELECT CAST(id AS BLOB), CAST(data AS BLOB) FROM tasks WHERE rowid = ?"
 TAKE = f"""UPDATE tasks SET status = '{S.PROCESSING}', attempts = :attempt, token = :token,
@@ -155,13 +159,13 @@ def aged_order(interval: float) -> str:
 def aged_index(interval: float) -> str:
     """The pending index of the aged order for one interval (created when a store opens
     with aging on; an index per interval in use, dropped by nothing: they are small)."""
-    name = f"tasks_aged_{int(interval * 1000)}"
+    name = f"tasks_aged_free_{int(interval * 1000)}"  # "free": parked rows left out
     return f"""CREATE INDEX IF NOT EXISTS {name} ON tasks (queue, {aged_order(interval)})
-        WHERE status = '{S.PENDING}'"""
+        WHERE status = '{S.PENDING}' AND parked = 0"""
 
 
 def pick(order: str) -> str:
-    return f"""SELECT rowid FROM tasks WHERE queue = ? AND status = '{S.PENDING}'
+    return f"""SELECT rowid FROM tasks WHERE queue = ? AND status = '{S.PENDING}' AND parked = 0
     ORDER BY {order} LIMIT 1"""
 
 

@@ -36,7 +36,7 @@ from ..base import (
     StoreConfig,
     Ticket,
 )
-from . import sql
+from . import keylimits, sql
 from .connection import Database
 
 _MAX_SKIPS = 500  # timed-out or malformed rows skipped per claim before yielding
@@ -115,7 +115,7 @@ class SqliteStore(QueueStore):
             seq, rows = self._database.next_seq(), list[tuple[Any, ...]]()
             for task in tasks:
                 status, ticket = old.get(task.task_id, (None, 0))
-                stored.append(status not in sql_live())
+                stored.append(status is None if task.unique else status not in sql_live())
                 if not stored[-1]:
                     continue
                 old[task.task_id] = (TaskStatus.PENDING.value, 0)  # a second copy is a duplicate
@@ -134,7 +134,7 @@ class SqliteStore(QueueStore):
         event = {"at": now, "event": Event.SCHEDULED if delayed else Event.PUSHED, "attempt": 0}
         expire_at = None if task.queue_timeout is None else ready + task.queue_timeout
         publish_by = now + self._config.publish_grace if self._broker and not delayed else None
-        # The order of sql.COLUMNS: ROW_FIELDS, then sql.EXTRA.
+        # The order of sql.COLUMNS: ROW_FIELDS but sql.KEYED, sql.EXTRA, then sql.KEYED.
         return (
             task.task_id, self.queue_name, task.type, task.priority, task.data_json,
             TaskStatus.SCHEDULED if delayed else TaskStatus.PENDING, 0, 0, task.max_retries,
@@ -142,6 +142,7 @@ class SqliteStore(QueueStore):
             ready if delayed else None, None, None, now, 0.0, None, None, None, None, 0,
             json.dumps(event, separators=(",", ":")) + "\n", None, None, expire_at,
             None, None, None if delayed else now, seq, ticket, publish_by, None,
+            task.concurrency_key, task.max_concurrency, 0,
         )  # fmt: skip
 
     # -- claiming ---------------------------------------------------------------------------
@@ -216,6 +217,10 @@ class SqliteStore(QueueStore):
         if expire_at is not None and now > expire_at:
             cursor.execute(sql.TIME_OUT_ROW, params)
             return None
+        if spec.ticket is None and not keylimits.admit(
+            self._db(), self.queue_name, rowid, row, now
+        ):
+            return None  # its concurrency key is full: parked, the claim goes on
         attempt = (row["attempts"] or 0) + 1
         token = uuid.uuid4().hex
         lease = None if spec.lease is None else now + spec.lease
@@ -388,8 +393,7 @@ class SqliteStore(QueueStore):
                 **mine, "now": now, "steps": yielded.steps_json,
                 "note": f"preempted by {row['id']}",
             })  # fmt: skip
-            # PER-KEY LIMITS HOOK: the yielded task has left processing here; free its
-            # concurrency-key slot in this same transaction.
+            # (per-key limits: the key_slot_freed trigger freed the yielded task's slot)
             taken = self._take(self._cursor(), rowid, row, now, spec=spec)
         self._database.notify_push()
         return Settled(TaskStatus.PENDING.value), ClaimResult([] if taken is None else [taken])
@@ -414,6 +418,8 @@ class SqliteStore(QueueStore):
             return None
         if (expire_at is not None and now > expire_at) or row["priority"] < min_priority:
             return None
+        if not keylimits.has_room(db, self.queue_name, row):
+            return None  # its concurrency key is full: yielding would start nothing
         return int(found[0]), row
 
     def renew(self, leases: Sequence[tuple[str, str]], seconds: float | None) -> list[LeaseState]:

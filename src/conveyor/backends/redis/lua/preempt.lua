@@ -22,5 +22,6 @@ local out = {'-1', '', '0'}
 local event = spec.lease and EV.STARTED or EV.PULLED
 claimed_reply(out, urgent_key, urgent_id, spec.tokens[1],
   take(urgent_key, urgent_id, spec.tokens[1], spec.lease, spec.consumer, event))
+keyed_taken(urgent_key, urgent_id)
 wake() -- the yielded task is ready again: a waiting consumer may take it
 return {ST.PENDING, out}
