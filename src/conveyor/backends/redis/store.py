@@ -273,12 +273,17 @@ class RedisStore(QueueStore):
 
     def purge(self) -> int:
         """SCAN for the queue's keys on the master that holds its slot (on a cluster, the
-        only node that can have them) and unlink them in batches."""
+        only node that can have them) and unlink them in batches. The event stream and the
+        counters stay: counters never go down, and a reader sees the purge's absence of
+        events rather than a vanished log."""
+        kept = {self.keys.events, self.keys.counters}
 
         def purge_on(node: Any) -> int:
             pending = int(node.zcard(self.keys.pending))
             batch: list[str] = []
             for key in node.scan_iter(match=self.keys.pattern, count=1000):
+                if key in kept:
+                    continue
                 batch.append(key)
                 if len(batch) >= 1000:
                     node.unlink(*batch)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from ...errors import BackendError, BrokerUnavailableError, ConfigError, ConveyorError
-from . import sql
+from . import events_sql, sql
 
 _SYNC_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
@@ -129,6 +129,9 @@ class Database:
             conn.execute(sql.BACKFILL_EXPIRE_AT)
         for statement in sql.LATE_SCHEMA:
             conn.execute(statement)
+        if version < events_sql.VERSION:  # 6: the event log and counters (idempotent)
+            for statement in events_sql.SCHEMA:
+                conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
 
     # -- using it ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ..base import ROW_FIELDS
 
 S, E, R = TaskStatus, Event, DeadReason
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 6
 #: Columns beyond the row fields: the lease, the place in line, and the broker ticket.
 EXTRA = ("token", "lease_until", "ready_at", "seq", "ticket", "publish_by", "copy")
 COLUMNS = (*ROW_FIELDS, *EXTRA)

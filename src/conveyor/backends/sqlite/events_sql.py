@@ -1,0 +1,78 @@
+"""The SQLite event log (schema version 6): an ``events`` table and monotonic counters,
+written by triggers on ``tasks``.
+
+Triggers, not statements: every transition already appends one JSON line to ``history``
+(``sql.history``), in the transaction that makes it, so a trigger on that column emits the
+event atomically for every rule, including rules added later. Progress and checkpoint change
+``progress``/``steps`` without a history line; two more triggers emit those. A trigger never
+raises on a damaged history: a line that is not JSON is emitted as event ``changed``.
+
+Ids come from ``AUTOINCREMENT``: never reused, even after the table is emptied, so a reader's
+``since`` keeps its meaning; ids are global (all queues share the table), which makes a
+merged follow of every queue one ordered read. The table keeps the last :data:`KEPT` events.
+"""
+
+from __future__ import annotations
+
+VERSION = 6
+#: Events kept (all queues together); older ones are trimmed by the insert trigger.
+KEPT = 100_000
+
+_COLUMNS = "queue, task_id, event, status, attempt, progress, at, worker, note"
+# The line a history update appended: the new tail when the old text is its prefix (every
+# append), else the text after the last newline (a history someone rewrote or trimmed).
+_LINE = """CASE WHEN substr(NEW.history, 1, length(COALESCE(OLD.history, '')))
+        = COALESCE(OLD.history, '')
+    THEN rtrim(substr(NEW.history, length(COALESCE(OLD.history, '')) + 1), char(10))
+    ELSE rtrim(substr(rtrim(NEW.history, char(10)), length(rtrim(rtrim(NEW.history, char(10)),
+        replace(rtrim(NEW.history, char(10)), char(10), ''))) + 1), char(10)) END"""
+
+
+def _emit_line(line: str) -> str:
+    """INSERTs of the event and its counter for a history line (a SQL expression)."""
+    field = "CASE WHEN json_valid(line) THEN json_extract(line, '$.{}') END"
+    event = f"COALESCE({field.format('event')}, 'changed')"
+    return f"""INSERT INTO events ({_COLUMNS}) SELECT NEW.queue, NEW.id, {event}, NEW.status,
+        COALESCE({field.format("attempt")}, NEW.attempts), NEW.progress,
+        COALESCE({field.format("at")}, NEW.updated_at), NEW.worker, {field.format("note")}
+        FROM (SELECT {line} AS line);
+    INSERT INTO event_counters (queue, event, n) SELECT NEW.queue, {event}, 1
+        FROM (SELECT {line} AS line) WHERE true
+        ON CONFLICT (queue, event) DO UPDATE SET n = n + 1;"""
+
+
+def _emit_field(event: str, note: str) -> str:
+    return f"""INSERT INTO events ({_COLUMNS}) VALUES (NEW.queue, NEW.id, '{event}', NEW.status,
+        NEW.attempts, NEW.progress, NEW.updated_at, NEW.worker, {note});
+    INSERT INTO event_counters (queue, event, n) VALUES (NEW.queue, '{event}', 1)
+        ON CONFLICT (queue, event) DO UPDATE SET n = n + 1;"""
+
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT,
+        task_id TEXT, event TEXT, status TEXT, attempt INTEGER, progress REAL, at REAL,
+        worker TEXT, note TEXT)""",
+    "CREATE INDEX IF NOT EXISTS events_queue ON events (queue, id)",
+    """CREATE TABLE IF NOT EXISTS event_counters (queue TEXT, event TEXT,
+        n INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (queue, event))""",
+    f"""CREATE TRIGGER IF NOT EXISTS events_trim AFTER INSERT ON events BEGIN
+        DELETE FROM events WHERE id <= NEW.id - {KEPT}; END""",
+    f"""CREATE TRIGGER IF NOT EXISTS tasks_event_pushed AFTER INSERT ON tasks
+        WHEN COALESCE(NEW.history, '') != '' BEGIN
+        {_emit_line("rtrim(NEW.history, char(10))")} END""",
+    f"""CREATE TRIGGER IF NOT EXISTS tasks_event_transition AFTER UPDATE OF history ON tasks
+        WHEN NEW.history IS NOT OLD.history BEGIN {_emit_line(_LINE)} END""",
+    f"""CREATE TRIGGER IF NOT EXISTS tasks_event_progress AFTER UPDATE OF progress,
+        progress_message ON tasks WHEN NEW.history IS OLD.history BEGIN
+        {_emit_field("progress", "NEW.progress_message")} END""",
+    f"""CREATE TRIGGER IF NOT EXISTS tasks_event_checkpoint AFTER UPDATE OF steps ON tasks
+        WHEN NEW.history IS OLD.history BEGIN {_emit_field("checkpoint", "NULL")} END""",
+)
+
+# -- reading ----------------------------------------------------------------------------------
+_FIELDS = f"id, {_COLUMNS}"
+AFTER_QUEUE = f"SELECT {_FIELDS} FROM events WHERE queue = ? AND id > ? ORDER BY id LIMIT ?"
+AFTER_ALL = f"SELECT {_FIELDS} FROM events WHERE id > ? ORDER BY id LIMIT ?"
+OLDEST = "SELECT MIN(id) FROM events"
+NEWEST = "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
+COUNTERS = "SELECT event, n FROM event_counters WHERE queue = ?"
