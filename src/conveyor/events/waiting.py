@@ -15,12 +15,12 @@ from .follow import Follower
 def iter_events(
     log: EventLog, task_id: str | None, since: str | None, idle: float = 1.0
 ) -> Iterator[LiveEvent]:
-    """Events after ``since`` (a log id; None: from now), blocking on the backend's wake-up."""
+    """Events after ``since`` (a log id; None: from now, read here, before the first
+    ``next``, so nothing that happens after this call is missed), blocking on the backend's
+    wake-up."""
     follower = Follower([log], {log.queue_name: since} if since else None, task_id=task_id,
                         idle=idle)  # fmt: skip
-    for event in follower:
-        if event is not None:
-            yield event
+    return (event for event in follower if event is not None)
 
 
 def wait_for(
