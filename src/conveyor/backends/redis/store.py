@@ -273,10 +273,11 @@ class RedisStore(QueueStore):
 
     def purge(self) -> int:
         """SCAN for the queue's keys on the master that holds its slot (on a cluster, the
-        only node that can have them) and unlink them in batches. The event stream and the
-        counters stay: counters never go down, and a reader sees the purge's absence of
-        events rather than a vanished log."""
-        kept = {self.keys.events, self.keys.counters}
+        only node that can have them) and unlink them in batches. The counters stay, since
+        they never go down (/metrics); the event stream goes with the tasks (a reader resuming
+        from an id before the purge gets a ``reset``: event numbers continue from the
+        counters)."""
+        kept = {self.keys.counters}
 
         def purge_on(node: Any) -> int:
             pending = int(node.zcard(self.keys.pending))
