@@ -14,7 +14,7 @@ token in the query string.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import anyio
@@ -32,8 +32,8 @@ _RETRY_MS = 1000  # what a client waits before it reconnects
 live_router = APIRouter(prefix="/api/v1")
 
 
-def _next(follower: Any) -> LiveEvent | None:
-    return next(follower)  # type: ignore[no-any-return]
+def _next(batches: Iterator[list[LiveEvent]]) -> list[LiveEvent]:
+    return next(batches)
 
 
 @live_router.get(
@@ -60,18 +60,18 @@ def events(
     follower = Follower(logs, positions, task_id=task_id, idle=1.0)
 
     async def stream() -> AsyncIterator[dict[str, Any]]:
-        iterator = iter(follower)
+        batches = follower.batches()
         try:
-            while True:
-                event = await anyio.to_thread.run_sync(_next, iterator)
-                if event is None:
-                    continue
-                yield {
-                    "id": encode_cursor(follower.positions),
-                    "event": RESET if event.event == RESET else "task",
-                    "data": json.dumps(event.to_dict(), separators=(",", ":")),
-                    "retry": _RETRY_MS,
-                }
+            while True:  # one thread hop per batch read, not per event
+                for event in await anyio.to_thread.run_sync(_next, batches):
+                    if not follower.accept(event):
+                        continue
+                    yield {
+                        "id": encode_cursor(follower.positions),
+                        "event": RESET if event.event == RESET else "task",
+                        "data": json.dumps(event.to_dict(), separators=(",", ":")),
+                        "retry": _RETRY_MS,
+                    }
         finally:
             follower.stop()
             for log in logs:

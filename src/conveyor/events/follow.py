@@ -41,27 +41,36 @@ class Follower:
     def stop(self) -> None:
         self._stop.set()
 
-    def _wanted(self, event: LiveEvent) -> bool:
+    def accept(self, event: LiveEvent) -> bool:
+        """Advance past ``event``; True when the caller wants it (its task, or a reset)."""
+        self.positions[event.queue] = event.id
         return self.task_id is None or event.event == RESET or event.task_id == self.task_id
 
     def __iter__(self) -> Iterator[LiveEvent | None]:
+        for batch in self.batches():
+            if not batch:
+                yield None
+            for event in batch:
+                if self.accept(event):
+                    yield event
+
+    def batches(self) -> Iterator[list[LiveEvent]]:
+        """Events as they are read, a batch at a time (empty after ``idle`` seconds without
+        any); the caller passes each to :meth:`accept`, which advances the positions."""
         if len(self.logs) == 1:
             yield from self._one(self.logs[0])
         else:
             yield from self._many()
 
-    def _one(self, log: EventLog) -> Iterator[LiveEvent | None]:
-        name = log.queue_name
+    def _one(self, log: EventLog) -> Iterator[list[LiveEvent]]:
+        after = self.positions[log.queue_name]
         while not self._stop.is_set():
-            events = log.read(self.positions[name], _BATCH, self.idle)
-            if not events:
-                yield None
-            for event in events:
-                self.positions[name] = event.id
-                if self._wanted(event):
-                    yield event
+            events = log.read(after, _BATCH, self.idle)
+            if events:
+                after = events[-1].id
+            yield events
 
-    def _many(self) -> Iterator[LiveEvent | None]:
+    def _many(self) -> Iterator[list[LiveEvent]]:
         inbox: queue.Queue[LiveEvent | BaseException] = queue.Queue(maxsize=10_000)
 
         def pump(log: EventLog, after: str) -> None:
@@ -82,15 +91,18 @@ class Follower:
             thread.start()
         try:
             while not self._stop.is_set():
+                batch: list[LiveEvent] = []
                 try:
                     item = inbox.get(timeout=self.idle)
+                    while True:
+                        if isinstance(item, BaseException):
+                            raise item
+                        batch.append(item)
+                        if len(batch) >= _BATCH:
+                            break
+                        item = inbox.get_nowait()
                 except queue.Empty:
-                    yield None
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                self.positions[item.queue] = item.id
-                if self._wanted(item):
-                    yield item
+                    pass
+                yield batch
         finally:
             self._stop.set()

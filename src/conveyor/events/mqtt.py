@@ -22,11 +22,13 @@ polling ``get_task``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from .follow import Follower
 
 _SAVE_EVERY = 0.5  # seconds between writes of the state file while events flow
 _PUBLISH_TIMEOUT = 10.0
+_MAX_INFLIGHT = 2000  # messages published but not yet acknowledged, before the bridge waits
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,8 @@ class MqttBridge:
         self.published = 0
         self._stop = threading.Event()
         self._connected = threading.Event()
+        self._inflight: deque[tuple[Any, dict[str, str] | None]] = deque()
+        self._moved = False  # the cursor advanced since the last save
         self._client = self._make_client()
 
     # -- the connection ---------------------------------------------------------------------
@@ -207,27 +212,81 @@ class MqttBridge:
     # -- publishing -------------------------------------------------------------------------
 
     def _publish(self, topic: str, payload: bytes) -> None:
-        """Publish and wait for the broker's acknowledgement (QoS 1, 2), through reconnects."""
-        while not self._stop.is_set():
+        self._publish_many([(topic, payload)])
+
+    def _publish_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Publish in order and wait for the broker's acknowledgements (QoS 1, 2), all sent
+        before the first wait (one round trip per batch, not per message). Whatever was
+        not acknowledged (a disconnect) is sent again, in order, once reconnected."""
+        pending = items
+        while pending and not self._stop.is_set():
             if not self._connected.wait(1.0):
                 continue
-            info = self._client.publish(topic, payload, qos=self.options.qos, retain=True)
-            try:
-                info.wait_for_publish(_PUBLISH_TIMEOUT)
-            except (RuntimeError, ValueError):
-                continue  # not sent (disconnected meanwhile): send it again
-            if info.is_published():
-                self.published += 1
-                return
+            sent = [self._client.publish(topic, payload, qos=self.options.qos, retain=True)
+                    for topic, payload in pending]  # fmt: skip
+            done = 0
+            for info in sent:
+                try:
+                    info.wait_for_publish(_PUBLISH_TIMEOUT)
+                except (RuntimeError, ValueError):
+                    break  # not sent (disconnected meanwhile)
+                if not info.is_published():
+                    break
+                done += 1
+            self.published += done
+            pending = pending[done:]
 
-    def _publish_event(self, event: LiveEvent) -> None:
+    def _note_finished(self, event: LiveEvent) -> None:
         key = f"{event.queue}\t{event.task_id}"
-        topic = status_topic(self.options.topic_prefix, event.queue, event.task_id)
-        self._publish(topic, status_payload(event))
         if event.status in FINISHED_STATUSES:
             self.state.finished[key] = event.at
         else:
             self.state.finished.pop(key, None)
+
+    def _publish_events(self, events: list[LiveEvent]) -> None:
+        prefix = self.options.topic_prefix
+        self._publish_many([(status_topic(prefix, event.queue, event.task_id),
+                             status_payload(event)) for event in events])  # fmt: skip
+        for event in events:
+            self._note_finished(event)
+
+    def _publish_event(self, event: LiveEvent) -> None:
+        self._publish_events([event])
+
+    def _stream(self, events: list[LiveEvent], cursor: dict[str, str]) -> None:
+        """Publish without waiting (paho keeps unacknowledged QoS 1/2 messages and sends
+        them again after a reconnect, in order); ``cursor`` becomes the saved position
+        once every message before it is acknowledged (see :meth:`_settle`)."""
+        prefix = self.options.topic_prefix
+        for event in events:
+            topic = status_topic(prefix, event.queue, event.task_id)
+            info = self._client.publish(topic, status_payload(event), qos=self.options.qos,
+                                        retain=True)  # fmt: skip
+            self._inflight.append((info, None))
+            self._note_finished(event)
+        self._inflight.append((None, cursor))
+        while len(self._inflight) > _MAX_INFLIGHT and not self._stop.is_set():
+            self._settle(wait=1.0)
+
+    def _settle(self, wait: float = 0.0) -> None:
+        """Drop acknowledged messages from the front; advance the cursor past them."""
+        while self._inflight:
+            info, cursor = self._inflight[0]
+            if info is not None and not self._acknowledged(info, wait):
+                return
+            self._inflight.popleft()
+            if cursor is not None:
+                self.state.cursor, self._moved = cursor, True
+            else:
+                self.published += 1
+
+    def _acknowledged(self, info: Any, wait: float) -> bool:
+        if self.options.qos == 0 and info.rc != 0:
+            return True  # QoS 0 is at most once: a message dropped while away is gone
+        if wait > 0 and not info.is_published():
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(wait)
+        return bool(info.is_published())
 
     def _republish_live(self, queue: str) -> None:
         """After a reset: every task's current status, from the records."""
@@ -261,25 +320,36 @@ class MqttBridge:
         follower = Follower(self.logs, self.state.cursor or None, idle=0.5)
         saved = last_sweep = time.monotonic()
         dirty = True
-        for event in follower:
+        for batch in follower.batches():
             if self._stop.is_set():
                 follower.stop()
                 break
-            if event is not None:
+            run: list[LiveEvent] = []
+            for event in batch:
                 if event.event == RESET:
+                    self._stream(run, dict(follower.positions))
+                    run = []
+                    while self._inflight and not self._stop.is_set():
+                        self._settle(wait=1.0)
                     self._republish_live(event.queue)
                 else:
-                    self._publish_event(event)
-                dirty = True
-            self.state.cursor = dict(follower.positions)
+                    run.append(event)
+                follower.accept(event)
+            if batch:
+                self._stream(run, dict(follower.positions))
+            self._settle(wait=0.0 if batch else 0.5)
+            dirty, self._moved = dirty or self._moved, False
             now = time.monotonic()
             if now - last_sweep >= self.sweep_every:
                 self._sweep(everything=True)
                 last_sweep, dirty = now, True
-            elif event is None:
+            elif not batch:
                 self._sweep(everything=False)
-            if dirty and (event is None or now - saved >= _SAVE_EVERY):
+            if dirty and (not batch or now - saved >= _SAVE_EVERY):
                 self.state.save(self.state_path)
                 saved, dirty = now, False
-        self.state.cursor = dict(follower.positions)
+        follower.stop()
+        deadline = time.monotonic() + 5.0  # the last acknowledgements, then the last save
+        while self._inflight and time.monotonic() < deadline:
+            self._settle(wait=0.5)
         self.state.save(self.state_path)
