@@ -22,6 +22,7 @@ const history = [];
 let timer = null;
 let stream = null;        // the AbortController of the open event stream
 let lastEventId = null;   // resume point: the id of the last event read
+let retryMs = RECONNECT_MS;  // doubles while the stream cannot reconnect, up to 30 s
 
 class Unauthorized extends Error {}
 
@@ -318,6 +319,8 @@ async function follow() {
     if (response.status === 401) return askToken();
     if (!response.ok || !response.body) throw new Error(`events: HTTP ${response.status}`);
     showState("live", "ok");
+    if (retryMs > RECONNECT_MS) redrawSoon();  // back after an outage: read the state again
+    retryMs = RECONNECT_MS;
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {
@@ -347,7 +350,8 @@ async function follow() {
     showState(`reconnecting: ${error.message}`, "bad");
   }
   if (stream === controller) {
-    setTimeout(() => { if (stream === controller) { redrawSoon(); follow(); } }, RECONNECT_MS);
+    setTimeout(() => { if (stream === controller) follow(); }, retryMs);
+    retryMs = Math.min(retryMs * 2, 30000);
   }
 }
 
