@@ -24,12 +24,12 @@ from sse_starlette.sse import EventSourceResponse
 from ..backends.eventlog import RESET, LiveEvent
 from ..events import Follower, decode_cursor, encode_cursor
 from ..validation import MAX_TASK_ID_LENGTH
-from .routes import Registry
+from .routes import _ERRORS, Registry
 
 _PING = 10  # seconds between keep-alive comments
 _RETRY_MS = 1000  # what a client waits before it reconnects
 
-live_router = APIRouter(prefix="/api/v1")
+live_router = APIRouter(prefix="/api/v1", responses=_ERRORS)
 
 
 def _next(batches: Iterator[list[LiveEvent]]) -> list[LiveEvent]:
