@@ -4,6 +4,8 @@ when events were trimmed, and /metrics counters that never go down after a purge
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -200,3 +202,32 @@ def test_health_and_worker_stop_routes(api: str, queue: QueueManager) -> None:
     asked = httpx.post(f"{api}/api/v1/workers/w-1/stop", headers=headers)
     assert asked.status_code == 202
     queue.unregister_worker("w-1")
+
+
+def conveyor(*args: str) -> subprocess.Popen[str]:
+    code = "from conveyor.cli import main; raise SystemExit(main())"
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_the_cli_watches_a_task_and_prints_events(
+    make_queue: Callable[..., QueueManager], backend_url: str, queue_name: str
+) -> None:
+    queue = make_queue()
+    assert queue.push("w1", {}, 1)
+    watch = conveyor("task", "watch", "w1", "--url", backend_url, "-q", queue_name,
+                     "--timeout", "60")  # fmt: skip
+    follow = conveyor("events", "--follow", "--url", backend_url, "-q", queue_name)
+    message = queue.reserve(timeout=5)
+    assert message is not None
+    queue.set_progress(message, 0.4, "almost half")
+    assert queue.ack(message, "done")
+    out, err = watch.communicate(timeout=60)
+    assert watch.returncode == 0, err
+    assert "100% success" in out.splitlines()[-1]
+    follow.terminate()
+    listed = conveyor("events", "--url", backend_url, "-q", queue_name)
+    printed, _ = listed.communicate(timeout=60)
+    assert [line.split()[3] for line in printed.splitlines()] == [
+        "pushed", "started", "progress", "succeeded"]  # fmt: skip
+    follow.communicate(timeout=30)
