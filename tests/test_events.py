@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from conftest import backend_params  # noqa: E402
 from conveyor import QueueManager  # noqa: E402
 from conveyor.backends.eventlog import RESET  # noqa: E402
+from conveyor.backends.sqlite import events_sql  # noqa: E402
 from conveyor.settings import Settings  # noqa: E402
 from events_support import serve_app, sse_events  # noqa: E402
 
@@ -146,10 +147,13 @@ def test_a_reader_whose_position_was_trimmed_gets_a_reset(
     queue = make_queue()
     log = queue.server.events(queue.queue_name)
     start = log.tail()
-    if backend_url.startswith("sqlite"):
-        queue.push_many([(f"t{i}", {}, 1) for i in range(20)])
+    if backend_url.startswith("sqlite"):  # a log of 50 events, trimmed every 10
         db = queue.server.database.db()  # type: ignore[attr-defined]
-        db.execute("DELETE FROM events WHERE id <= (SELECT MIN(id) + 9 FROM events)")
+        db.execute("DROP TRIGGER events_trim")
+        db.execute(events_sql.trim_trigger(kept=50, fold=10))
+        queue.push_many([(f"t{i}", {}, 1) for i in range(200)])
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] <= 60
+        assert log.counters() == {"pushed": 200}  # trimmed events stay counted
     else:
         for chunk in range(12):  # past the stream's cap (10,000): the oldest are trimmed
             queue.push_many([(f"t{chunk}-{i}", {}, 1) for i in range(1000)])

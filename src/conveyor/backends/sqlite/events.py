@@ -79,7 +79,11 @@ class SqliteEventLog(EventLog):
 
     def counters(self) -> dict[str, int]:
         with self._database.errors():
-            rows = self._conn().execute(events_sql.COUNTERS, (self.queue_name,)).fetchall()
+            rows = (
+                self._conn()
+                .execute(events_sql.COUNTERS, (self.queue_name, self.queue_name))
+                .fetchall()
+            )
         return {str(name): int(n) for name, n in rows}
 
     def close(self) -> None:

@@ -10,13 +10,22 @@ raises on a damaged history: a line that is not JSON is emitted as event ``chang
 Ids come from ``AUTOINCREMENT``: never reused, even after the table is emptied, so a reader's
 ``since`` keeps its meaning; ids are global (all queues share the table), which makes a
 merged follow of every queue one ordered read. The table keeps the last :data:`KEPT` events.
+
+Counters cost nothing per event: a queue's count of an event is the rows the log still holds
+plus ``event_counters``, into which every :data:`FOLD`-th insert folds the rows it trims (in
+the same trigger, so nothing is counted twice or lost). Neither ever shrinks: purging or
+clearing tasks leaves both alone. A push's event is read from the new row itself (no JSON).
 """
 
 from __future__ import annotations
 
+from ...lifecycle import Event, TaskStatus
+
 VERSION = 6
 #: Events kept (all queues together); older ones are trimmed by the insert trigger.
 KEPT = 100_000
+#: Trim (and fold into the counters) every this many events.
+FOLD = 500
 
 _COLUMNS = "queue, task_id, event, status, attempt, progress, at, worker, note"
 # The line a history update appended: the new tail when the old text is its prefix (every
@@ -29,23 +38,29 @@ _LINE = """CASE WHEN substr(NEW.history, 1, length(COALESCE(OLD.history, '')))
 
 
 def _emit_line(line: str) -> str:
-    """INSERTs of the event and its counter for a history line (a SQL expression)."""
+    """The INSERT of the event a history line (a SQL expression) records."""
     field = "CASE WHEN json_valid(line) THEN json_extract(line, '$.{}') END"
     event = f"COALESCE({field.format('event')}, 'changed')"
     return f"""INSERT INTO events ({_COLUMNS}) SELECT NEW.queue, NEW.id, {event}, NEW.status,
         COALESCE({field.format("attempt")}, NEW.attempts), NEW.progress,
         COALESCE({field.format("at")}, NEW.updated_at), NEW.worker, {field.format("note")}
-        FROM (SELECT {line} AS line);
-    INSERT INTO event_counters (queue, event, n) SELECT NEW.queue, {event}, 1
-        FROM (SELECT {line} AS line) WHERE true
-        ON CONFLICT (queue, event) DO UPDATE SET n = n + 1;"""
+        FROM (SELECT {line} AS line);"""
 
 
 def _emit_field(event: str, note: str) -> str:
-    return f"""INSERT INTO events ({_COLUMNS}) VALUES (NEW.queue, NEW.id, '{event}', NEW.status,
-        NEW.attempts, NEW.progress, NEW.updated_at, NEW.worker, {note});
-    INSERT INTO event_counters (queue, event, n) VALUES (NEW.queue, '{event}', 1)
-        ON CONFLICT (queue, event) DO UPDATE SET n = n + 1;"""
+    return f"""INSERT INTO events ({_COLUMNS}) VALUES (NEW.queue, NEW.id, {event}, NEW.status,
+        NEW.attempts, NEW.progress, NEW.updated_at, NEW.worker, {note});"""
+
+
+def trim_trigger(kept: int = KEPT, fold: int = FOLD) -> str:
+    """Every ``fold``-th event folds the events older than the last ``kept`` into the
+    counters and deletes them, in one step."""
+    return f"""CREATE TRIGGER IF NOT EXISTS events_trim AFTER INSERT ON events
+        WHEN NEW.id % {fold} = 0 BEGIN
+        INSERT INTO event_counters (queue, event, n) SELECT queue, event, COUNT(*) FROM events
+            WHERE id <= NEW.id - {kept} GROUP BY queue, event
+            ON CONFLICT (queue, event) DO UPDATE SET n = n + excluded.n;
+        DELETE FROM events WHERE id <= NEW.id - {kept}; END"""
 
 
 SCHEMA = (
@@ -55,18 +70,23 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS events_queue ON events (queue, id)",
     """CREATE TABLE IF NOT EXISTS event_counters (queue TEXT, event TEXT,
         n INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (queue, event))""",
-    f"""CREATE TRIGGER IF NOT EXISTS events_trim AFTER INSERT ON events BEGIN
-        DELETE FROM events WHERE id <= NEW.id - {KEPT}; END""",
+    trim_trigger(),
+    # A new row is pushed or scheduled (sql.INSERT writes its one history line).
     f"""CREATE TRIGGER IF NOT EXISTS tasks_event_pushed AFTER INSERT ON tasks
-        WHEN COALESCE(NEW.history, '') != '' BEGIN
-        {_emit_line("rtrim(NEW.history, char(10))")} END""",
+        WHEN COALESCE(NEW.history, '') != '' BEGIN {
+        _emit_field(
+            f"CASE NEW.status WHEN '{TaskStatus.SCHEDULED}' THEN '{Event.SCHEDULED}' "
+            f"ELSE '{Event.PUSHED}' END",
+            "NULL",
+        )
+    } END""",
     f"""CREATE TRIGGER IF NOT EXISTS tasks_event_transition AFTER UPDATE OF history ON tasks
         WHEN NEW.history IS NOT OLD.history BEGIN {_emit_line(_LINE)} END""",
     f"""CREATE TRIGGER IF NOT EXISTS tasks_event_progress AFTER UPDATE OF progress,
         progress_message ON tasks WHEN NEW.history IS OLD.history BEGIN
-        {_emit_field("progress", "NEW.progress_message")} END""",
+        {_emit_field(f"'{Event.PROGRESS}'", "NEW.progress_message")} END""",
     f"""CREATE TRIGGER IF NOT EXISTS tasks_event_checkpoint AFTER UPDATE OF steps ON tasks
-        WHEN NEW.history IS OLD.history BEGIN {_emit_field("checkpoint", "NULL")} END""",
+        WHEN NEW.history IS OLD.history BEGIN {_emit_field(f"'{Event.CHECKPOINT}'", "NULL")} END""",
 )
 
 # -- reading ----------------------------------------------------------------------------------
@@ -75,4 +95,5 @@ AFTER_QUEUE = f"SELECT {_FIELDS} FROM events WHERE queue = ? AND id > ? ORDER BY
 AFTER_ALL = f"SELECT {_FIELDS} FROM events WHERE id > ? ORDER BY id LIMIT ?"
 OLDEST = "SELECT MIN(id) FROM events"
 NEWEST = "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
-COUNTERS = "SELECT event, n FROM event_counters WHERE queue = ?"
+COUNTERS = """SELECT event, SUM(n) FROM (SELECT event, n FROM event_counters WHERE queue = ?
+    UNION ALL SELECT event, COUNT(*) FROM events WHERE queue = ? GROUP BY event) GROUP BY event"""
