@@ -130,6 +130,9 @@ class Database:
         for statement in sql.LATE_SCHEMA:
             conn.execute(statement)
         if version < events_sql.VERSION:  # 6: the event log and counters (idempotent)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+            if events_sql.EVENT_LINE.split()[0] not in columns:
+                conn.execute(f"ALTER TABLE tasks ADD COLUMN {events_sql.EVENT_LINE}")
             for statement in events_sql.SCHEMA:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")

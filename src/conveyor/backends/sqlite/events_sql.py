@@ -2,10 +2,10 @@
 written by triggers on ``tasks``.
 
 Triggers, not statements: every transition already appends one JSON line to ``history``
-(``sql.history``), in the transaction that makes it, so a trigger on that column emits the
-event atomically for every rule, including rules added later. Progress and checkpoint change
-``progress``/``steps`` without a history line; two more triggers emit those. A trigger never
-raises on a damaged history: a line that is not JSON is emitted as event ``changed``.
+through ``sql.history``, in the transaction that makes it; that helper also sets
+``event_line`` to the line, and a trigger on that column emits the event atomically for
+every rule, including rules added later (no history text is parsed). Progress and checkpoint
+change ``progress``/``steps`` without a history line; two more triggers emit those.
 
 Ids come from ``AUTOINCREMENT``: never reused, even after the table is emptied, so a reader's
 ``since`` keeps its meaning; ids are global (all queues share the table), which makes a
@@ -28,23 +28,16 @@ KEPT = 100_000
 FOLD = 500
 
 _COLUMNS = "queue, task_id, event, status, attempt, progress, at, worker, note"
-# The line a history update appended: the new tail when the old text is its prefix (every
-# append), else the text after the last newline (a history someone rewrote or trimmed).
-_LINE = """CASE WHEN substr(NEW.history, 1, length(COALESCE(OLD.history, '')))
-        = COALESCE(OLD.history, '')
-    THEN rtrim(substr(NEW.history, length(COALESCE(OLD.history, '')) + 1), char(10))
-    ELSE rtrim(substr(rtrim(NEW.history, char(10)), length(rtrim(rtrim(NEW.history, char(10)),
-        replace(rtrim(NEW.history, char(10)), char(10), ''))) + 1), char(10)) END"""
+#: The column ``sql.history`` sets to the line it appends (added by this version).
+EVENT_LINE = "event_line TEXT"
 
 
-def _emit_line(line: str) -> str:
-    """The INSERT of the event a history line (a SQL expression) records."""
-    field = "CASE WHEN json_valid(line) THEN json_extract(line, '$.{}') END"
-    event = f"COALESCE({field.format('event')}, 'changed')"
-    return f"""INSERT INTO events ({_COLUMNS}) SELECT NEW.queue, NEW.id, {event}, NEW.status,
-        COALESCE({field.format("attempt")}, NEW.attempts), NEW.progress,
-        COALESCE({field.format("at")}, NEW.updated_at), NEW.worker, {field.format("note")}
-        FROM (SELECT {line} AS line);"""
+def _emit_line() -> str:
+    """The INSERT of the event ``NEW.event_line`` (one JSON object) records."""
+    field = "json_extract(NEW.event_line, '$.{}')"
+    return f"""INSERT INTO events ({_COLUMNS}) VALUES (NEW.queue, NEW.id,
+        {field.format("event")}, NEW.status, {field.format("attempt")}, NEW.progress,
+        {field.format("at")}, NEW.worker, {field.format("note")});"""
 
 
 def _emit_field(event: str, note: str) -> str:
@@ -80,13 +73,14 @@ SCHEMA = (
             "NULL",
         )
     } END""",
-    f"""CREATE TRIGGER IF NOT EXISTS tasks_event_transition AFTER UPDATE OF history ON tasks
-        WHEN NEW.history IS NOT OLD.history BEGIN {_emit_line(_LINE)} END""",
+    f"""CREATE TRIGGER IF NOT EXISTS tasks_event_transition AFTER UPDATE OF event_line
+        ON tasks WHEN json_valid(NEW.event_line) BEGIN {_emit_line()} END""",
     f"""CREATE TRIGGER IF NOT EXISTS tasks_event_progress AFTER UPDATE OF progress,
-        progress_message ON tasks WHEN NEW.history IS OLD.history BEGIN
+        progress_message ON tasks WHEN NEW.event_line IS OLD.event_line BEGIN
         {_emit_field(f"'{Event.PROGRESS}'", "NEW.progress_message")} END""",
     f"""CREATE TRIGGER IF NOT EXISTS tasks_event_checkpoint AFTER UPDATE OF steps ON tasks
-        WHEN NEW.history IS OLD.history BEGIN {_emit_field(f"'{Event.CHECKPOINT}'", "NULL")} END""",
+        WHEN NEW.event_line IS OLD.event_line BEGIN
+        {_emit_field(f"'{Event.CHECKPOINT}'", "NULL")} END""",
 )
 
 # -- reading ----------------------------------------------------------------------------------

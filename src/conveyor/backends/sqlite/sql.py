@@ -63,11 +63,13 @@ BACKFILL_EXPIRE_AT = f"""UPDATE tasks SET expire_at = CASE WHEN status = '{S.SCH
 
 def history(event: str, attempt: str = "attempts", note: str | None = None) -> str:
     """The one place a transition is recorded: SQL that appends one JSON line to
-    ``history``. Arguments are SQL expressions (an event name is quoted by the caller)."""
+    ``history``, and sets ``event_line`` to it, which the event-log trigger reads
+    (``events_sql``). Arguments are SQL expressions (an event name is quoted by the caller)."""
     fields = f"'at', :now, 'event', {event}, 'attempt', {attempt}"
     if note is not None:
         fields += f", 'note', {note}"
-    return f"history = COALESCE(history, '') || json_object({fields}) || char(10)"
+    line = f"json_object({fields})"
+    return f"history = COALESCE(history, '') || {line} || char(10), event_line = {line}"
 
 
 def q(value: str) -> str:
