@@ -41,6 +41,9 @@ from an earlier reservation of the same task)::
                    o.sweep(): the task must still be held
     CHECKPOINT     h.checkpoint(message, steps)
     PROGRESS       h.set_progress(message, 0.5, note)
+    PREEMPT        p.push("u", priority + 5) (unless the guard says none is ready), then
+                   h.preempt(message, steps, min_priority=priority + 1): returns u's message
+                   when x yielded (u is then held by h), else None
 
 RabbitMQ's lease is the unacked delivery, not a timer. There LEASE_EXPIRY is: the broker
 closes h's connection (``close_rabbitmq_connection``), and ``o.reserve`` takes the
@@ -99,6 +102,10 @@ from conveyor import Message, QueueManager, TaskRecord, TaskStatus
 from conveyor.backends import sqlite_path_from_url
 from conveyor.lifecycle import (
     FINISHED_STATUSES,
+    PREEMPT_CANCELED,
+    PREEMPT_MAXED,
+    PREEMPT_NO_URGENT,
+    PREEMPT_YIELDS,
     TRANSITIONS,
     UNRECORDED_EVENTS,
     Event,
@@ -116,6 +123,7 @@ LONG = 60.0  # a lease, delay or queue_timeout that must not run out during a ca
 SCALES = (1.0, 2.0, 4.0)  # a case too slow to judge is played again, its durations scaled
 THREADS = 12
 X, A, B = "x", "a", "b"
+U = "u"  # the urgent task a preemption claims
 PRIORITY = 5
 REASON = "operator"  # the reason an operator's FAIL gives
 STEPS = {"first": {"done": True}}
@@ -123,7 +131,7 @@ NEW_DATA = {"n": 2}
 
 #: Ops that present a message (a token). FAIL does too unless it is by id.
 MESSAGE_OPS = frozenset(
-    {Op.ACK, Op.NACK, Op.HAND_BACK, Op.FAIL, Op.EXTEND, Op.CHECKPOINT, Op.PROGRESS}
+    {Op.ACK, Op.NACK, Op.HAND_BACK, Op.FAIL, Op.EXTEND, Op.CHECKPOINT, Op.PROGRESS, Op.PREEMPT}
 )
 
 # The conditions a case sets up before its op.
@@ -135,6 +143,7 @@ POISON = "poison"  # max_deliveries=1: the first lost lease makes it poison
 BY_ID = "by id"  # FAIL by task id, not with a message
 STALE = "stale"  # the message's token is not the current holder's
 STARTED = "started"  # pushed with a queue_timeout, started once, back in line
+MAXED = "maxed"  # preempt with max_preemptions=0
 UNKNOWN = "unknown guard"
 
 #: Guard text of a table row -> the condition sets to test it under (one case each).
@@ -157,6 +166,10 @@ GUARDS: dict[str, tuple[frozenset[str], ...]] = {
     "expiries + 1 >= max_deliveries": (frozenset({POISON}),),
     "expiries + 1": (frozenset(),),
     "attempts and expiries reset": (frozenset(),),
+    PREEMPT_CANCELED: (frozenset({CANCEL_ASKED}),),
+    PREEMPT_NO_URGENT: (frozenset(),),
+    PREEMPT_MAXED: (frozenset({MAXED}),),
+    PREEMPT_YIELDS: (frozenset(),),
 }
 
 
@@ -522,6 +535,15 @@ def apply(run: Run) -> Any:
         return holder.checkpoint(message, STEPS)
     if op is Op.PROGRESS:
         return holder.set_progress(message, 0.5, "half way")
+    if op is Op.PREEMPT:
+        if case.why != PREEMPT_NO_URGENT:
+            assert run.p.push(U, {"n": U}, PRIORITY + 5) is True, "push u"
+        yielded, urgent = holder.preempt(
+            message, STEPS, min_priority=PRIORITY + 1,
+            max_preemptions=0 if MAXED in given else 3,
+        )  # fmt: skip
+        assert yielded is (urgent is not None), f"yielded {yielded} but claimed {urgent}"
+        return urgent
     raise AssertionError(f"no way to apply {op}: teach apply() in {__file__}")
 
 
@@ -536,6 +558,14 @@ EFFECTS: dict[str, Callable[[TaskRecord, TaskRecord], str | None]] = {
     ),
     "attempts - 1": lambda before, after: (
         None if after.attempts == before.attempts - 1 else "attempts did not go down by 1"
+    ),
+    PREEMPT_YIELDS: lambda before, after: (
+        None
+        if after.attempts == before.attempts - 1
+        and after.steps == STEPS
+        and after.preemptions == before.preemptions + 1
+        and after.history[-1].note == f"preempted by {U}"
+        else f"not yielded as the row says: {after!r}"
     ),
     "attempts and expiries reset": lambda before, after: (
         None if after.attempts == 0 else "attempts were not reset"
@@ -558,7 +588,7 @@ def check(run: Run, before: TaskRecord, result: Any, after: TaskRecord) -> list[
     problems: list[str] = []
     takeover = run.backend == "rabbitmq" and case.op is Op.LEASE_EXPIRY
     if case.refused:
-        timed = (Op.CLAIM, Op.DUE, Op.QUEUE_TIMEOUT, Op.LEASE_EXPIRY)
+        timed = (Op.CLAIM, Op.DUE, Op.QUEUE_TIMEOUT, Op.LEASE_EXPIRY, Op.PREEMPT)
         wanted: Any = None if case.op in timed else False
         if result is not wanted:
             problems.append(f"returned {result!r}, not {wanted!r}")
@@ -574,6 +604,8 @@ def check(run: Run, before: TaskRecord, result: Any, after: TaskRecord) -> list[
             ok = result is None
     elif case.op in (Op.DUE, Op.QUEUE_TIMEOUT, Op.LEASE_EXPIRY):
         ok = result is None
+    elif case.op is Op.PREEMPT:
+        ok = isinstance(result, Message) and result.task_id == U
     else:
         ok = result is True
     if not ok:
@@ -607,7 +639,8 @@ def check(run: Run, before: TaskRecord, result: Any, after: TaskRecord) -> list[
 def check_place(run: Run, result: Any) -> list[str]:
     """Reserve x against a (pushed before the op) and b (after it): the rule's place."""
     place = run.case.place
-    taken: list[str] = [result.task_id] if isinstance(result, Message) else []
+    held_x = isinstance(result, Message) and run.case.op is not Op.PREEMPT  # PREEMPT: u
+    taken: list[str] = [result.task_id] if held_x else []
     deadline = run.expire if run.with_queue_timeout and run.case.op is Op.RETRY else None
     with run.before(deadline, "reserve the re-driven task before its queue_timeout"):
         if place == "due" and run.case.op is Op.NACK:

@@ -138,9 +138,18 @@ class Op(StrEnum):
     EXTEND = "extend"
     CHECKPOINT = "checkpoint"
     PROGRESS = "progress"
+    PREEMPT = "preempt"  # yield a running task at a step boundary and claim the urgent one
 
 
 S, E, R = TaskStatus, Event, DeadReason
+
+#: The guards of the PREEMPT rows (the store checks them in this order).
+PREEMPT_CANCELED = "a cancel was asked while it ran: it stops between steps instead"
+PREEMPT_NO_URGENT = "no ready task of at least min_priority (another worker took it)"
+PREEMPT_MAXED = "preemptions >= max_preemptions: it runs to the end"
+PREEMPT_YIELDS = (
+    "preemptions + 1, attempts - 1, steps kept; the urgent task is claimed in the same step"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +221,12 @@ TRANSITIONS: tuple[Rule, ...] = (
     Rule(S.PROCESSING, Op.EXTEND, S.PROCESSING, None, "with the holder's token"),
     Rule(S.PROCESSING, Op.CHECKPOINT, S.PROCESSING, E.CHECKPOINT, "with the holder's token"),
     Rule(S.PROCESSING, Op.PROGRESS, S.PROCESSING, E.PROGRESS, "with the holder's token"),
+    # Preemption: one step yields the running task and claims the urgent one for the same
+    # worker, so two busy workers never both yield for one urgent task.
+    Rule(S.PROCESSING, Op.PREEMPT, None, None, PREEMPT_CANCELED),
+    Rule(S.PROCESSING, Op.PREEMPT, None, None, PREEMPT_NO_URGENT),
+    Rule(S.PROCESSING, Op.PREEMPT, None, None, PREEMPT_MAXED),
+    Rule(S.PROCESSING, Op.PREEMPT, S.PENDING, E.PREEMPTED, PREEMPT_YIELDS, place="kept"),
     # -- finished ---------------------------------------------------------------------------
     Rule(S.FAILED, Op.RETRY, S.PENDING, E.REDRIVEN, "attempts and expiries reset", place="back"),
     Rule(S.CANCELED, Op.RETRY, S.PENDING, E.REDRIVEN, "attempts and expiries reset", place="back"),

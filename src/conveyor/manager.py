@@ -12,6 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -20,13 +21,16 @@ from loguru import logger
 from pydantic import BaseModel
 
 from . import outcomes as build
+from .aging import check_aging
 from .backends import (
     Claimed,
     ClaimResult,
     ClaimSpec,
+    Head,
     LeaseState,
     NewTask,
     Outcome,
+    Preempt,
     QueueBackend,
     Server,
     Settled,
@@ -81,6 +85,14 @@ _TASK_OPTIONS = frozenset(
 )
 
 
+class WaitingBand(BaseModel):
+    """The ready tasks of one declared priority: how many, and the oldest one's wait."""
+
+    priority: int
+    count: int
+    oldest_seconds: float
+
+
 class QueueStats(BaseModel):
     """A queue's counts per status and its recent throughput."""
 
@@ -89,6 +101,10 @@ class QueueStats(BaseModel):
     done_last_minute: int
     failed_last_minute: int
     mean_run_seconds: float | None
+    #: Ready tasks per declared priority, most urgent first, with the longest wait of each.
+    waiting: list[WaitingBand] = []
+    #: How many times tasks of this queue yielded to more urgent ones (records kept).
+    preemptions: int = 0
 
 
 class _SharedServer:
@@ -131,6 +147,7 @@ class QueueManager:
         url: str | None = None,
         server: Server | None = None,
         max_json_depth: int = DEFAULT_JSON_DEPTH,
+        aging_interval: float | None = None,
     ) -> None:
         spec = spec_for_kind(backend)
         _check_tuning(
@@ -149,9 +166,11 @@ class QueueManager:
         self.backend_kind = spec.kind
         #: Stored as the ``worker`` of each task this manager claims (a TaskWorker sets it).
         self.consumer_id = ""
+        self.aging_interval = check_aging(spec.kind, aging_interval)
         self._config = StoreConfig(
-            result_ttl=result_ttl, max_deliveries=max_deliveries, max_priority=max_priority
-        )
+            result_ttl=result_ttl, max_deliveries=max_deliveries, max_priority=max_priority,
+            aging_interval=self.aging_interval,
+        )  # fmt: skip
         if server is None:
             options: dict[str, Any] = {"connect_timeout": connect_timeout}
             if task_store is not None:
@@ -199,6 +218,7 @@ class QueueManager:
             visibility_timeout=self.visibility_timeout, max_deliveries=self.max_deliveries,
             max_priority=self.max_priority, max_payload_bytes=self.max_payload_bytes,
             result_ttl=self._config.result_ttl, max_json_depth=self.max_json_depth,
+            aging_interval=self.aging_interval,
         )  # fmt: skip
         sibling._shared = self._shared
         self._shared.owners += 1
@@ -218,6 +238,7 @@ class QueueManager:
             max_json_depth=queue.max_json_depth,
             result_ttl=queue.result_ttl,
             connect_timeout=queue.connect_timeout,
+            aging_interval=queue.aging_interval,
             **_store_option(settings),
         )
 
@@ -347,19 +368,25 @@ class QueueManager:
         """
         return self._take(None, timeout)
 
-    def reserve(self, timeout: float | None = 0) -> Message | None:
+    def reserve(
+        self, timeout: float | None = 0, *, min_priority: int | None = None
+    ) -> Message | None:
         """Lease the most urgent task (at-least-once), or None after ``timeout`` seconds.
 
         The lease lasts ``visibility_timeout`` seconds; ``extend`` renews it. Settle with
         ``ack`` or ``nack``; if the consumer dies, the task is delivered again.
+        ``min_priority`` takes the head of the line only if its declared priority is at
+        least that (a worker's reserved slot).
         """
-        return self._take(self.visibility_timeout, timeout)
+        return self._take(self.visibility_timeout, timeout, min_priority)
 
-    def _take(self, lease: float | None, timeout: float | None) -> Message | None:
+    def _take(
+        self, lease: float | None, timeout: float | None, min_priority: int | None = None
+    ) -> Message | None:
         wait_for = math.inf if timeout is None else check_seconds("timeout", timeout) or 0.0
         deadline = time.monotonic() + wait_for
         while True:
-            result = self._store.claim(self._spec(lease))
+            result = self._store.claim(self._spec(lease, min_priority=min_priority))
             messages = self._messages(result, lease is not None)
             if messages:
                 return messages[0]
@@ -373,8 +400,12 @@ class QueueManager:
                 slice_ = min(slice_, max(result.wait_hint, 0.001))
             self._store.wait(slice_)
 
-    def _spec(self, lease: float | None, count: int = 1) -> ClaimSpec:
-        return ClaimSpec(lease, self.max_deliveries, self.consumer_id, count=count)
+    def _spec(
+        self, lease: float | None, count: int = 1, min_priority: int | None = None
+    ) -> ClaimSpec:
+        return ClaimSpec(
+            lease, self.max_deliveries, self.consumer_id, count=count, min_priority=min_priority
+        )
 
     def _messages(self, result: ClaimResult, leased: bool) -> list[Message]:
         """The claimed tasks as messages; malformed ones are dead-lettered and left out."""
@@ -384,7 +415,9 @@ class QueueManager:
     def _decode(self, claimed: Claimed, leased: bool) -> Message | None:
         """Turn a claimed entry into a Message, dead-lettering it if it is malformed."""
         try:
-            return Message(
+            # Every field is read and checked just here (the strict helpers below), so
+            # pydantic's validation would only repeat it, once per task on the hot path.
+            return Message.model_construct(
                 task_id=claimed.task_id,
                 data=decode_json("data", claimed.data_json, self.max_json_depth),
                 priority=strict_int(claimed.priority),
@@ -411,19 +444,23 @@ class QueueManager:
     # -- settling ---------------------------------------------------------------------------
 
     def settle(
-        self, outcomes: Sequence[Outcome], claim: int = 0
+        self, outcomes: Sequence[Outcome], claim: int = 0, min_priority: int | None = None
     ) -> tuple[list[Settled], list[Message]]:
         """Apply outcomes and lease up to ``claim`` more tasks, in one round trip.
 
         The worker's hot path: the results of every slot that finished, and the claims for
-        every slot that is free, in one atomic step (no blocking).
+        every slot that is free, in one atomic step (no blocking). ``min_priority``: as for
+        ``reserve`` (claims for reserved slots).
         """
-        then = self._spec(self.visibility_timeout, claim) if claim > 0 else None
+        then = None
+        if claim > 0:
+            then = self._spec(self.visibility_timeout, claim, min_priority)
         settled, result = self._store.settle(outcomes, then)
         messages = self._messages(result, True) if result is not None else []
-        if result is not None and len(messages) < claim and (result.claimed or result.skipped):
+        more_wanted = result is not None and (result.claimed or result.skipped)
+        if then is not None and len(messages) < claim and more_wanted:
             try:
-                more = self._store.claim(self._spec(self.visibility_timeout, claim - len(messages)))
+                more = self._store.claim(replace(then, count=claim - len(messages)))
             except BrokerUnavailableError:
                 return settled, messages  # the outcomes counted; the next call meets the outage
             messages += self._messages(more, True)
@@ -491,6 +528,39 @@ class QueueManager:
         leases for ``visibility_timeout``. One round trip for all of them."""
         leases = [(message.task_id, message.token) for message in messages]
         return self._store.renew(leases, self.visibility_timeout if extend else None)
+
+    def head(self) -> Head | None:
+        """The task at the head of the line (its declared priority and ready time), or None
+        when nothing is ready: one cheap read, for a busy worker's preemption check."""
+        return self._store.head()
+
+    def preempt(
+        self,
+        message: Message,
+        steps: Mapping[str, Any],
+        *,
+        min_priority: int,
+        max_preemptions: int,
+    ) -> tuple[bool, Message | None]:
+        """Yield a running task at a step boundary and lease the urgent task instead.
+
+        One atomic step: the yielded task goes back to its original place with ``steps``
+        as its checkpoint and its attempt returned, and the most urgent ready task — only
+        if its declared priority is at least ``min_priority`` — is leased to this consumer.
+        Returns (yielded, the urgent task's message). (False, None): nothing changed — no
+        such task is ready, the running task was preempted ``max_preemptions`` times
+        already, a cancel was asked, or its lease is lost. (True, None) is rare: the urgent
+        record proved unreadable once taken (dead-lettered); the yield stands.
+        """
+        steps_json = build.checkpoint(
+            message, steps, self.max_payload_bytes, self.max_json_depth
+        ).payload
+        yielded = Preempt(message.task_id, message.token, steps_json, min_priority, max_preemptions)
+        settled, result = self._store.preempt(yielded, self._spec(self.visibility_timeout))
+        if settled.status is None:
+            return False, None
+        messages = self._messages(result, True)
+        return True, messages[0] if messages else None
 
     def sweep(self) -> None:
         """Maintenance: time out expired waiting tasks, reap lost leases, apply retention."""
@@ -594,12 +664,19 @@ class QueueManager:
     def stats(self) -> QueueStats:
         """Counts per status, successes and failures in the last minute, mean run time."""
         done, failed, mean = self._records.recent(60.0)
+        now = self._records.now()
+        waiting = [
+            WaitingBand(priority=priority, count=count, oldest_seconds=max(0.0, now - ready))
+            for priority, count, ready in self._records.waiting()
+        ]
         return QueueStats(
             queue=self.queue_name,
             counts=self._records.counts(),
             done_last_minute=done,
             failed_last_minute=failed,
             mean_run_seconds=mean if mean is not None and math.isfinite(mean) else None,
+            waiting=waiting,
+            preemptions=self._records.preemptions(),
         )
 
     def known_queues(self) -> list[str]:

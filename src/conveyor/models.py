@@ -68,6 +68,9 @@ class TaskRecord(BaseModel):
     steps: dict[str, Any] = Field(default_factory=dict)
     worker: str | None = None
     history: list[TaskEvent] = Field(default_factory=list)
+    preemptions: int = Field(
+        default=0, description="times it yielded to a more urgent task at a step boundary"
+    )
     damage: list[str] = Field(
         default_factory=list,
         description="stored fields that could not be read, each 'field: why'; empty for a "

@@ -100,6 +100,8 @@ class Pipeline:
     timeout: float | None = None
     schema: type[BaseModel] | None = None
     steps: list[Step] = field(default_factory=list)
+    #: May yield to a more urgent task between two steps (a worker with preemption on).
+    preemptible: bool = False
 
     @overload
     def step(self, function: StepFunction, /) -> StepFunction: ...

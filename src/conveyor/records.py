@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import TaskValidationError
-from .lifecycle import LEGACY_EVENTS, effective_status
+from .lifecycle import LEGACY_EVENTS, Event, effective_status
 from .models import TaskError, TaskEvent, TaskRecord, TaskStatus, from_timestamp
 from .validation import (
     MAX_JSON_DEPTH,
@@ -44,6 +44,7 @@ def record_from_row(
     """
     read = _Reader(row, max_depth)
     created = read.moment("created_at")
+    history = read.history()
     return TaskRecord(
         id=read.text("id") or read.missing("id", ""),
         queue=read.text("queue") or queue,
@@ -69,7 +70,9 @@ def record_from_row(
         cancel_requested=bool(read.integer("cancel_requested", 0)),
         steps=read.steps(),
         worker=read.text("worker"),
-        history=read.history(),
+        history=history,
+        # Counted from the history: every backend keeps it, so no row field is added.
+        preemptions=sum(1 for event in history if event.event == Event.PREEMPTED),
         damage=read.damage,
     )
 

@@ -190,6 +190,16 @@ class QueueSettings(_Section):
     max_json_depth: int = Field(default=DEFAULT_JSON_DEPTH, ge=1, le=MAX_JSON_DEPTH)
     result_ttl: Seconds = 7 * 24 * 3600.0
     connect_timeout: Seconds = 5.0
+    #: Aging: seconds of waiting worth one priority level (None: off). SQLite and Redis.
+    aging_interval: Seconds | None = None
+
+
+class ReserveSettings(_Section):
+    """``worker.reserve``: keep ``slots`` of the worker's slots for tasks of declared
+    priority ``priority`` or higher, so urgent work starts at once on a busy worker."""
+
+    priority: int = Field(ge=0, le=255)
+    slots: int = Field(default=1, ge=1)
 
 
 class WorkerSettings(_Section):
@@ -216,6 +226,27 @@ class WorkerSettings(_Section):
     #: ``reconnect_max_backoff`` of the broker answering again.
     reconnect_backoff: float = Field(default=0.1, gt=0)
     reconnect_max_backoff: float = Field(default=1.0, gt=0)
+    #: Step-boundary preemption (None: off): a running preemptible task yields to a ready
+    #: task whose declared priority is at least this much higher and that has waited
+    #: longer than ``preempt_after`` seconds; each task yields at most ``max_preemptions``.
+    preempt_margin: int | None = Field(default=None, ge=1)
+    preempt_after: float = Field(default=0.0, ge=0)
+    max_preemptions: int = Field(default=3, ge=0)
+    reserve: ReserveSettings | None = None
+
+    #: Where steps run: ``process`` (the default: one child process per slot, killed at a
+    #: hard time limit, recycled by memory_mb) or ``thread`` (threads of the worker, for
+    #: tasks that need no isolation; refuses hard time limits and memory_mb at start).
+    pool: Literal["process", "thread"] = "process"
+
+    @model_validator(mode="after")
+    def _reserve_fits(self) -> WorkerSettings:
+        if self.reserve is not None and self.reserve.slots >= self.concurrency:
+            raise ValueError(
+                f"worker.reserve.slots ({self.reserve.slots}) must be below "
+                f"worker.concurrency ({self.concurrency}): at least one slot must take any task"
+            )
+        return self
 
     @model_validator(mode="after")
     def _backoff_order(self) -> WorkerSettings:

@@ -75,6 +75,12 @@ ROW_FIELDS = (
 )
 
 
+#: Ready tasks per declared priority: (priority, count, ready time of the oldest).
+WaitingBands = list[tuple[int, int, float]]
+#: Ready tasks a generic ``QueueRecords.waiting`` reads (stores with an index read all).
+WAITING_SAMPLE = 10000
+
+
 @dataclass(frozen=True, slots=True)
 class NewTask:
     """A validated task ready to store: the manager has encoded and checked every field."""
@@ -211,6 +217,35 @@ class Settled:
 
 
 @dataclass(frozen=True, slots=True)
+class Head:
+    """The task at the head of the line: its declared priority and when it became ready.
+
+    What a busy worker's preemption check and a reserved slot look at: one O(1) read (the
+    first entry of the pending index), never a scan. With aging on, it is the task the next
+    claim takes, with its declared (not aged) priority.
+    """
+
+    task_id: str
+    priority: int
+    ready_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt:
+    """A running task to yield at a step boundary (see ``QueueStore.preempt``).
+
+    ``steps_json`` is its checkpoint, stored in the same step. ``min_priority`` is the
+    lowest declared priority worth yielding for: the urgent task must have at least that.
+    """
+
+    task_id: str
+    token: str
+    steps_json: str | None
+    min_priority: int
+    max_preemptions: int
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseState:
     """A running task as its holder's renewal sees it."""
 
@@ -235,6 +270,9 @@ class StoreConfig:
     max_priority: int = 10
     broker_leases: bool = False
     publish_grace: float = 30.0
+    #: Seconds of waiting worth one priority level (None: aging off). With aging on, the
+    #: place in line is ``ready_at - priority * aging_interval``: a static score.
+    aging_interval: float | None = None
 
 
 class QueueStore(ABC):
@@ -261,6 +299,23 @@ class QueueStore(ABC):
         self, outcomes: Sequence[Outcome], then: ClaimSpec | None = None
     ) -> tuple[list[Settled], ClaimResult | None]:
         """Apply outcomes of held tasks in order, then (``then``) claim, in one step."""
+
+    def preempt(self, yielded: Preempt, spec: ClaimSpec) -> tuple[Settled, ClaimResult]:
+        """Yield a running task and claim the most urgent ready one, in one atomic step.
+
+        The lifecycle's PREEMPT rows: refused (nothing changes, status None, nothing
+        claimed) when a cancel was asked, when no ready task has ``min_priority``, or at
+        ``max_preemptions``. Otherwise the yielded task is pending again at its original
+        place (its checkpoint stored, its attempt returned, ``preemptions`` + 1, history
+        ``preempted`` with the urgent task's id) and the urgent task is claimed with
+        ``spec``. A yield that leaves ``processing`` frees the task's concurrency-key slot
+        (per-key limits hook in where each store's preempt leaves processing).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot preempt")
+
+    def head(self) -> Head | None:
+        """The most urgent ready task (None: nothing is ready); one cheap read."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read its head")
 
     @abstractmethod
     def renew(self, leases: Sequence[tuple[str, str]], seconds: float | None) -> list[LeaseState]:
@@ -340,6 +395,31 @@ class QueueRecords(ABC):
     @abstractmethod
     def now(self) -> float:
         """The backend's clock (epoch seconds), for what readers derive from stored times."""
+
+    def waiting(self) -> WaitingBands:
+        """Ready tasks per declared priority, most urgent first: (priority, how many, the
+        ready time of the longest-waiting one). This generic form reads the first
+        ``WAITING_SAMPLE`` tasks in line; a store that can do better (an index per priority)
+        overrides it."""
+        bands: dict[int, list[float]] = {}
+        for row in self.list(TaskStatus.PENDING.value, WAITING_SAMPLE, 0):
+            try:
+                priority, created = int(row["priority"]), float(row["created_at"] or 0)
+            except (TypeError, ValueError):
+                continue
+            ready = row.get("ready_at")
+            try:
+                moment = float(ready) if ready not in (None, "") else created
+            except (TypeError, ValueError):
+                moment = created
+            band = bands.setdefault(priority, [0, moment])
+            band[0] += 1
+            band[1] = min(band[1], moment)
+        return [(p, int(b[0]), b[1]) for p, b in sorted(bands.items(), reverse=True)]
+
+    def preemptions(self) -> int:
+        """How many times tasks of this queue yielded to more urgent ones (kept records)."""
+        return 0
 
 
 class ServerRegistry(ABC):

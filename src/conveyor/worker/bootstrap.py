@@ -17,6 +17,8 @@ from ..pipeline import PipelineService
 from ..settings import Settings
 from .options import WorkerOptions
 from .policy import RetryDefaults
+from .preemption import PreemptPolicy
+from .reserve import Reserve
 from .startup import open_queues
 from .taskworker import TaskWorker
 
@@ -32,6 +34,13 @@ def options_from(settings: Settings) -> WorkerOptions:
         heartbeat_interval=worker.heartbeat_interval,
         reconnect_backoff=worker.reconnect_backoff,
         reconnect_max_backoff=worker.reconnect_max_backoff,
+        preemption=None
+        if worker.preempt_margin is None
+        else PreemptPolicy(worker.preempt_margin, worker.preempt_after, worker.max_preemptions),
+        reserve=None
+        if worker.reserve is None
+        else Reserve(worker.reserve.priority, worker.reserve.slots),
+        pool=worker.pool,
         retry=RetryDefaults(
             max_retries=worker.max_retries,
             retry_backoff=worker.retry_backoff,

@@ -9,6 +9,8 @@ Protocol (one JSON object per message):
   parent -> child  {"op": "run", "task_id", "data", "attempt", "queue", "type", "steps",
                     "limits": {"max_bytes", "max_depth"}}     the queue's JSON policy
                    {"op": "stop"}
+                   {"op": "go"} / {"op": "yield"}  after a step of a run with "pause": true
+                                   (preemption): go on, or return at once with no reply
   child -> parent  {"op": "progress", "fraction", "message"}
                    {"op": "step", "name", "result"}       an intermediate step finished
                    {"op": "done", "result", "steps"}      the last step finished
@@ -57,6 +59,17 @@ def child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
+    serve(conn, service, cancel_flag, shutdown_flag)
+
+
+def serve(
+    conn: Connection,
+    service: PipelineService,
+    cancel_flag: Synchronized[int],
+    shutdown_flag: Synchronized[int],
+) -> None:
+    """The request loop itself: in a child process, or in a thread of the worker
+    (``worker.pool: thread``), which speaks the same protocol over the same kind of pipe."""
     runner = _Runner(conn, service, cancel_flag, shutdown_flag)
     while True:
         try:
@@ -65,7 +78,13 @@ def child_main(
             return
         if request.get("op") != "run":
             return
-        conn.send_bytes(json.dumps(runner.run(request), default=str).encode())
+        reply = runner.run(request)
+        if reply is None:  # the task yielded (preempted); the parent knows
+            continue
+        try:
+            conn.send_bytes(json.dumps(reply, default=str).encode())
+        except OSError:
+            return  # the worker closed its end (it gave up on this run): nothing to tell
 
 
 class _Runner:
@@ -83,15 +102,16 @@ class _Runner:
         self._last_progress = float("-inf")
         self._held: dict[str, Any] | None = None  # a throttled report, sent at the step's end
 
-    def run(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Run the task's remaining steps; the reply is ``done`` or ``error``."""
+    def run(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Run the task's remaining steps; the reply is ``done`` or ``error`` (None: the
+        worker told it to yield at a step boundary)."""
         self._last_progress, self._held = float("-inf"), None  # never carried between tasks
         try:
             return self._run(request)
         finally:
             self._flush_progress()
 
-    def _run(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, request: dict[str, Any]) -> dict[str, Any] | None:
         step_name: str | None = None
         try:
             pipeline = self.service.resolve(request.get("type"))
@@ -110,6 +130,8 @@ class _Runner:
                 self._flush_progress()
                 if step is not pipeline.steps[-1]:
                     self._send({"op": "step", "name": step.name, "result": results[step.name]})
+                    if request.get("pause") and not self._go_on():
+                        return None
             return {"op": "done", "result": results.get(_last(pipeline)), "steps": results}
         except PipelineError as exc:
             return _error(exc.reason, type(exc).__name__, str(exc))
@@ -121,6 +143,14 @@ class _Runner:
             reply = _error("error", type(exc).__name__, _text(exc), traceback.format_exc())
             reply["step"] = step_name
             return reply
+
+    def _go_on(self) -> bool:
+        """A preemptible run waits at each step boundary for the worker's word."""
+        try:
+            answer = json.loads(self.conn.recv_bytes())
+        except (EOFError, OSError, ValueError):
+            raise SystemExit(0) from None  # the worker is gone
+        return not (isinstance(answer, dict) and answer.get("op") == "yield")
 
     def _context(self, request: dict[str, Any], results: dict[str, Any], step: str) -> StepContext:
         return StepContext(

@@ -30,6 +30,7 @@ from ..lifecycle import Op
 from ..manager import QueueManager
 from ..models import Message
 from ..outcomes import FINAL_OPS
+from .tasklog import info_enabled
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -85,7 +86,14 @@ class Outbox:
         waiting = {id(entry.queue) for entry in self._entries.values()}
         return [queue for queue in order if id(queue) in waiting]
 
-    def send(self, queue: QueueManager, claim: int = 0) -> list[Message]:
+    def drop(self, queue: QueueManager, message: Message) -> None:
+        """Forget what waits for a task that a preemption yields: the yield stores its
+        checkpoint itself, and anything sent after it would be refused (not held)."""
+        self._entries.pop((queue.queue_name, message.task_id, message.token or ""), None)
+
+    def send(
+        self, queue: QueueManager, claim: int = 0, min_priority: int | None = None
+    ) -> list[Message]:
         """Send the queue's outcomes and claim up to ``claim`` tasks, in one round trip;
         log what became of each final outcome; return the claimed tasks.
 
@@ -95,7 +103,7 @@ class Outbox:
         entries = [self._entries[key] for key in keys]
         outcomes = [outcome for entry in entries for outcome in entry.outcomes()]
         try:
-            settled, claimed = queue.settle(outcomes, claim=claim)
+            settled, claimed = queue.settle(outcomes, claim=claim, min_priority=min_priority)
         except BrokerUnavailableError:
             for entry in entries:
                 entry.failed_sends += 1
@@ -110,15 +118,14 @@ class Outbox:
         return claimed
 
     def _report(self, entry: Entry, op: Op, accepted: bool) -> None:
-        log = self._log(entry.message)
         if accepted:
-            if op is Op.ACK:
-                log.info("succeeded in {:.3f}s", entry.ran)
+            if op is Op.ACK and info_enabled():
+                self._log(entry.message).info("succeeded in {:.3f}s", entry.ran)
             return
         self.refused += 1
         what = f"finished in {entry.ran:.3f}s but its result" if op is Op.ACK else f"its {op}"
         maybe = " (or an earlier send of it went through)" if entry.failed_sends else ""
-        log.warning(
+        self._log(entry.message).warning(
             "{} was refused: the lease was lost{}; the task may run twice (refused so far: {})",
             what, maybe, self.refused,
         )  # fmt: skip

@@ -184,8 +184,18 @@ function drawQueues(stats) {
     })),
     el("td", { className: "num", text: queue.done_last_minute }),
     el("td", { className: "num", text: duration(queue.mean_run_seconds) }),
+    el("td", { className: "waiting", text: waitingText(queue.waiting) }),
+    el("td", { className: "num", text: queue.preemptions ?? 0 }),
   ));
-  fill("queues", rows, "no queues yet: push a task", 10);
+  fill("queues", rows, "no queues yet: push a task", 12);
+}
+
+// "p10: 2 · 1.2s  p0: 40 · 5m" — each priority's ready tasks and its longest wait.
+function waitingText(bands) {
+  if (!bands || !bands.length) return "—";
+  return bands
+    .map((band) => `p${band.priority}: ${band.count} · ${duration(band.oldest_seconds)}`)
+    .join("  ");
 }
 
 function drawWorkers(workers) {

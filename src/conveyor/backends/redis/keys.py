@@ -19,7 +19,7 @@ class QueueKeys:
         names = (
             "pending", "delayed", "leases", "task:", "seq", "wake", "done:success",
             "done:failed", "done:canceled", "done:timeout", "pulled", "publishing", "expiring",
-            "layout", "events", "counters",
+            "layout", "preemptions", "events", "counters",
         )  # fmt: skip
         return cls(tag, tuple(f"{tag}:{name}" for name in names))
 
@@ -48,14 +48,18 @@ class QueueKeys:
         return self.all[13]
 
     @property
+    def preemptions(self) -> str:
+        return self.all[14]
+
+    @property
     def events(self) -> str:
         """The queue's event stream (XADD MAXLEN ~ by every transition)."""
-        return self.all[14]
+        return self.all[15]
 
     @property
     def counters(self) -> str:
         """The queue's monotonic counters: one field per event name, never decremented."""
-        return self.all[15]
+        return self.all[16]
 
     def task(self, task_id: str) -> str:
         return f"{self.all[3]}{task_id}"

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ...lifecycle import TaskStatus
-from ..base import QueueRecords
+from ..base import QueueRecords, WaitingBands
 from .client import RedisClient, wire
 from .keys import QueueKeys
 
@@ -103,6 +103,18 @@ class RedisRecords(QueueRecords):
             if start and end
         ]
         return int(done), int(failed), (sum(runs) / len(runs) if runs else None)
+
+    def waiting(self) -> WaitingBands:
+        reply = self._client.run("waiting", self._keys.all, (self.queue_name, "0", "", "30"))
+        if reply and reply[0] == "aged":
+            return super().waiting()  # aged scores have no bands: sample the line
+        return [
+            (int(reply[i]), int(reply[i + 1]), _number(reply[i + 2]))
+            for i in range(0, len(reply), 3)
+        ]
+
+    def preemptions(self) -> int:
+        return int(_number(self._read(lambda redis: redis.get(self._keys.preemptions))))
 
     def size(self) -> int:
         return int(self._read(lambda redis: redis.zcard(self._keys.pending)))

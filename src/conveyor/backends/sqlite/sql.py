@@ -54,6 +54,9 @@ LATE_SCHEMA = (
 ADDED_COLUMNS = {
     2: ("steps TEXT", "worker TEXT"),
     3: ("expire_at REAL", "ticket INTEGER DEFAULT 0", "publish_by REAL", "copy TEXT"),
+    # Version 5 (preemption): how often a task yielded; a fresh record (INSERT OR REPLACE
+    # does not name it) starts at 0.
+    5: ("preemptions INTEGER DEFAULT 0",),
 }
 #: Version 3 times out only never-started tasks (see lifecycle): give them their deadline.
 BACKFILL_EXPIRE_AT = f"""UPDATE tasks SET expire_at = CASE WHEN status = '{S.SCHEDULED}'
@@ -142,6 +145,29 @@ TAKE = f"""UPDATE tasks SET status = '{S.PROCESSING}', attempts = :attempt, toke
     lease_until = :lease, started_at = :now, updated_at = :now, worker = :worker,
     expire_at = NULL, publish_by = NULL, copy = :copy, {history(":event", ":attempt")}
     WHERE rowid = :rowid"""
+
+
+def aged_order(interval: float) -> str:
+    """The claim order with aging on: a static score, ready time minus priority levels
+    worth ``interval`` seconds each, FIFO (``seq``) within equal scores. The expression is
+    the one :func:`aged_index` indexes, so a claim stays one index seek."""
+    return f"ready_at - priority * {float(interval)!r}, seq"
+
+
+def aged_index(interval: float) -> str:
+    """The pending index of the aged order for one interval (created when a store opens
+    with aging on; an index per interval in use, dropped by nothing: they are small)."""
+    name = f"tasks_aged_{int(interval * 1000)}"
+    return f"""CREATE INDEX IF NOT EXISTS {name} ON tasks (queue, {aged_order(interval)})
+        WHERE status = '{S.PENDING}'"""
+
+
+def pick(order: str) -> str:
+    return f"""SELECT rowid FROM tasks WHERE queue = ? AND status = '{S.PENDING}'
+    ORDER BY {order} LIMIT 1"""
+
+
+HEAD_ROW = "SELECT id, priority, ready_at FROM tasks WHERE rowid = ?"
 NEXT_DUE = f"SELECT MIN(scheduled_for) FROM tasks WHERE queue = ? AND status = '{S.SCHEDULED}'"
 NEXT_EXPIRY = f"SELECT MIN(lease_until) FROM tasks WHERE queue = ? AND status = '{S.PROCESSING}'"
 NEXT_TIMEOUT = "SELECT MIN(expire_at) FROM tasks WHERE queue = ? AND expire_at IS NOT NULL"
@@ -164,6 +190,18 @@ NACK = f"""UPDATE tasks SET status = :status, scheduled_for = :due,
     attempts = MAX(COALESCE(attempts, 0) - :give_back, 0), error = COALESCE(:error, error),
     {SETTLED}, {history(":event", "MAX(COALESCE(attempts, 0) - :give_back, 0)")}
     WHERE {IS_MINE} AND cancel_requested IS NOT 1 RETURNING ticket, priority"""
+# Preemption: the yield keeps the place (ready_at, seq), returns the attempt, stores the
+# checkpoint and counts the preemption; the claim of the urgent task follows in the same
+# transaction (store.preempt).
+PREEMPT_STATE = f"""SELECT cancel_requested, COALESCE(preemptions, 0) FROM tasks
+    WHERE {IS_MINE}"""
+PREEMPT_YIELD = f"""UPDATE tasks SET status = '{S.PENDING}', steps = COALESCE(:steps, steps),
+    attempts = MAX(COALESCE(attempts, 0) - 1, 0), preemptions = COALESCE(preemptions, 0) + 1,
+    {SETTLED}, {history(q(E.PREEMPTED), "MAX(COALESCE(attempts, 0) - 1, 0)", ":note")}
+    WHERE {IS_MINE}"""
+PREEMPTIONS = "SELECT COALESCE(SUM(preemptions), 0) FROM tasks WHERE queue = ?"
+WAITING_BY_PRIORITY = f"""SELECT priority, COUNT(*), MIN(ready_at) FROM tasks
+    WHERE queue = ? AND status = '{S.PENDING}' GROUP BY priority ORDER BY priority DESC"""
 FAIL = f"""UPDATE tasks SET status = :status,
     dead_reason = CASE WHEN :status = '{S.FAILED}' THEN :reason END,
     error = COALESCE(:error, error), finished_at = :now, expire_at = NULL, publish_by = NULL,

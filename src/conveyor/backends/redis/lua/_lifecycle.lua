@@ -18,14 +18,16 @@
 --   KEYS[12] conveyor:{q}:publishing     ZSET id -> deadline of a publish in flight (broker)
 --   KEYS[13] conveyor:{q}:expiring       ZSET id -> expire_at of a never-started task
 --   KEYS[14] conveyor:{q}:layout         STRING the keyspace layout version
---   KEYS[15] conveyor:{q}:events         STREAM one entry per event (emit), trimmed ~EVENT_CAP
---   KEYS[16] conveyor:{q}:counters       HASH event name -> count, only ever incremented
+--   KEYS[15] conveyor:{q}:preemptions    STRING how many times tasks yielded (K_PREEMPTIONS)
+--   KEYS[16] conveyor:{q}:events         STREAM one entry per event (emit), trimmed ~EVENT_CAP
+--   KEYS[17] conveyor:{q}:counters       HASH event name -> count, only ever incremented
 -- The per-task hashes (KEYS[4] .. id) are not declared: Redis Cluster lets a script touch
 -- an undeclared key when it hashes to the slot of the declared ones, which the shared hash
 -- tag guarantees (a key of another slot would fail the script; the conformance suite runs
 -- on a cluster). redis-py routes EVALSHA by the declared KEYS.
--- ARGV[1] queue name, ARGV[2] result_ttl (s), ARGV[3] 'broker' when a transport (RabbitMQ)
--- owns delivery, ARGV[4] publish grace (s); each script's own values start at ARGV[5].
+-- ARGV[1] queue name, ARGV[2] result_ttl (s), ARGV[3] the mode: 'broker' when a transport
+-- (RabbitMQ) owns delivery, 'aging:<seconds>' with aging on (never both), else '';
+-- ARGV[4] publish grace (s); each script's own values start at ARGV[5].
 --
 -- Scripts validate what they read before they write: a number field is read with
 -- tonumber() (never HINCRBY on a value someone damaged), and a record that fails is
@@ -33,11 +35,14 @@
 
 local QUEUE, TTL = ARGV[1], tonumber(ARGV[2]) or 0
 local BROKER, GRACE = ARGV[3] == 'broker', tonumber(ARGV[4]) or 30
+-- Aging (conveyor/aging.py): seconds of waiting worth one priority level, or nil (off).
+local AGING = tonumber(string.match(ARGV[3] or '', '^aging:(.+)$') or '')
+local K_PREEMPTIONS = KEYS[15]
 local A = 5 -- the first of a script's own ARGV
 local WAKE_CAP = 1000
 local SCAN_LIMIT = 100 -- bounded work per call: promote, reap or time out at most this many
 local PROMOTE_ALL = 1000 -- due tasks promoted at the start of every transition (see begin)
-local K_EVENTS, K_COUNTERS = KEYS[15], KEYS[16]
+local K_EVENTS, K_COUNTERS = KEYS[16], KEYS[17]
 local EVENT_CAP = 10000 -- entries kept per queue's stream (approximately: MAXLEN ~)
 local DONE_KEY = {success = KEYS[7], failed = KEYS[8], canceled = KEYS[9], timeout = KEYS[10]}
 
@@ -175,14 +180,25 @@ local function damage(key)
   return nil
 end
 
--- A new place at the back of the task's priority band (ready now), or its kept place.
--- Returns the new ticket in broker mode when the place is new.
-local function enter_line(key, id, keep_place)
+-- With aging on, the place in line is a static score: microseconds since AGED_EPOCH of the
+-- ready time, minus the priority's worth of waiting. A tick per task entered by this call
+-- keeps a batch (one NOW) in FIFO order. Scores stay exact (< 2^53) for centuries.
+local AGED_EPOCH, aged_tick = 1700000000, 0
+local function aged_score(priority, ready_time)
+  aged_tick = aged_tick + 1
+  return math.floor((ready_time - AGED_EPOCH) * 1000000) + aged_tick
+    - math.floor(priority * AGING * 1000000)
+end
+
+-- A new place at the back of the task's priority band (ready now, or at `ready_time`), or
+-- its kept place. Returns the new ticket in broker mode when the place is new.
+local function enter_line(key, id, keep_place, ready_time)
   local score = keep_place and num(key, 'score')
   local ticket = nil
   if not score then
     local priority = num(key, 'priority') or 0
     score = -priority * PRIORITY_BAND + redis.call('INCR', KEYS[5])
+    if AGING then score = aged_score(priority, ready_time or NOW) end
     redis.call('HSET', key, 'score', score, 'ready_at', fmt(NOW))
     if BROKER then
       ticket = bump_ticket(key)
@@ -236,7 +252,7 @@ local function promote_due(limit, promoted)
   for _, entry in ipairs(batch) do
     local id, key = entry[1], entry[2]
     redis.call('ZREM', KEYS[2], id)
-    local ticket = enter_line(key, id, false)
+    local ticket = enter_line(key, id, false, entry[3])
     redis.call('HSET', key, 'ready_at', fmt(entry[3]))
     record(key, EV.DUE, num(key, 'attempts'))
     if promoted then promoted(key, id, ticket) end
@@ -504,4 +520,37 @@ local function held(key, token)
   if not readable(key) then return false end
   local f = redis.call('HMGET', key, 'status', 'token')
   return f[1] == ST.PROCESSING and f[2] == token
+end
+
+-- The task a preemption would claim: the head of the line (or, broker mode, the ticket's
+-- task), if it is pending, readable, not timed out and of at least `min_priority` (declared).
+-- Returns its id and key, or nil.
+local function urgent_task(spec, min_priority)
+  local id = spec.ticket_id
+  if id == '' then
+    id = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+    if not id then return nil end
+  end
+  local key = KEYS[4] .. id
+  if not readable(key) or damage(key) or expired(key) then return nil end
+  if redis.call('HGET', key, 'status') ~= ST.PENDING then return nil end
+  if spec.ticket_id ~= '' and tostring(num(key, 'ticket') or 0) ~= spec.ticket then return nil end
+  if num(key, 'priority') < min_priority then return nil end
+  return id, key
+end
+
+-- Yield a running task at a step boundary: back at its kept place with its checkpoint, the
+-- attempt returned, preemptions + 1, history 'preempted by <urgent id>'.
+local function yield_task(key, id, steps, urgent_id)
+  leave(id, ST.PROCESSING)
+  redis.call('PERSIST', key)
+  redis.call('HDEL', key, 'token')
+  if steps ~= '' then redis.call('HSET', key, 'steps', steps) end
+  local attempts = math.max((num(key, 'attempts') or 0) - 1, 0)
+  redis.call('HSET', key, 'attempts', attempts, 'preemptions', (num(key, 'preemptions') or 0) + 1)
+  enter_line(key, id, true)
+  record(key, EV.PREEMPTED, attempts, 'preempted by ' .. urgent_id)
+  redis.call('INCR', K_PREEMPTIONS)
+  -- PER-KEY LIMITS HOOK: the yielded task has left processing here; free its
+  -- concurrency-key slot in this same script.
 end
