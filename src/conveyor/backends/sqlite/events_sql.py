@@ -12,20 +12,22 @@ Ids come from ``AUTOINCREMENT``: never reused, even after the table is emptied, 
 merged follow of every queue one ordered read. The table keeps the last :data:`KEPT` events.
 
 Counters cost nothing per event: a queue's count of an event is the rows the log still holds
-plus ``event_counters``, into which every :data:`FOLD`-th insert folds the rows it trims (in
-the same trigger, so nothing is counted twice or lost). Neither ever shrinks: purging or
+plus ``event_counters``, into which the trimming (:data:`TRIM`, run with the store's
+retention pass, every 1,000 claims or 60 s) folds the rows it deletes, in one transaction,
+so nothing is counted twice or lost. The log so holds :data:`KEPT` events plus what came
+since the last pass. Neither ever shrinks: purging or
 clearing tasks leaves both alone. A push's event is read from the new row itself (no JSON).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from ...lifecycle import Event, TaskStatus
 
 VERSION = 6
 #: Events kept (all queues together); older ones are trimmed by the insert trigger.
 KEPT = 100_000
-#: Trim (and fold into the counters) every this many events.
-FOLD = 500
 
 _COLUMNS = "queue, task_id, event, status, attempt, progress, at, worker, note"
 #: The column ``sql.history`` sets to the line it appends (added by this version).
@@ -45,15 +47,20 @@ def _emit_field(event: str, note: str) -> str:
         NEW.attempts, NEW.progress, NEW.updated_at, NEW.worker, {note});"""
 
 
-def trim_trigger(kept: int = KEPT, fold: int = FOLD) -> str:
-    """Every ``fold``-th event folds the events older than the last ``kept`` into the
-    counters and deletes them, in one step."""
-    return f"""CREATE TRIGGER IF NOT EXISTS events_trim AFTER INSERT ON events
-        WHEN NEW.id % {fold} = 0 BEGIN
-        INSERT INTO event_counters (queue, event, n) SELECT queue, event, COUNT(*) FROM events
-            WHERE id <= NEW.id - {kept} GROUP BY queue, event
-            ON CONFLICT (queue, event) DO UPDATE SET n = n + excluded.n;
-        DELETE FROM events WHERE id <= NEW.id - {kept}; END"""
+#: Trimming, run by the store's retention pass (in its write transaction): the events older
+#: than the last ``:kept`` are folded into the counters, then deleted, in one step.
+TRIM = (
+    """INSERT INTO event_counters (queue, event, n) SELECT queue, event, COUNT(*) FROM events
+        WHERE id <= (SELECT MAX(id) FROM events) - :kept GROUP BY queue, event
+        ON CONFLICT (queue, event) DO UPDATE SET n = n + excluded.n""",
+    "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - :kept",
+)
+
+
+def trim(conn: Any, kept: int = KEPT) -> None:
+    """Fold and delete the events beyond the last ``kept`` (inside a write transaction)."""
+    for statement in TRIM:
+        conn.execute(statement, {"kept": kept})
 
 
 SCHEMA = (
@@ -63,7 +70,6 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS events_queue ON events (queue, id)",
     """CREATE TABLE IF NOT EXISTS event_counters (queue TEXT, event TEXT,
         n INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (queue, event))""",
-    trim_trigger(),
     # A new row is pushed or scheduled (sql.INSERT writes its one history line).
     f"""CREATE TRIGGER IF NOT EXISTS tasks_event_pushed AFTER INSERT ON tasks
         WHEN COALESCE(NEW.history, '') != '' BEGIN {
