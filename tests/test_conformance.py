@@ -583,7 +583,8 @@ def test_statuses_counts_and_stats_agree_after_a_mix_of_operations(
     assert queue.ack(held) is False, "a task cleared while held cannot be acked"
     if backend_name.startswith("redis"):
         left = redis_keys(backend_url, f"conveyor:{{{queue_name}}}:*")
-        assert left == [], f"clear() left keys behind: {left}"
+        counters = f"conveyor:{{{queue_name}}}:counters"  # monotonic: kept on purpose
+        assert [key for key in left if key != counters] == [], f"clear() left: {left}"
 
 
 # -- 11. wake-up ----------------------------------------------------------------------------

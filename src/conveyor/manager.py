@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
@@ -39,6 +39,7 @@ from .backends import (
     open_server,
     spec_for_kind,
 )
+from .backends.eventlog import EventLog, LiveEvent
 from .codec import (
     ErrorLike,
     delay_from,
@@ -203,6 +204,7 @@ class QueueManager:
             self._shared.release()
             raise
         self._closed = False
+        self._events: EventLog | None = None
 
     # -- construction ---------------------------------------------------------------------
 
@@ -626,6 +628,29 @@ class QueueManager:
             raise TaskNotFoundError(f"no task {task_id!r} in queue {self.queue_name!r}")
         return record
 
+    # -- live events (conveyor.events) -------------------------------------------------------
+
+    def event_log(self) -> EventLog:
+        """This queue's event log (opened once per manager)."""
+        if self._events is None:
+            self._events = self.server.events(self.queue_name)
+        return self._events
+
+    def events(self, task_id: str | None = None, since: str | None = None) -> Iterator[LiveEvent]:
+        """Every event of this queue (or of one task) after the log id ``since`` (None: from
+        now), as it happens. Blocks on the backend's wake-up; never ends by itself. A
+        ``reset`` event means events were trimmed before they were read: re-read the state."""
+        from .events.waiting import iter_events
+
+        return iter_events(self.event_log(), task_id, since)
+
+    def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord | None:
+        """The task's final record as soon as it exists; None after ``timeout`` seconds."""
+        from .events.waiting import wait_for
+
+        task_id = check_task_id(task_id)
+        return wait_for(self.event_log(), lambda: self.get_task(task_id), task_id, timeout)
+
     def cancel(self, task_id: str) -> bool:
         """Cancel a scheduled or pending task now, or a running one between its steps."""
         return self._store.cancel(check_task_id(task_id))
@@ -737,6 +762,8 @@ class QueueManager:
             return
         self._closed = True
         try:
+            if self._events is not None:
+                self._events.close()
             self._store.close()
         finally:
             self._shared.release()

@@ -36,10 +36,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError
 from ..lifecycle import Op, TaskStatus
+
+if TYPE_CHECKING:
+    from .eventlog import EventLog
 
 #: The fields of a stored task, shared by every backend's rows.
 ROW_FIELDS = (
@@ -505,6 +508,12 @@ class Server(ABC):
         Only RabbitMQ has such a limit (its ``consumer_timeout``); the others accept any.
         """
         return None
+
+    def events(self, queue_name: str) -> EventLog:
+        """The event log of one queue (see ``eventlog``)."""
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{type(self).__name__} keeps no event log")
 
     @abstractmethod
     def ping(self) -> None:

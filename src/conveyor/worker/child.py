@@ -33,7 +33,9 @@ from ..errors import TaskTypeError, TaskValidationError
 from ..pipeline import Pipeline, PipelineError, PipelineService, Step, StepContext
 from ..validation import DEFAULT_JSON_DEPTH, encode_json
 
-#: Progress is sent at most this often per task, so a chatty step cannot flood the pipe.
+#: Progress is sent at most this often per task, so a chatty step cannot flood the pipe. A
+#: task's first report is always sent (the throttle starts afresh with each task), and a
+#: report held back by it is sent when its step ends, so the last one is never dropped.
 _PROGRESS_INTERVAL = 0.2
 _PR_SET_PDEATHSIG = 1
 
@@ -97,11 +99,19 @@ class _Runner:
         self.service = service
         self.cancel_flag = cancel_flag
         self.shutdown_flag = shutdown_flag
-        self._last_progress = 0.0
+        self._last_progress = float("-inf")
+        self._held: dict[str, Any] | None = None  # a throttled report, sent at the step's end
 
     def run(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """Run the task's remaining steps; the reply is ``done`` or ``error`` (None: the
         worker told it to yield at a step boundary)."""
+        self._last_progress, self._held = float("-inf"), None  # never carried between tasks
+        try:
+            return self._run(request)
+        finally:
+            self._flush_progress()
+
+    def _run(self, request: dict[str, Any]) -> dict[str, Any] | None:
         step_name: str | None = None
         step: Step | None = None
         pipeline: Pipeline | None = None
@@ -119,6 +129,7 @@ class _Runner:
                 if self.cancel_flag.value:  # the contract: a canceled step's result is ignored
                     return _error("canceled", "TaskCanceled", "canceled during step " + step.name)
                 results[step.name] = _json_safe(result, step.name, request.get("limits") or {})
+                self._flush_progress()
                 if step is not pipeline.steps[-1]:
                     self._send({"op": "step", "name": step.name, "result": results[step.name]})
                     if request.get("pause") and not self._go_on():
@@ -160,11 +171,20 @@ class _Runner:
 
     def _progress(self, fraction: float, message: str | None) -> None:
         now = time.monotonic()
-        if now - self._last_progress < _PROGRESS_INTERVAL and fraction < 1:
-            return
-        self._last_progress = now
         note = message if message is None or isinstance(message, str) else _text(message)
-        self._send({"op": "progress", "fraction": fraction, "message": note})
+        report = {"op": "progress", "fraction": fraction, "message": note}
+        if now - self._last_progress < _PROGRESS_INTERVAL and fraction < 1:
+            self._held = report
+            return
+        self._last_progress, self._held = now, None
+        self._send(report)
+
+    def _flush_progress(self) -> None:
+        """Send the report the throttle held back, if any (before a step's result)."""
+        if self._held is not None:
+            report, self._held = self._held, None
+            self._last_progress = time.monotonic()
+            self._send(report)
 
     def _send(self, message: dict[str, Any]) -> None:
         self.conn.send_bytes(json.dumps(message).encode())

@@ -297,12 +297,18 @@ class RedisStore(QueueStore):
 
     def purge(self) -> int:
         """SCAN for the queue's keys on the master that holds its slot (on a cluster, the
-        only node that can have them) and unlink them in batches."""
+        only node that can have them) and unlink them in batches. The counters stay, since
+        they never go down (/metrics); the event stream goes with the tasks (a reader resuming
+        from an id before the purge gets a ``reset``: event numbers continue from the
+        counters)."""
+        kept = {self.keys.counters}
 
         def purge_on(node: Any) -> int:
             pending = int(node.zcard(self.keys.pending))
             batch: list[str] = []
             for key in node.scan_iter(match=self.keys.pattern, count=1000):
+                if key in kept:
+                    continue
                 batch.append(key)
                 if len(batch) >= 1000:
                     node.unlink(*batch)

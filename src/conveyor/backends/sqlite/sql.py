@@ -14,7 +14,7 @@ from ..base import ROW_FIELDS
 
 S, E, R = TaskStatus, Event, DeadReason
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: Columns beyond the row fields: the lease, the place in line, and the broker ticket.
 EXTRA = ("token", "lease_until", "ready_at", "seq", "ticket", "publish_by", "copy")
 #: Per-key concurrency (version 4, see keylimits.py): written after the columns above.
@@ -69,11 +69,13 @@ BACKFILL_EXPIRE_AT = f"""UPDATE tasks SET expire_at = CASE WHEN status = '{S.SCH
 
 def history(event: str, attempt: str = "attempts", note: str | None = None) -> str:
     """The one place a transition is recorded: SQL that appends one JSON line to
-    ``history``. Arguments are SQL expressions (an event name is quoted by the caller)."""
+    ``history``, and sets ``event_line`` to it, which the event-log trigger reads
+    (``events_sql``). Arguments are SQL expressions (an event name is quoted by the caller)."""
     fields = f"'at', :now, 'event', {event}, 'attempt', {attempt}"
     if note is not None:
         fields += f", 'note', {note}"
-    return f"history = COALESCE(history, '') || json_object({fields}) || char(10)"
+    line = f"json_object({fields})"
+    return f"history = COALESCE(history, '') || {line} || char(10), event_line = {line}"
 
 
 def q(value: str) -> str:

@@ -36,7 +36,7 @@ from ..base import (
     StoreConfig,
     Ticket,
 )
-from . import keylimits, sql
+from . import events_sql, keylimits, sql
 from .connection import Database
 
 _MAX_SKIPS = 500  # timed-out or malformed rows skipped per claim before yielding
@@ -105,6 +105,7 @@ class SqliteStore(QueueStore):
         tickets: list[Ticket] = []
         if not tasks:
             return Enqueued(stored, tickets)
+        self._maybe_retain()  # also trims the event log when nothing claims
         with self._database.write() as now:
             self._begin(now)
             db = self._db()
@@ -515,6 +516,7 @@ class SqliteStore(QueueStore):
             self._db().execute(
                 sql.RETENTION, {"queue": self.queue_name, "before": now - self._config.result_ttl}
             )
+            events_sql.trim(self._db())
 
     def purge(self) -> int:
         with self._database.write():

@@ -23,6 +23,8 @@
 --            aside because its concurrency key was full; K_PARKED .. ':' .. key is the
 --            ZSET of one key's parked tasks (per-key limits; see keyed_* below)
 --   KEYS[17] conveyor:{q}:keyrun:        prefix of the per-key SETs of running task ids
+--   KEYS[18] conveyor:{q}:events         STREAM one entry per event (emit), trimmed ~EVENT_CAP
+--   KEYS[19] conveyor:{q}:counters       HASH event name -> count, only ever incremented
 -- The per-task hashes (KEYS[4] .. id) are not declared: Redis Cluster lets a script touch
 -- an undeclared key when it hashes to the slot of the declared ones, which the shared hash
 -- tag guarantees (a key of another slot would fail the script; the conformance suite runs
@@ -44,6 +46,8 @@ local A = 5 -- the first of a script's own ARGV
 local WAKE_CAP = 1000
 local SCAN_LIMIT = 100 -- bounded work per call: promote, reap or time out at most this many
 local PROMOTE_ALL = 1000 -- due tasks promoted at the start of every transition (see begin)
+local K_EVENTS, K_COUNTERS = KEYS[18], KEYS[19]
+local EVENT_CAP = 10000 -- entries kept per queue's stream (approximately: MAXLEN ~)
 local DONE_KEY = {success = KEYS[7], failed = KEYS[8], canceled = KEYS[9], timeout = KEYS[10]}
 local K_PARKED, K_KEYRUN = KEYS[16], KEYS[17]
 
@@ -68,8 +72,23 @@ local function num(key, field)
   return tonumber(redis.call('HGET', key, field))
 end
 
--- The one place a transition is recorded: the task's history.
+-- Every transition (and progress, checkpoint) is an event in the queue's stream, in the same
+-- script as the change. `n` numbers a queue's events without gaps, so a reader can tell when
+-- trimming took events it had not read; the counters only ever go up (/metrics).
+local function emit(key, event, attempt, note)
+  local f = redis.call('HMGET', key, 'status', 'progress', 'worker', 'progress_message')
+  if event == EV.PROGRESS then note = f[4] end
+  local n = redis.call('HINCRBY', K_COUNTERS, 'events', 1)
+  redis.call('HINCRBY', K_COUNTERS, event, 1)
+  redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENT_CAP, '*', 'n', n,
+    'task', string.sub(key, #KEYS[4] + 1), 'event', event, 'status', f[1] or '',
+    'attempt', tonumber(attempt) or 0, 'progress', f[2] or '0', 'at', fmt(NOW),
+    'worker', f[3] or '', 'note', note or '')
+end
+
+-- The one place a transition is recorded: the task's history, and the event stream.
 local function record(key, event, attempt, note)
+  emit(key, event, attempt, note)
   if UNRECORDED[event] then return end
   local line = {at = tonumber(fmt(NOW)), event = event, attempt = tonumber(attempt) or 0}
   if note and note ~= '' then line.note = note end
