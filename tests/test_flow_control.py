@@ -31,7 +31,7 @@ from conveyor.worker.policy import RetryDefaults, backoff_seconds
 from helpers.worker_process import WorkerProcess
 
 MakeQueue = Callable[..., QueueManager]
-KEYED = backend_params("sqlite", "redis", "redis-cluster")
+KEYED = backend_params("sqlite", "redis", "redis-cluster", "postgres")
 S = TaskStatus
 
 

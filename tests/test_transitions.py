@@ -88,6 +88,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import (
+    DEFAULT_BACKENDS,
     Helper,
     _delete_redis_keys,
     backend_params,
@@ -115,6 +116,14 @@ from conveyor.lifecycle import (
 from helpers.pipelines import runs
 
 S = TaskStatus
+
+
+@pytest.fixture(params=backend_params(*dict.fromkeys((*DEFAULT_BACKENDS, "postgres"))))
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """The default backends and PostgreSQL (a backend of its own, not only a task store)."""
+    return str(request.param)
+
+
 MakeQueue = Callable[..., QueueManager]
 
 SHORT = 0.3  # a lease, delay or queue_timeout that is meant to run out
@@ -278,6 +287,17 @@ def damage(url: str, queue_name: str, task_id: str) -> None:
     """Make a stored record unreadable (its priority not a number), in whatever keeps it."""
     if url.startswith("amqp"):
         url = parse_qs(urlsplit(url).query)["task_store"][0]
+    if url.startswith("postgres"):
+        import psycopg
+
+        # Columns are typed: a damaged record is one whose data is not JSON any more.
+        with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
+            changed = conn.execute(
+                "UPDATE conveyor.tasks SET data = '{not json' WHERE queue = %s AND id = %s",
+                (queue_name, task_id),
+            ).rowcount
+        assert changed == 1
+        return
     if url.startswith("sqlite"):
         with closing(sqlite3.connect(sqlite_path_from_url(url), timeout=10)) as db, db:
             changed = db.execute(
@@ -894,7 +914,7 @@ def test_a_stale_token_cannot_extend_a_lease(
 # RabbitMQ's lease is the unacked delivery, which no timer ends: there is nothing to renew
 # (tests/test_rabbitmq.py runs a 15 s task across 2 s heartbeats on one connection instead).
 @pytest.mark.slow
-@pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis"))
+@pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis", "postgres"))
 def test_a_worker_renews_its_lease_well_inside_the_visibility_timeout(
     make_queue: MakeQueue,
     spawn_helper: Callable[..., Helper],
