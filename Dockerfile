@@ -13,7 +13,7 @@ WORKDIR /app
 # The package first (a layer that changes only with the code), then what runs beside it.
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install '.[api]' && rm -rf src
+RUN pip install '.[api,postgres]' && rm -rf src
 COPY config ./config
 COPY worker.py ./
 # The example pipelines; your own image adds yours (`pip install yourapp`, or COPY them

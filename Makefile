@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,api,supervisor]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,api,mqtt,supervisor,schedules,postgres]'
 	touch $(STAMP)
 
 run: $(STAMP)  ## the quick-start demo: the worker runs example pipelines on embedded SQLite

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,7 +35,7 @@ def stamp(ctx: StepContext) -> float:
 Row = tuple[str, str, float, str]
 
 
-def serve(url: str, queue_name: str, concurrency: int, max_jobs: int) -> None:
+def serve(url: str, queue_name: str, concurrency: int, max_jobs: int, pool: str) -> None:
     """Subprocess mode: run a worker until ``max_jobs`` tasks are done."""
     from loguru import logger
 
@@ -43,14 +44,18 @@ def serve(url: str, queue_name: str, concurrency: int, max_jobs: int) -> None:
     queue = QueueManager.from_url(url, queue_name=queue_name)
     worker = TaskWorker(
         queue, PipelineService([bench]), max_shutdown_wait=5, concurrency=concurrency,
-        options=WorkerOptions(max_jobs=max_jobs, heartbeat_interval=2),
+        options=WorkerOptions(max_jobs=max_jobs, heartbeat_interval=2, pool=pool),  # type: ignore[arg-type]
     )  # fmt: skip
     print("ready", flush=True)
     worker.start()
 
 
-def _spawn(url: str, queue_name: str, concurrency: int, max_jobs: int) -> subprocess.Popen[str]:
-    command = [sys.executable, __file__, "serve", url, queue_name, str(concurrency), str(max_jobs)]
+def _spawn(
+    url: str, queue_name: str, concurrency: int, max_jobs: int, pool: str = "process"
+) -> subprocess.Popen[str]:
+    command = [
+        sys.executable, __file__, "serve", url, queue_name, str(concurrency), str(max_jobs), pool
+    ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
@@ -79,13 +84,16 @@ def _memory_mb(pid: int) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
-def drain(url: str, n: int, concurrency: int) -> tuple[float, float, float]:
-    """No-op tasks per second through one worker process; also its peak RSS and PSS (MB)."""
+def drain(url: str, n: int, concurrency: int, pool: str) -> tuple[float, float, float, float]:
+    """No-op tasks per second through one worker process; also its peak RSS and PSS (MB),
+    and the CPU time the worker and its children spent per task (ms, start-up included):
+    on a loaded host the rate drifts with the load, the CPU time much less."""
     name = f"bw-{uuid.uuid4().hex[:8]}"
     with QueueManager.from_url(url, queue_name=name) as queue:
         for start in range(0, n, 1000):
             queue.push_many([(f"d{i}", {}, i % 11) for i in range(start, min(n, start + 1000))])
-        proc = _spawn(url, name, concurrency, n)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = _spawn(url, name, concurrency, n, pool)
         rss = pss = 0.0
         while proc.poll() is None:
             try:
@@ -95,13 +103,15 @@ def drain(url: str, n: int, concurrency: int) -> tuple[float, float, float]:
             rss, pss = max(rss, now_rss), max(pss, now_pss)
             time.sleep(0.2)
         proc.wait()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         records = queue.list_tasks(status="success", limit=n)
         started = min(r.started_at for r in records if r.started_at)
         finished = max(r.finished_at for r in records if r.finished_at)
         queue.clear()
     if len(records) != n:
         raise RuntimeError(f"drain: {len(records)} of {n} tasks succeeded")
-    return n / (finished - started).total_seconds(), rss, pss
+    return n / (finished - started).total_seconds(), rss, pss, cpu * 1000 / n
 
 
 def push_to_start(url: str, samples: int) -> list[float]:
@@ -142,16 +152,16 @@ def inversion(url: str, backlog: int) -> bool:
     return bool(first) and first[0].id == "urgent"
 
 
-def run_worker_bench(url: str, n: int, samples: int) -> list[Row]:
+def run_worker_bench(url: str, n: int, samples: int, pools: list[str]) -> list[Row]:
     rows: list[Row] = []
-    for concurrency in (1, 2):
-        rate, rss, pss = drain(url, n, concurrency)
-        rows.append((f"drain_c{concurrency}", f"worker drain, concurrency {concurrency}", rate,
-                     "tasks/s"))  # fmt: skip
-        rows.append((f"rss_c{concurrency}", f"worker + children RSS, concurrency {concurrency}",
-                     rss, "MB"))  # fmt: skip
-        rows.append((f"pss_c{concurrency}", f"worker + children PSS, concurrency {concurrency}",
-                     pss, "MB"))  # fmt: skip
+    for pool in pools:
+        for concurrency in (1, 2):
+            rate, rss, pss, cpu = drain(url, n, concurrency, pool)
+            tag, what = f"{pool[0]}c{concurrency}", f"{pool} pool, concurrency {concurrency}"
+            rows.append((f"drain_{tag}", f"worker drain, {what}", rate, "tasks/s"))
+            rows.append((f"cpu_{tag}", f"worker + children CPU per task, {what}", cpu, "ms"))
+            rows.append((f"rss_{tag}", f"worker + children RSS, {what}", rss, "MB"))
+            rows.append((f"pss_{tag}", f"worker + children PSS, {what}", pss, "MB"))
     latencies = [s * 1000 for s in push_to_start(url, samples)]
     quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
     rows.append(("start_p50", f"push-to-start p50 ({samples} samples)", quantiles[49], "ms"))
@@ -163,17 +173,22 @@ def run_worker_bench(url: str, n: int, samples: int) -> list[Row]:
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "serve":
-        serve(argv[1], argv[2], int(argv[3]), int(argv[4]))
+        serve(argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--url", required=True)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument(
+        "--pool", choices=["process", "thread", "both"], default="both",
+        help="worker.pool to measure the drain with (default: both)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="conveyor-bench-worker-"))
     try:
         url = with_task_store(args.url, workdir)
-        for key, metric, value, unit in run_worker_bench(url, args.n, args.samples):
+        pools = ["process", "thread"] if args.pool == "both" else [args.pool]
+        for key, metric, value, unit in run_worker_bench(url, args.n, args.samples, pools):
             print(f"{metric:<55} {value:>10.2f} {unit}  ({key})")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -47,6 +47,10 @@ RABBITMQ_URL = os.environ.get(
     "CONVEYOR_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/?heartbeat=2"
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
+#: The PostgreSQL server; the session creates a database of its own on it (and drops it).
+POSTGRES_ADMIN_URL = os.environ.get(
+    "CONVEYOR_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 #: The backends the conformance suite runs against: (name, marks).
 BACKENDS = {
@@ -54,6 +58,7 @@ BACKENDS = {
     "redis": (pytest.mark.redis,),
     "rabbitmq": (pytest.mark.rabbitmq,),
     "redis-cluster": (pytest.mark.cluster,),
+    "postgres": (pytest.mark.postgres,),
 }
 #: The backends a test runs on unless it names them: the conformance suite adds the
 #: cluster (``backend_params(*ALL)``); the slower process and API tests stay on these.
@@ -139,13 +144,73 @@ def require_rabbitmq_server(url: str = RABBITMQ_URL) -> None:
         unavailable(f"no RabbitMQ server answers at {url}: {exc!r}")
 
 
+def require_postgres_server(url: str = POSTGRES_ADMIN_URL) -> None:
+    import psycopg
+
+    try:
+        psycopg.connect(url, connect_timeout=2).close()
+    except psycopg.Error as exc:
+        unavailable(f"no PostgreSQL server answers at {url}: {exc}")
+
+
+def postgres_database_url(name: str) -> str:
+    """The admin URL with another database name."""
+    return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+def create_postgres_database(name: str) -> str:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres_database_url(name)
+
+
+def drop_postgres_database(name: str) -> None:
+    import psycopg
+
+    with (
+        contextlib.suppress(psycopg.Error),
+        psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn,
+    ):
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+_SESSION_DATABASE: list[str] = []
+
+
+def session_postgres_database() -> str:
+    """A database of this test session's own (``conveyor_test_<pid>``), created on first
+    use and dropped when the session ends (``pytest_sessionfinish``)."""
+    if not _SESSION_DATABASE:
+        require_backend_module("postgres")
+        require_postgres_server()
+        _SESSION_DATABASE.append(create_postgres_database(f"conveyor_test_{os.getpid()}"))
+    return _SESSION_DATABASE[0]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SESSION_DATABASE:
+        drop_postgres_database(f"conveyor_test_{os.getpid()}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The session's own PostgreSQL database (see :func:`session_postgres_database`)."""
+    return session_postgres_database()
+
+
 def rabbitmq_url(tmp_path: Path, store: str | None = None) -> str:
     """The test broker's URL with a task store: ``store``, else a SQLite file of the test's
     own, or the test Redis when ``CONVEYOR_TEST_RABBITMQ_STORE=redis`` (the suite then runs
     the RabbitMQ backend over the Redis task store)."""
     if store is None:
-        redis_store = os.environ.get("CONVEYOR_TEST_RABBITMQ_STORE", "sqlite") == "redis"
-        store = REDIS_URL if redis_store else f"sqlite:///{tmp_path}/store.db"
+        kind = os.environ.get("CONVEYOR_TEST_RABBITMQ_STORE", "sqlite")
+        if kind == "postgres":
+            store = session_postgres_database()
+        else:
+            store = REDIS_URL if kind == "redis" else f"sqlite:///{tmp_path}/store.db"
     separator = "&" if "?" in RABBITMQ_URL else "?"
     return f"{RABBITMQ_URL}{separator}task_store={store}"
 
@@ -219,6 +284,8 @@ def backend_url(backend_name: str, tmp_path: Path, request: pytest.FixtureReques
     if backend_name == "redis-cluster":
         cluster: PrivateCluster = request.getfixturevalue("redis_cluster")
         return cluster.url
+    if backend_name == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
     return _url_for(backend_name, tmp_path)
 
 

@@ -104,8 +104,10 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
-def serve(db_url: str, recorder: Recorder) -> Iterator[Serve]:
-    """``serve(**settings) -> base URL``: the app under uvicorn in a thread, stopped after."""
+def serve(db_url: str, recorder: Recorder, browser: webdriver.Chrome) -> Iterator[Serve]:
+    """``serve(**settings) -> base URL``: the app under uvicorn in a thread, stopped after
+    the browser left the page (its live event stream would hold the server open, and its
+    reconnects would log errors into the next test's console)."""
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
     def start(**overrides: Any) -> str:
@@ -121,6 +123,8 @@ def serve(db_url: str, recorder: Recorder) -> Iterator[Serve]:
         return f"http://127.0.0.1:{port}"
 
     yield start
+    browser.get("about:blank")
+    browser.get_log("browser")
     for server, thread in servers:
         server.should_exit = True
         thread.join(timeout=15)
@@ -175,7 +179,15 @@ def text_of(browser: webdriver.Chrome, selector: str) -> str:
 
 
 def shows(browser: webdriver.Chrome, selector: str, *needles: str) -> Callable[[], bool]:
-    return lambda: all(needle in text_of(browser, selector) for needle in needles)
+    """A predicate for wait_until; an element replaced by a redraw is looked up again."""
+
+    def check() -> bool:
+        try:
+            return all(needle in text_of(browser, selector) for needle in needles)
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+
+    return check
 
 
 def screenshot(browser: webdriver.Chrome, path: Path) -> None:
@@ -259,7 +271,8 @@ def test_with_a_token_the_dashboard_asks_for_it(
     assert not browser.find_element(By.ID, "login").is_displayed()
     assert browser.execute_script("return sessionStorage.getItem('conveyor.token')") == TOKEN
     # Only the 401s of the refused attempts may be in the console.
-    assert all("401" in message for message in console_errors(browser))
+    errors = console_errors(browser)
+    assert all("401" in message for message in errors), errors
 
 
 def test_cancel_and_retry_work_for_odd_ids(
@@ -371,3 +384,51 @@ def test_a_page_of_another_origin_cannot_change_tasks_without_a_token(
     click(browser, '#failed button.retry[data-task-id="failed-1"]')
     wait_until(lambda: meetings.require_task("failed-1").status == "pending", 10,
                message="the dashboard's own retry")  # fmt: skip
+
+
+def stats_requests(recorder: Recorder) -> int:
+    return sum(1 for _, path, _ in recorder.seen if path == "/api/v1/stats")
+
+
+def test_the_dashboard_follows_events_live_and_the_task_page_shows_a_task(
+    browser: webdriver.Chrome, serve: Serve, queues: dict[str, QueueManager], recorder: Recorder
+) -> None:
+    meetings = queues["meetings"]
+    assert meetings.push("live-0501", {"audio_files": ["live.wav"]}, 7, type="meeting")
+    browser.get(serve(api={"token": TOKEN}))
+    browser.execute_script(f"sessionStorage.setItem('conveyor.token', '{TOKEN}')")
+    browser.refresh()
+    wait_until(shows(browser, "#recent", "live-0501", "pending"), 15, message="the task")
+    browser.get_log("browser")  # the 401s of the first load, before the token was stored
+    browser.execute_script("window.sameDocument = true")  # gone if the page reloads
+    message = meetings.reserve(timeout=1)
+    assert message is not None
+    row = '#recent tr[data-task-id="live-0501"]'
+    wait_until(shows(browser, row, "processing"), 10, message="the start, from an event")
+    assert meetings.set_progress(message, 0.42, "transcribing")
+    wait_until(shows(browser, f"{row} .pct", "42%"), 10, message="the progress, live")
+    assert browser.execute_script("return window.sameDocument") is True
+
+    quiet = stats_requests(recorder)  # no events: no requests (nothing polls)
+    time.sleep(2.5)
+    assert stats_requests(recorder) == quiet
+
+    click(browser, f"{row} a.task-link")
+    wait_until(shows(browser, "#t-history", "pushed", "started"), 10, message="the history")
+    assert text_of(browser, "#t-progress") == "42%"
+    assert meetings.set_progress(message, 0.75, "three quarters")
+    wait_until(shows(browser, "#t-progress", "75%"), 10, message="the task page's progress")
+    assert meetings.checkpoint(message, {"transcribe": {"words": 1200}})
+    wait_until(shows(browser, "#t-steps", "transcribe", "1200"), 10, message="the steps")
+    error = {
+        "type": "DecodeError",
+        "message": "live.wav: truncated",
+        "traceback": 'Traceback (most recent call last):\n  File "steps.py", line 9',
+    }
+    assert meetings.fail(message, reason="error", error=error)
+    wait_until(shows(browser, "#t-error", "DecodeError: live.wav: truncated"), 10)
+    wait_until(shows(browser, "#t-traceback", "steps.py"), 10, message="the traceback")
+    wait_until(shows(browser, "#t-history", "failed"), 10, message="the failure in history")
+    assert browser.execute_script("return window.sameDocument") is True
+    screenshot(browser, ARTIFACTS / "dashboard-task.png")
+    assert console_errors(browser) == []

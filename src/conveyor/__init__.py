@@ -19,6 +19,7 @@ from .errors import (
 from .manager import QueueManager, QueueStats
 from .models import Message, TaskError, TaskEvent, TaskRecord, TaskStatus
 from .pipeline import Pipeline, PipelineError, PipelineService, StepContext
+from .retries import PermanentError
 from .worker import RetryDefaults, TaskWorker, WorkerOptions
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigError",
     "ConveyorError",
     "Message",
+    "PermanentError",
     "Pipeline",
     "PipelineError",
     "PipelineService",

@@ -75,6 +75,7 @@ class Event(StrEnum):
     TIMEOUT = "timeout"  # not started within its queue_timeout
     REDRIVEN = "redriven"  # a finished task started over by ``retry``
     REPUBLISHED = "republished"  # RabbitMQ: its message was published again (lost confirm)
+    PARKED = "parked"  # met by a claim while its concurrency key is full: set aside
 
 
 #: Events that change only a field, not the status: not appended to the stored history.
@@ -106,6 +107,7 @@ class DeadReason(StrEnum):
     SHUTDOWN = "shutdown"  # interrupted by a shutdown with shutdown_mode fail
     UNKNOWN_PIPELINE = "unknown_pipeline"
     INVALID_DATA = "invalid_data"
+    PERMANENT = "permanent"  # a step raised PermanentError (or a type it does not retry on)
 
 
 #: Reasons the backend itself gives up on a task (not a consumer's failure): a FAIL with one
@@ -138,9 +140,18 @@ class Op(StrEnum):
     EXTEND = "extend"
     CHECKPOINT = "checkpoint"
     PROGRESS = "progress"
+    PREEMPT = "preempt"  # yield a running task at a step boundary and claim the urgent one
 
 
 S, E, R = TaskStatus, Event, DeadReason
+
+#: The guards of the PREEMPT rows (the store checks them in this order).
+PREEMPT_CANCELED = "a cancel was asked while it ran: it stops between steps instead"
+PREEMPT_NO_URGENT = "no ready task of at least min_priority (another worker took it)"
+PREEMPT_MAXED = "preemptions >= max_preemptions: it runs to the end"
+PREEMPT_YIELDS = (
+    "preemptions + 1, attempts - 1, steps kept; the urgent task is claimed in the same step"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +161,9 @@ class Rule:
     ``to`` None means the operation is refused: nothing changes and it returns False.
     ``place`` says where a task that goes back in line stands: ``back`` of its priority
     band (a new place), ``kept`` (its original place), or ``due`` (the back of its band
-    once its delay has passed).
+    once its delay has passed). ``parked``: out of the line, on its concurrency key's
+    parked list, until a task of that key leaves ``processing``; then it is re-admitted at
+    the place it had (see ``conveyor.keylimits``).
     """
 
     state: TaskStatus
@@ -177,6 +190,14 @@ TRANSITIONS: tuple[Rule, ...] = (
     # -- waiting ----------------------------------------------------------------------------
     Rule(S.PENDING, Op.CLAIM, S.TIMEOUT, E.TIMEOUT, "its queue_timeout passed: skipped"),
     Rule(S.PENDING, Op.CLAIM, S.FAILED, E.DEAD_LETTERED, "the record is unreadable", R.MALFORMED),
+    Rule(
+        S.PENDING,
+        Op.CLAIM,
+        S.PENDING,
+        E.PARKED,
+        "its concurrency key is full: parked, the claim goes on",
+        place="parked",
+    ),
     Rule(S.PENDING, Op.CLAIM, S.PROCESSING, E.STARTED, "attempts + 1, a new fencing token"),
     Rule(S.PENDING, Op.QUEUE_TIMEOUT, S.TIMEOUT, E.TIMEOUT, "never started"),
     Rule(S.SCHEDULED, Op.QUEUE_TIMEOUT, S.TIMEOUT, E.TIMEOUT, "never started"),
@@ -212,6 +233,12 @@ TRANSITIONS: tuple[Rule, ...] = (
     Rule(S.PROCESSING, Op.EXTEND, S.PROCESSING, None, "with the holder's token"),
     Rule(S.PROCESSING, Op.CHECKPOINT, S.PROCESSING, E.CHECKPOINT, "with the holder's token"),
     Rule(S.PROCESSING, Op.PROGRESS, S.PROCESSING, E.PROGRESS, "with the holder's token"),
+    # Preemption: one step yields the running task and claims the urgent one for the same
+    # worker, so two busy workers never both yield for one urgent task.
+    Rule(S.PROCESSING, Op.PREEMPT, None, None, PREEMPT_CANCELED),
+    Rule(S.PROCESSING, Op.PREEMPT, None, None, PREEMPT_NO_URGENT),
+    Rule(S.PROCESSING, Op.PREEMPT, None, None, PREEMPT_MAXED),
+    Rule(S.PROCESSING, Op.PREEMPT, S.PENDING, E.PREEMPTED, PREEMPT_YIELDS, place="kept"),
     # -- finished ---------------------------------------------------------------------------
     Rule(S.FAILED, Op.RETRY, S.PENDING, E.REDRIVEN, "attempts and expiries reset", place="back"),
     Rule(S.CANCELED, Op.RETRY, S.PENDING, E.REDRIVEN, "attempts and expiries reset", place="back"),

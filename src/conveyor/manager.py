@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -20,13 +21,16 @@ from loguru import logger
 from pydantic import BaseModel
 
 from . import outcomes as build
+from .aging import check_aging
 from .backends import (
     Claimed,
     ClaimResult,
     ClaimSpec,
+    Head,
     LeaseState,
     NewTask,
     Outcome,
+    Preempt,
     QueueBackend,
     Server,
     Settled,
@@ -35,6 +39,7 @@ from .backends import (
     open_server,
     spec_for_kind,
 )
+from .backends.eventlog import EventLog, LiveEvent
 from .codec import (
     ErrorLike,
     delay_from,
@@ -50,9 +55,11 @@ from .errors import (
     TaskValidationError,
 )
 from .heartbeat import heartbeat_from
+from .keylimits import key_fields
 from .lifecycle import FINISHED_STATUSES, DeadReason, TaskStatus
 from .models import Message, TaskRecord
 from .records import record_from_row
+from .retries import check_backoff, decode_backoff, encode_backoff
 from .validation import (
     DEFAULT_JSON_DEPTH,
     MAX_JSON_DEPTH,
@@ -76,8 +83,17 @@ DEFAULT_PRIORITY = 5
 _MAX_WAIT_SLICE = 1.0
 
 _TASK_OPTIONS = frozenset(
-    {"type", "delay", "eta", "max_retries", "retry_backoff", "queue_timeout", "process_timeout"}
-)
+    {"type", "delay", "eta", "max_retries", "retry_backoff", "queue_timeout", "process_timeout",
+     "concurrency_key", "max_concurrency"}
+)  # fmt: skip
+
+
+class WaitingBand(BaseModel):
+    """The ready tasks of one declared priority: how many, and the oldest one's wait."""
+
+    priority: int
+    count: int
+    oldest_seconds: float
 
 
 class QueueStats(BaseModel):
@@ -88,6 +104,10 @@ class QueueStats(BaseModel):
     done_last_minute: int
     failed_last_minute: int
     mean_run_seconds: float | None
+    #: Ready tasks per declared priority, most urgent first, with the longest wait of each.
+    waiting: list[WaitingBand] = []
+    #: How many times tasks of this queue yielded to more urgent ones (records kept).
+    preemptions: int = 0
 
 
 class _SharedServer:
@@ -131,6 +151,8 @@ class QueueManager:
         server: Server | None = None,
         max_json_depth: int = DEFAULT_JSON_DEPTH,
         reader: bool = False,
+        key_limits: Mapping[str, int] | None = None,
+        aging_interval: float | None = None,
     ) -> None:
         spec = spec_for_kind(backend)
         _check_tuning(
@@ -149,9 +171,13 @@ class QueueManager:
         self.backend_kind = spec.kind
         #: Stored as the ``worker`` of each task this manager claims (a TaskWorker sets it).
         self.consumer_id = ""
+        #: Configured per-key limits of this queue (``queue.key_limits``; ``"*"``: any key).
+        self.key_limits: dict[str, int] = dict(key_limits or {})
+        self.aging_interval = check_aging(spec.kind, aging_interval)
         self._config = StoreConfig(
-            result_ttl=result_ttl, max_deliveries=max_deliveries, max_priority=max_priority
-        )
+            result_ttl=result_ttl, max_deliveries=max_deliveries, max_priority=max_priority,
+            aging_interval=self.aging_interval,
+        )  # fmt: skip
         if server is None:
             options: dict[str, Any] = {"connect_timeout": connect_timeout}
             if reader and spec.kind is QueueBackend.SQLITE:
@@ -181,6 +207,7 @@ class QueueManager:
             self._shared.release()
             raise
         self._closed = False
+        self._events: EventLog | None = None
 
     # -- construction ---------------------------------------------------------------------
 
@@ -200,6 +227,8 @@ class QueueManager:
             visibility_timeout=self.visibility_timeout, max_deliveries=self.max_deliveries,
             max_priority=self.max_priority, max_payload_bytes=self.max_payload_bytes,
             result_ttl=self._config.result_ttl, max_json_depth=self.max_json_depth,
+            key_limits=self.key_limits,
+            aging_interval=self.aging_interval,
         )  # fmt: skip
         sibling._shared = self._shared
         self._shared.owners += 1
@@ -225,6 +254,8 @@ class QueueManager:
             result_ttl=queue.result_ttl,
             connect_timeout=queue.connect_timeout,
             reader=reader,
+            key_limits=queue.key_limits,
+            aging_interval=queue.aging_interval,
             **_store_option(settings),
         )
 
@@ -250,11 +281,17 @@ class QueueManager:
         delay: float | None = None,
         eta: datetime | float | None = None,
         max_retries: int | None = None,
-        retry_backoff: float | None = None,
+        retry_backoff: float | Sequence[float] | None = None,
         queue_timeout: float | None = None,
         process_timeout: float | None = None,
+        concurrency_key: str | None = None,
+        max_concurrency: int | None = None,
     ) -> bool:
         """Enqueue one task; True if stored, False if that id is already live.
+
+        ``concurrency_key``/``max_concurrency``: at most that many tasks of the key (scoped
+        to this queue) process at once, across all workers; the smallest limit wins. A
+        limit configured for the key (``key_limits``) applies too.
 
         Raises ``TaskValidationError``/``TaskTypeError`` (``ValueError``/``TypeError``)
         naming the bad field before anything is written.
@@ -267,8 +304,17 @@ class QueueManager:
             "retry_backoff": retry_backoff,
             "queue_timeout": queue_timeout,
             "process_timeout": process_timeout,
+            "concurrency_key": concurrency_key,
+            "max_concurrency": max_concurrency,
         }
         task = self._new_task(task_id, data, priority, options)
+        return self._store.enqueue([task]).stored[0]
+
+    def push_once(self, task_id: str, data: Any, priority: int = DEFAULT_PRIORITY,
+                  **options: Any) -> bool:  # fmt: skip
+        """Enqueue a task unless a record of ``task_id`` exists at all, finished ones too
+        (one atomic step): a schedule's tick is claimed by pushing its deterministic id."""
+        task = replace(self._new_task(task_id, data, priority, options), unique=True)
         return self._store.enqueue([task]).stored[0]
 
     def submit(
@@ -335,14 +381,20 @@ class QueueManager:
             type=check_type_name(options.get("type")),
             delay=delay_from(options.get("delay"), options.get("eta")),
             max_retries=check_optional_count("max_retries", options.get("max_retries")),
-            retry_backoff=check_seconds("retry_backoff", options.get("retry_backoff")),
+            retry_backoff=encode_backoff(
+                check_backoff("retry_backoff", options.get("retry_backoff"))
+            ),
             queue_timeout=check_seconds(
                 "queue_timeout", options.get("queue_timeout"), allow_zero=False
             ),
             process_timeout=check_seconds(
                 "process_timeout", options.get("process_timeout"), allow_zero=False
             ),
-        )
+            **key_fields(
+                options.get("concurrency_key"), options.get("max_concurrency"),
+                self.key_limits, self.backend_kind,
+            ),
+        )  # fmt: skip
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -354,19 +406,25 @@ class QueueManager:
         """
         return self._take(None, timeout)
 
-    def reserve(self, timeout: float | None = 0) -> Message | None:
+    def reserve(
+        self, timeout: float | None = 0, *, min_priority: int | None = None
+    ) -> Message | None:
         """Lease the most urgent task (at-least-once), or None after ``timeout`` seconds.
 
         The lease lasts ``visibility_timeout`` seconds; ``extend`` renews it. Settle with
         ``ack`` or ``nack``; if the consumer dies, the task is delivered again.
+        ``min_priority`` takes the head of the line only if its declared priority is at
+        least that (a worker's reserved slot).
         """
-        return self._take(self.visibility_timeout, timeout)
+        return self._take(self.visibility_timeout, timeout, min_priority)
 
-    def _take(self, lease: float | None, timeout: float | None) -> Message | None:
+    def _take(
+        self, lease: float | None, timeout: float | None, min_priority: int | None = None
+    ) -> Message | None:
         wait_for = math.inf if timeout is None else check_seconds("timeout", timeout) or 0.0
         deadline = time.monotonic() + wait_for
         while True:
-            result = self._store.claim(self._spec(lease))
+            result = self._store.claim(self._spec(lease, min_priority=min_priority))
             messages = self._messages(result, lease is not None)
             if messages:
                 return messages[0]
@@ -380,8 +438,12 @@ class QueueManager:
                 slice_ = min(slice_, max(result.wait_hint, 0.001))
             self._store.wait(slice_)
 
-    def _spec(self, lease: float | None, count: int = 1) -> ClaimSpec:
-        return ClaimSpec(lease, self.max_deliveries, self.consumer_id, count=count)
+    def _spec(
+        self, lease: float | None, count: int = 1, min_priority: int | None = None
+    ) -> ClaimSpec:
+        return ClaimSpec(
+            lease, self.max_deliveries, self.consumer_id, count=count, min_priority=min_priority
+        )
 
     def _messages(self, result: ClaimResult, leased: bool) -> list[Message]:
         """The claimed tasks as messages; malformed ones are dead-lettered and left out."""
@@ -391,7 +453,9 @@ class QueueManager:
     def _decode(self, claimed: Claimed, leased: bool) -> Message | None:
         """Turn a claimed entry into a Message, dead-lettering it if it is malformed."""
         try:
-            return Message(
+            # Every field is read and checked just here (the strict helpers below), so
+            # pydantic's validation would only repeat it, once per task on the hot path.
+            return Message.model_construct(
                 task_id=claimed.task_id,
                 data=decode_json("data", claimed.data_json, self.max_json_depth),
                 priority=strict_int(claimed.priority),
@@ -399,7 +463,7 @@ class QueueManager:
                 type=claimed.type or None,
                 attempts=claimed.attempts,
                 max_retries=None if claimed.max_retries in (None, "") else int(claimed.max_retries),
-                retry_backoff=optional_float(claimed.retry_backoff),
+                retry_backoff=decode_backoff(claimed.retry_backoff),
                 process_timeout=optional_float(claimed.process_timeout),
                 created_at=optional_float(claimed.created_at) or 0.0,
                 steps=steps_from(claimed.steps_json, self.max_json_depth),
@@ -418,19 +482,23 @@ class QueueManager:
     # -- settling ---------------------------------------------------------------------------
 
     def settle(
-        self, outcomes: Sequence[Outcome], claim: int = 0
+        self, outcomes: Sequence[Outcome], claim: int = 0, min_priority: int | None = None
     ) -> tuple[list[Settled], list[Message]]:
         """Apply outcomes and lease up to ``claim`` more tasks, in one round trip.
 
         The worker's hot path: the results of every slot that finished, and the claims for
-        every slot that is free, in one atomic step (no blocking).
+        every slot that is free, in one atomic step (no blocking). ``min_priority``: as for
+        ``reserve`` (claims for reserved slots).
         """
-        then = self._spec(self.visibility_timeout, claim) if claim > 0 else None
+        then = None
+        if claim > 0:
+            then = self._spec(self.visibility_timeout, claim, min_priority)
         settled, result = self._store.settle(outcomes, then)
         messages = self._messages(result, True) if result is not None else []
-        if result is not None and len(messages) < claim and (result.claimed or result.skipped):
+        more_wanted = result is not None and (result.claimed or result.skipped)
+        if then is not None and len(messages) < claim and more_wanted:
             try:
-                more = self._store.claim(self._spec(self.visibility_timeout, claim - len(messages)))
+                more = self._store.claim(replace(then, count=claim - len(messages)))
             except BrokerUnavailableError:
                 return settled, messages  # the outcomes counted; the next call meets the outage
             messages += self._messages(more, True)
@@ -499,6 +567,39 @@ class QueueManager:
         leases = [(message.task_id, message.token) for message in messages]
         return self._store.renew(leases, self.visibility_timeout if extend else None)
 
+    def head(self) -> Head | None:
+        """The task at the head of the line (its declared priority and ready time), or None
+        when nothing is ready: one cheap read, for a busy worker's preemption check."""
+        return self._store.head()
+
+    def preempt(
+        self,
+        message: Message,
+        steps: Mapping[str, Any],
+        *,
+        min_priority: int,
+        max_preemptions: int,
+    ) -> tuple[bool, Message | None]:
+        """Yield a running task at a step boundary and lease the urgent task instead.
+
+        One atomic step: the yielded task goes back to its original place with ``steps``
+        as its checkpoint and its attempt returned, and the most urgent ready task — only
+        if its declared priority is at least ``min_priority`` — is leased to this consumer.
+        Returns (yielded, the urgent task's message). (False, None): nothing changed — no
+        such task is ready, the running task was preempted ``max_preemptions`` times
+        already, a cancel was asked, or its lease is lost. (True, None) is rare: the urgent
+        record proved unreadable once taken (dead-lettered); the yield stands.
+        """
+        steps_json = build.checkpoint(
+            message, steps, self.max_payload_bytes, self.max_json_depth
+        ).payload
+        yielded = Preempt(message.task_id, message.token, steps_json, min_priority, max_preemptions)
+        settled, result = self._store.preempt(yielded, self._spec(self.visibility_timeout))
+        if settled.status is None:
+            return False, None
+        messages = self._messages(result, True)
+        return True, messages[0] if messages else None
+
     def sweep(self) -> None:
         """Maintenance: time out expired waiting tasks, reap lost leases, apply retention."""
         self._store.sweep()
@@ -535,6 +636,29 @@ class QueueManager:
         if record is None:
             raise TaskNotFoundError(f"no task {task_id!r} in queue {self.queue_name!r}")
         return record
+
+    # -- live events (conveyor.events) -------------------------------------------------------
+
+    def event_log(self) -> EventLog:
+        """This queue's event log (opened once per manager)."""
+        if self._events is None:
+            self._events = self.server.events(self.queue_name)
+        return self._events
+
+    def events(self, task_id: str | None = None, since: str | None = None) -> Iterator[LiveEvent]:
+        """Every event of this queue (or of one task) after the log id ``since`` (None: from
+        now), as it happens. Blocks on the backend's wake-up; never ends by itself. A
+        ``reset`` event means events were trimmed before they were read: re-read the state."""
+        from .events.waiting import iter_events
+
+        return iter_events(self.event_log(), task_id, since)
+
+    def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord | None:
+        """The task's final record as soon as it exists; None after ``timeout`` seconds."""
+        from .events.waiting import wait_for
+
+        task_id = check_task_id(task_id)
+        return wait_for(self.event_log(), lambda: self.get_task(task_id), task_id, timeout)
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a scheduled or pending task now, or a running one between its steps."""
@@ -585,12 +709,19 @@ class QueueManager:
     def stats(self) -> QueueStats:
         """Counts per status, successes and failures in the last minute, mean run time."""
         done, failed, mean = self._records.recent(60.0)
+        now = self._records.now()
+        waiting = [
+            WaitingBand(priority=priority, count=count, oldest_seconds=max(0.0, now - ready))
+            for priority, count, ready in self._records.waiting()
+        ]
         return QueueStats(
             queue=self.queue_name,
             counts=self._records.counts(),
             done_last_minute=done,
             failed_last_minute=failed,
             mean_run_seconds=mean if mean is not None and math.isfinite(mean) else None,
+            waiting=waiting,
+            preemptions=self._records.preemptions(),
         )
 
     def known_queues(self) -> list[str]:
@@ -647,6 +778,8 @@ class QueueManager:
             return
         self._closed = True
         try:
+            if self._events is not None:
+                self._events.close()
             self._store.close()
         finally:
             self._shared.release()

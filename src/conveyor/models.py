@@ -51,7 +51,7 @@ class TaskRecord(BaseModel):
     status: TaskStatus
     attempts: int = 0
     max_retries: int | None = None
-    retry_backoff: float | None = None
+    retry_backoff: float | tuple[float, ...] | None = None
     queue_timeout: float | None = None
     process_timeout: float | None = None
     created_at: datetime
@@ -67,7 +67,12 @@ class TaskRecord(BaseModel):
     cancel_requested: bool = False
     steps: dict[str, Any] = Field(default_factory=dict)
     worker: str | None = None
+    concurrency_key: str | None = None
+    max_concurrency: int | None = None
     history: list[TaskEvent] = Field(default_factory=list)
+    preemptions: int = Field(
+        default=0, description="times it yielded to a more urgent task at a step boundary"
+    )
     damage: list[str] = Field(
         default_factory=list,
         description="stored fields that could not be read, each 'field: why'; empty for a "
@@ -93,7 +98,7 @@ class Message(BaseModel):
     type: str | None = None
     attempts: int = 1
     max_retries: int | None = None
-    retry_backoff: float | None = None
+    retry_backoff: float | tuple[float, ...] | None = None
     process_timeout: float | None = None
     created_at: float = 0.0
     steps: dict[str, Any] = Field(default_factory=dict)

@@ -12,15 +12,18 @@ them by their qualified name, as Celery and RQ do.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, overload
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError, ConveyorError
+from .errors import ConfigError, ConveyorError, TaskTypeError, TaskValidationError
+from .retries import Backoff, check_backoff, exception_types, is_permanent
 
 StepFunction = Callable[["StepContext"], Any]
+Hook = Callable[[Any], Any]  # called with the task's TaskRecord
 
 
 class PipelineError(ConveyorError):
@@ -31,15 +34,25 @@ class PipelineError(ConveyorError):
         self.reason = reason
 
 
+ExceptionTypes = tuple[type[BaseException], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One step: its function and its own limits (None: the pipeline's or the task's)."""
+    """One step: its function and its own limits (None: the pipeline's or the task's).
+
+    ``retry_backoff`` is a base delay or a list of delays (see ``conveyor.retries``).
+    ``retry_on`` retries only these exception types (any other fails the task at once);
+    ``dont_retry_on`` fails the task at once on these. ``PermanentError`` never retries.
+    """
 
     name: str
     function: StepFunction
     timeout: float | None = None
     max_retries: int | None = None
-    retry_backoff: float | None = None
+    retry_backoff: Backoff | None = None
+    retry_on: ExceptionTypes | None = None
+    dont_retry_on: ExceptionTypes | None = None
 
 
 class StepContext:
@@ -96,10 +109,30 @@ class Pipeline:
 
     name: str
     max_retries: int | None = None
-    retry_backoff: float | None = None
+    retry_backoff: Backoff | Sequence[float] | None = None
     timeout: float | None = None
     schema: type[BaseModel] | None = None
     steps: list[Step] = field(default_factory=list)
+    #: May yield to a more urgent task between two steps (a worker with preemption on).
+    preemptible: bool = False
+    #: Defaults for every step that sets none (see :class:`Step`).
+    retry_on: ExceptionTypes | None = None
+    dont_retry_on: ExceptionTypes | None = None
+    #: Hooks, called in the worker with the task's record after its outcome is recorded;
+    #: at most once, bounded, never changing the outcome (see ``worker/hooks.py``).
+    on_success: Hook | None = None
+    on_failure: Hook | None = None
+    on_retry: Hook | None = None
+    on_cancel: Hook | None = None
+    #: Cron schedules of this pipeline (``schedule()``), as config entries.
+    schedules: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        where = f"pipeline {self.name!r}"
+        with _as_config_error():
+            self.retry_backoff = check_backoff(f"{where}: retry_backoff", self.retry_backoff)
+            self.retry_on = exception_types(f"{where}: retry_on", self.retry_on)
+            self.dont_retry_on = exception_types(f"{where}: dont_retry_on", self.dont_retry_on)
 
     @overload
     def step(self, function: StepFunction, /) -> StepFunction: ...
@@ -111,7 +144,9 @@ class Pipeline:
         name: str | None = None,
         timeout: float | None = None,
         max_retries: int | None = None,
-        retry_backoff: float | None = None,
+        retry_backoff: float | Sequence[float] | None = None,
+        retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+        dont_retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
     ) -> Callable[[StepFunction], StepFunction]: ...
 
     def step(
@@ -121,7 +156,9 @@ class Pipeline:
         name: str | None = None,
         timeout: float | None = None,
         max_retries: int | None = None,
-        retry_backoff: float | None = None,
+        retry_backoff: float | Sequence[float] | None = None,
+        retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+        dont_retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
     ) -> StepFunction | Callable[[StepFunction], StepFunction]:
         """Register a step (``@pipeline.step`` or ``@pipeline.step(timeout=600)``).
 
@@ -132,7 +169,14 @@ class Pipeline:
             step_name = name or fn.__name__
             if any(existing.name == step_name for existing in self.steps):
                 raise ConfigError(f"pipeline {self.name!r}: two steps named {step_name!r}")
-            self.steps.append(Step(step_name, fn, timeout, max_retries, retry_backoff))
+            where = f"pipeline {self.name!r} step {step_name!r}"
+            with _as_config_error():
+                backoff = check_backoff(f"{where}: retry_backoff", retry_backoff)
+                retry_types = exception_types(f"{where}: retry_on", retry_on)
+                dont_types = exception_types(f"{where}: dont_retry_on", dont_retry_on)
+            self.steps.append(
+                Step(step_name, fn, timeout, max_retries, backoff, retry_types, dont_types)
+            )  # fmt: skip
             return fn
 
         return register(function) if function is not None else register
@@ -160,6 +204,37 @@ class Pipeline:
             return self.timeout
         limits = [step.timeout for step in self.steps]
         return None if None in limits else sum(limit for limit in limits if limit is not None)
+
+    def is_permanent(self, step: Step, exc: BaseException) -> bool:
+        """Does ``exc``, raised by ``step``, end the task at once (no retry)?"""
+        retry_on = step.retry_on if step.retry_on is not None else self.retry_on
+        dont = step.dont_retry_on if step.dont_retry_on is not None else self.dont_retry_on
+        return is_permanent(exc, retry_on, dont)
+
+    def schedule(
+        self,
+        cron: str,
+        *,
+        data: Any = None,
+        tz: str = "UTC",
+        priority: int = 5,
+        name: str | None = None,
+        queue: str | None = None,
+        missed: str = "skip",
+        grace: float = 60.0,
+        **options: Any,
+    ) -> None:
+        """Run this pipeline on a cron schedule (``"0 9 * * MON-FRI"``; a leading 6th field
+        is seconds): every worker that loads the pipeline runs the scheduler, and each tick
+        is pushed once however many do. ``queue`` None: the worker's first queue. Checked
+        now (a bad expression or time zone raises ConfigError here)."""
+        from .schedules import schedule_from
+
+        entry = {"name": name or f"{self.name}:{cron}", "cron": cron, "queue": queue,
+                 "data": data, "tz": tz, "priority": priority, "type": self.name,
+                 "missed": missed, "grace": grace, "options": options}  # fmt: skip
+        schedule_from({**entry, "queue": queue or "default"})
+        self.schedules.append(entry)
 
     def step_named(self, name: str) -> Step:
         for step in self.steps:
@@ -213,6 +288,15 @@ class PipelineService:
             f"no pipeline named {type_name!r} in this worker (it runs: {known}); "
             "push with type= one of these, or add the pipeline to worker.pipelines",
         )
+
+
+@contextmanager
+def _as_config_error() -> Iterator[None]:
+    """A pipeline's bad setting is a configuration error, named as such."""
+    try:
+        yield
+    except (TaskValidationError, TaskTypeError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _load(path: str) -> list[Pipeline]:

@@ -16,8 +16,9 @@ from datetime import datetime
 from typing import Any
 
 from .errors import TaskValidationError
-from .lifecycle import LEGACY_EVENTS, effective_status
+from .lifecycle import LEGACY_EVENTS, Event, effective_status
 from .models import TaskError, TaskEvent, TaskRecord, TaskStatus, from_timestamp
+from .retries import decode_backoff
 from .validation import (
     MAX_JSON_DEPTH,
     MAX_MESSAGE_CHARS,
@@ -44,6 +45,7 @@ def record_from_row(
     """
     read = _Reader(row, max_depth)
     created = read.moment("created_at")
+    history = read.history()
     return TaskRecord(
         id=read.text("id") or read.missing("id", ""),
         queue=read.text("queue") or queue,
@@ -53,7 +55,7 @@ def record_from_row(
         status=read.status(now),
         attempts=read.integer("attempts", 0),
         max_retries=read.optional_integer("max_retries"),
-        retry_backoff=read.number("retry_backoff"),
+        retry_backoff=read.backoff("retry_backoff"),
         queue_timeout=read.number("queue_timeout"),
         process_timeout=read.number("process_timeout"),
         created_at=created or _epoch(),
@@ -69,7 +71,11 @@ def record_from_row(
         cancel_requested=bool(read.integer("cancel_requested", 0)),
         steps=read.steps(),
         worker=read.text("worker"),
-        history=read.history(),
+        concurrency_key=read.text("concurrency_key"),
+        max_concurrency=read.optional_integer("max_concurrency"),
+        history=history,
+        # Counted from the history: every backend keeps it, so no row field is added.
+        preemptions=sum(1 for event in history if event.event == Event.PREEMPTED),
         damage=read.damage,
     )
 
@@ -151,6 +157,17 @@ class _Reader:
             self.note(field, f"{self._shown(value)} is not a finite number")
             return None
         return number
+
+    def backoff(self, field: str) -> float | tuple[float, ...] | None:
+        """A retry schedule: a number, or a list of delays stored as JSON text."""
+        value = self.row.get(field)
+        if isinstance(value, str | bytes) and value.strip()[:1] in ("[", b"["):
+            try:
+                return decode_backoff(value)
+            except (ValueError, TypeError) as exc:
+                self.note(field, str(exc))
+                return None
+        return self.number(field)
 
     def optional_integer(self, field: str) -> int | None:
         number = self.number(field)

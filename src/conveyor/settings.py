@@ -190,6 +190,19 @@ class QueueSettings(_Section):
     max_json_depth: int = Field(default=DEFAULT_JSON_DEPTH, ge=1, le=MAX_JSON_DEPTH)
     result_ttl: Seconds = 7 * 24 * 3600.0
     connect_timeout: Seconds = 5.0
+    #: Per-key concurrency limits: key -> at most that many of its tasks running at once
+    #: (``"*"``: any key without its own entry). A push's smaller max_concurrency wins.
+    key_limits: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    #: Aging: seconds of waiting worth one priority level (None: off). SQLite and Redis.
+    aging_interval: Seconds | None = None
+
+
+class ReserveSettings(_Section):
+    """``worker.reserve``: keep ``slots`` of the worker's slots for tasks of declared
+    priority ``priority`` or higher, so urgent work starts at once on a busy worker."""
+
+    priority: int = Field(ge=0, le=255)
+    slots: int = Field(default=1, ge=1)
 
 
 class WorkerSettings(_Section):
@@ -216,6 +229,31 @@ class WorkerSettings(_Section):
     #: ``reconnect_max_backoff`` of the broker answering again.
     reconnect_backoff: float = Field(default=0.1, gt=0)
     reconnect_max_backoff: float = Field(default=1.0, gt=0)
+    #: A pipeline hook (on_success...) running longer is logged and left behind.
+    hook_timeout: float = Field(default=30.0, gt=0)
+    #: Run the scheduler (config ``schedules:`` and pipelines' schedules) in this worker.
+    run_schedules: bool = True
+    #: Step-boundary preemption (None: off): a running preemptible task yields to a ready
+    #: task whose declared priority is at least this much higher and that has waited
+    #: longer than ``preempt_after`` seconds; each task yields at most ``max_preemptions``.
+    preempt_margin: int | None = Field(default=None, ge=1)
+    preempt_after: float = Field(default=0.0, ge=0)
+    max_preemptions: int = Field(default=3, ge=0)
+    reserve: ReserveSettings | None = None
+
+    #: Where steps run: ``process`` (the default: one child process per slot, killed at a
+    #: hard time limit, recycled by memory_mb) or ``thread`` (threads of the worker, for
+    #: tasks that need no isolation; refuses hard time limits and memory_mb at start).
+    pool: Literal["process", "thread"] = "process"
+
+    @model_validator(mode="after")
+    def _reserve_fits(self) -> WorkerSettings:
+        if self.reserve is not None and self.reserve.slots >= self.concurrency:
+            raise ValueError(
+                f"worker.reserve.slots ({self.reserve.slots}) must be below "
+                f"worker.concurrency ({self.concurrency}): at least one slot must take any task"
+            )
+        return self
 
     @model_validator(mode="after")
     def _backoff_order(self) -> WorkerSettings:
@@ -301,6 +339,18 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    #: Cron schedules (see conveyor.schedules): name, cron, queue, data, tz, priority, type,
+    #: missed (skip | run_once), grace, options. Every worker runs them (worker.run_schedules).
+    schedules: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _schedules_are_valid(self) -> Settings:
+        if self.schedules:
+            from .schedules import schedule_from
+
+            for item in self.schedules:
+                schedule_from(item)  # ConfigError (a ValueError) names the schedule and key
+        return self
 
     @model_validator(mode="after")
     def _leases_outlive_heartbeats(self) -> Settings:

@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--max-retries", type=int, default=3)
     parser.add_argument("--retry-backoff", type=float, default=0.1)
     parser.add_argument("--jitter", type=float, default=0.0)
+    parser.add_argument("--pool", choices=["process", "thread"], default="process")
     args = parser.parse_args()
 
     configure_logging(LoggingSettings(level="DEBUG"))
@@ -53,6 +54,7 @@ def main() -> int:
         max_time=args.max_time,
         heartbeat_interval=args.heartbeat,
         idle_block=args.idle_block,
+        pool=args.pool,
         retry=RetryDefaults(
             max_retries=args.max_retries, retry_backoff=args.retry_backoff, jitter=args.jitter
         ),

@@ -40,6 +40,7 @@ from ..errors import (
 )
 from ..settings import Settings, load_settings
 from .guards import SECURITY_HEADERS, BodyLimit, BrowserGuard
+from .live import live_router
 from .metrics import metrics_registry
 from .paths import EncodedSlashes
 from .registry import QueueRegistry
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     auth = _auth_dependency(settings)
     protected = [Depends(auth)]
     app.include_router(router, dependencies=protected)
+    app.include_router(live_router, dependencies=protected)
     _add_system_routes(app, registry, protected)
     _add_dashboard(app)
     _add_error_handlers(app)
@@ -149,6 +151,13 @@ def _add_system_routes(
     kind = backend_for_url(registry.settings.backend_url()).value
     no_token = registry.settings.api.token is None
 
+    @app.get(
+        "/api/v1/health",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "the backend does not answer"}},
+        tags=["monitoring"],
+        operation_id="health",
+    )
     @app.get(
         "/health",
         response_model=Health,

@@ -14,11 +14,12 @@ What each metric means (labels ``queue``, and ``status``/``outcome`` where named
 ``conveyor_tasks_in_flight{queue}`` (gauge)
     tasks being processed by a worker now.
 ``conveyor_tasks_finished_total{queue,outcome}`` (counter)
-    finished task records the backend holds, by outcome (success, failed, canceled,
-    timeout). Derived from the backend's counts at scrape time, not counted by the API: it
-    drops when records expire (``queue.result_ttl``), are purged or retried, and Prometheus
-    treats such a drop as a counter reset. ``increase()`` over windows shorter than
-    ``result_ttl`` is accurate as long as nobody purges.
+    tasks that finished, by outcome (success, failed, canceled, timeout; ``failed``
+    includes the dead-lettered), counted by the transitions themselves in the backend's
+    monotonic counters: it never goes down when records expire or are purged.
+``conveyor_events_total{queue,event}`` (counter)
+    every event the queue emitted (pushed, started, retrying, progress...), from the same
+    counters.
 ``conveyor_task_run_seconds_last_minute{queue}`` (summary)
     run time of the tasks that succeeded in the last 60 s: ``_count`` how many, ``_sum``
     their total seconds. A sliding window, not a cumulative summary: read
@@ -46,7 +47,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ..errors import ConveyorError
-from ..models import FINISHED_STATUSES, TaskStatus
+from ..lifecycle import Event
+from ..models import TaskStatus
 from .registry import QueueRegistry
 
 
@@ -80,9 +82,11 @@ class BackendCollector(Collector):
         )
         finished = CounterMetricFamily(
             "conveyor_tasks_finished",
-            "Finished task records the backend holds, by outcome (read at scrape time; drops "
-            "when records expire or are purged)",
+            "Tasks that finished, by outcome (monotonic counters kept by the transitions)",
             labels=["queue", "outcome"],
+        )
+        emitted = CounterMetricFamily(
+            "conveyor_events", "Events each queue emitted, by event", labels=["queue", "event"]
         )
         run = SummaryMetricFamily(
             "conveyor_task_run_seconds_last_minute",
@@ -97,16 +101,18 @@ class BackendCollector(Collector):
         for each in stats:
             label = [each.queue]
             for status in TaskStatus:
-                count = each.counts.get(status.value, 0)
-                tasks.add_metric([each.queue, status.value], count)
-                if status in FINISHED_STATUSES:
-                    finished.add_metric([each.queue, status.value], count)
+                tasks.add_metric([each.queue, status.value], each.counts.get(status.value, 0))
+            counters = self._counters(each.queue)
+            for outcome, total in finished_counts(counters).items():
+                finished.add_metric([each.queue, outcome], total)
+            for event, total in sorted(counters.items()):
+                emitted.add_metric([each.queue, event], total)
             depth.add_metric(label, each.counts.get(TaskStatus.PENDING.value, 0))
             in_flight.add_metric(label, each.counts.get(TaskStatus.PROCESSING.value, 0))
             done = each.done_last_minute
             run.add_metric(label, count_value=done, sum_value=(each.mean_run_seconds or 0) * done)
             failed.add_metric(label, each.failed_last_minute)
-        yield from (tasks, depth, in_flight, finished, run, failed)
+        yield from (tasks, depth, in_flight, finished, emitted, run, failed)
 
         live = GaugeMetricFamily("conveyor_workers", "Live workers (heartbeat within its ttl)")
         live.add_metric([], len(workers))
@@ -115,6 +121,24 @@ class BackendCollector(Collector):
         )
         running.add_metric([], sum(len(info.get("current") or []) for info in workers))
         yield from (live, running)
+
+    def _counters(self, queue: str) -> dict[str, int]:
+        with self._registry.use(queue) as manager:
+            return manager.event_log().counters()
+
+
+def finished_counts(counters: dict[str, int]) -> dict[str, int]:
+    """Finished tasks per outcome (the status they ended in), from the event counters."""
+    ended = {
+        TaskStatus.SUCCESS: (Event.SUCCEEDED,),
+        TaskStatus.FAILED: (Event.FAILED, Event.DEAD_LETTERED),
+        TaskStatus.CANCELED: (Event.CANCELED,),
+        TaskStatus.TIMEOUT: (Event.TIMEOUT,),
+    }
+    return {
+        status.value: sum(counters.get(event.value, 0) for event in events)
+        for status, events in ended.items()
+    }
 
 
 def metrics_registry(registry: QueueRegistry) -> CollectorRegistry:

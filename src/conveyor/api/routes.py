@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from ..errors import TaskNotFoundError, TaskTypeError, TaskValidationError
 from ..manager import QueueManager
 from ..models import TaskRecord, TaskStatus
+from ..schedules.listing import list_schedules
 from ..validation import MAX_TASK_ID_LENGTH
 from .paths import TaskIdConvertor  # noqa: F401  (registers the "taskid" convertor)
 from .registry import QueueRegistry
@@ -26,6 +27,8 @@ from .schemas import (
     ErrorOut,
     ListQuery,
     QueueQuery,
+    ScheduleList,
+    ScheduleOut,
     StatsOut,
     TaskCreated,
     TaskIn,
@@ -125,6 +128,8 @@ def create_task(task: TaskIn, registry: Registry, response: Response) -> TaskCre
             retry_backoff=task.retry_backoff,
             queue_timeout=task.queue_timeout,
             process_timeout=task.process_timeout,
+            concurrency_key=task.concurrency_key,
+            max_concurrency=task.max_concurrency,
         )
         if task_id is None:
             raise HTTPException(
@@ -255,6 +260,21 @@ def workers(registry: Registry, query: QueueParam) -> WorkerList:
         found = [info for info in found if query.queue in info.queues]
     found.sort(key=lambda info: (info.host or "", info.id or ""))
     return WorkerList(workers=found)
+
+
+@router.get(
+    "/schedules",
+    response_model=ScheduleList,
+    summary="Cron schedules",
+    tags=["monitoring"],
+    operation_id="schedules",
+)
+def schedules(registry: Registry) -> ScheduleList:
+    """Every schedule the workers' schedulers run, declared on any host: next and last run,
+    the last run's status, and ``conflict`` when one name has two definitions in use."""
+    with registry.use(None) as queue:
+        found = list_schedules(queue)
+    return ScheduleList(schedules=[ScheduleOut.model_validate(entry) for entry in found])
 
 
 def _require(manager: QueueManager | None, task_id: str, queue: str) -> TaskRecord:

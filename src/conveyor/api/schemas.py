@@ -99,8 +99,10 @@ class TaskIn(BaseModel):
         validation_alias=AliasChoices("max_retries", "max_retry"),
         description="retries after errors (default: the worker's worker.max_retries)",
     )
-    retry_backoff: Seconds | None = Field(
-        default=None, description="base seconds between retries (doubles each time)"
+    retry_backoff: Seconds | list[Seconds] | None = Field(
+        default=None,
+        description="base seconds between retries (doubles each time), or a list of delays "
+        "([60, 300, 900]: retry n waits entry n; past the end, the last)",
     )
     queue_timeout: PositiveSeconds | None = Field(
         default=None, description="give up (status timeout) if not started within this"
@@ -115,6 +117,20 @@ class TaskIn(BaseModel):
         description="the task id; default: a new one. A live duplicate is refused (409)",
     )
     queue: PushQueue | None = None
+    concurrency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="per-key concurrency: the key (scoped to the queue) this task counts "
+        "against while it runs (the XQueue field)",
+    )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_COUNT,
+        description="at most this many tasks of concurrency_key run at once; the smallest "
+        "limit wins",
+    )
 
 
 class QueueQuery(BaseModel):
@@ -196,6 +212,36 @@ class WorkerInfo(BaseModel):
 
 class WorkerList(BaseModel):
     workers: list[WorkerInfo]
+
+
+class ScheduleConflict(BaseModel):
+    fingerprint: str
+    writer: str | None = None
+    definition: str | None = Field(default=None, description="the definition, as JSON text")
+
+
+class ScheduleOut(BaseModel):
+    """One cron schedule as the schedulers wrote it to the backend."""
+
+    name: str
+    cron: str | None = None
+    tz: str | None = None
+    queue: str | None = None
+    missed: str | None = Field(default=None, description="skip or run_once")
+    next_run: float | None = Field(default=None, description="epoch seconds")
+    last_run: float | None = Field(default=None, description="epoch seconds of the last tick")
+    last_task: str | None = Field(default=None, description="the last tick's task id")
+    last_status: str | None = Field(
+        default=None, description="its status ('forgotten': past result_ttl)"
+    )
+    writers: list[str] = Field(default_factory=list, description="workers that run it")
+    conflict: list[ScheduleConflict] = Field(
+        default_factory=list, description="two or more definitions under this name: each"
+    )
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleOut]
 
 
 class Health(BaseModel):

@@ -36,9 +36,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..errors import BackendError
 from ..lifecycle import Op, TaskStatus
+
+if TYPE_CHECKING:
+    from .eventlog import EventLog
 
 #: The fields of a stored task, shared by every backend's rows.
 ROW_FIELDS = (
@@ -51,7 +55,7 @@ ROW_FIELDS = (
     "attempts",  # deliveries so far
     "expiries",  # leases that ran out (poison counter)
     "max_retries",  # int or None
-    "retry_backoff",  # float or None
+    "retry_backoff",  # float, a list of delays as JSON text, or None
     "queue_timeout",  # float seconds or None
     "process_timeout",  # float seconds or None
     "created_at",  # epoch seconds
@@ -69,7 +73,15 @@ ROW_FIELDS = (
     "steps",  # JSON object: results of the pipeline steps finished so far (checkpoints)
     "worker",  # id of the consumer that claimed it last, or None
     "expire_at",  # epoch seconds a never-started task times out (queue_timeout), or None
+    "concurrency_key",  # per-key concurrency: the key (scoped to the queue), or None
+    "max_concurrency",  # the key's limit this task asks for, or None
 )
+
+
+#: Ready tasks per declared priority: (priority, count, ready time of the oldest).
+WaitingBands = list[tuple[int, int, float]]
+#: Ready tasks a generic ``QueueRecords.waiting`` reads (stores with an index read all).
+WAITING_SAMPLE = 10000
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +94,16 @@ class NewTask:
     type: str | None = None
     delay: float = 0.0  # seconds from now (backend clock) until it may be claimed
     max_retries: int | None = None
-    retry_backoff: float | None = None
+    retry_backoff: float | str | None = None  # a list of delays travels as its JSON text
     queue_timeout: float | None = None  # seconds after it becomes ready before status timeout
     process_timeout: float | None = None
+    #: Per-key concurrency: at most ``max_concurrency`` tasks of this key processing at once
+    #: (the smallest limit among the key's running tasks and the candidate wins).
+    concurrency_key: str | None = None
+    max_concurrency: int | None = None
+    #: Enqueue once: refused while *any* record of this id exists, finished ones too (a
+    #: schedule's tick: its deterministic id and its record are the tick's claim).
+    unique: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +227,35 @@ class Settled:
 
 
 @dataclass(frozen=True, slots=True)
+class Head:
+    """The task at the head of the line: its declared priority and when it became ready.
+
+    What a busy worker's preemption check and a reserved slot look at: one O(1) read (the
+    first entry of the pending index), never a scan. With aging on, it is the task the next
+    claim takes, with its declared (not aged) priority.
+    """
+
+    task_id: str
+    priority: int
+    ready_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt:
+    """A running task to yield at a step boundary (see ``QueueStore.preempt``).
+
+    ``steps_json`` is its checkpoint, stored in the same step. ``min_priority`` is the
+    lowest declared priority worth yielding for: the urgent task must have at least that.
+    """
+
+    task_id: str
+    token: str
+    steps_json: str | None
+    min_priority: int
+    max_preemptions: int
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseState:
     """A running task as its holder's renewal sees it."""
 
@@ -232,6 +280,9 @@ class StoreConfig:
     max_priority: int = 10
     broker_leases: bool = False
     publish_grace: float = 30.0
+    #: Seconds of waiting worth one priority level (None: aging off). With aging on, the
+    #: place in line is ``ready_at - priority * aging_interval``: a static score.
+    aging_interval: float | None = None
 
 
 class QueueStore(ABC):
@@ -258,6 +309,23 @@ class QueueStore(ABC):
         self, outcomes: Sequence[Outcome], then: ClaimSpec | None = None
     ) -> tuple[list[Settled], ClaimResult | None]:
         """Apply outcomes of held tasks in order, then (``then``) claim, in one step."""
+
+    def preempt(self, yielded: Preempt, spec: ClaimSpec) -> tuple[Settled, ClaimResult]:
+        """Yield a running task and claim the most urgent ready one, in one atomic step.
+
+        The lifecycle's PREEMPT rows: refused (nothing changes, status None, nothing
+        claimed) when a cancel was asked, when no ready task has ``min_priority``, or at
+        ``max_preemptions``. Otherwise the yielded task is pending again at its original
+        place (its checkpoint stored, its attempt returned, ``preemptions`` + 1, history
+        ``preempted`` with the urgent task's id) and the urgent task is claimed with
+        ``spec``. A yield that leaves ``processing`` frees the task's concurrency-key slot
+        (per-key limits hook in where each store's preempt leaves processing).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot preempt")
+
+    def head(self) -> Head | None:
+        """The most urgent ready task (None: nothing is ready); one cheap read."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read its head")
 
     @abstractmethod
     def renew(self, leases: Sequence[tuple[str, str]], seconds: float | None) -> list[LeaseState]:
@@ -338,6 +406,31 @@ class QueueRecords(ABC):
     def now(self) -> float:
         """The backend's clock (epoch seconds), for what readers derive from stored times."""
 
+    def waiting(self) -> WaitingBands:
+        """Ready tasks per declared priority, most urgent first: (priority, how many, the
+        ready time of the longest-waiting one). This generic form reads the first
+        ``WAITING_SAMPLE`` tasks in line; a store that can do better (an index per priority)
+        overrides it."""
+        bands: dict[int, list[float]] = {}
+        for row in self.list(TaskStatus.PENDING.value, WAITING_SAMPLE, 0):
+            try:
+                priority, created = int(row["priority"]), float(row["created_at"] or 0)
+            except (TypeError, ValueError):
+                continue
+            ready = row.get("ready_at")
+            try:
+                moment = float(ready) if ready not in (None, "") else created
+            except (TypeError, ValueError):
+                moment = created
+            band = bands.setdefault(priority, [0, moment])
+            band[0] += 1
+            band[1] = min(band[1], moment)
+        return [(p, int(b[0]), b[1]) for p, b in sorted(bands.items(), reverse=True)]
+
+    def preemptions(self) -> int:
+        """How many times tasks of this queue yielded to more urgent ones (kept records)."""
+        return 0
+
 
 class ServerRegistry(ABC):
     """What spans the queues of one server."""
@@ -370,6 +463,29 @@ class ServerRegistry(ABC):
     def forget_queue(self, queue_name: str) -> None:
         """Forget a queue name (it was cleared)."""
 
+    # -- schedules (conveyor.schedules): every scheduler writes what it runs ------------------
+
+    def note_schedule(
+        self, name: str, fingerprint: str, definition_json: str, writer: str,
+        next_run: float | None,
+    ) -> None:  # fmt: skip
+        """Record that ``writer`` runs schedule ``name`` with this definition, next at
+        ``next_run``; two fingerprints under one name are a conflict readers report."""
+        raise BackendError("this backend keeps no schedules registry")
+
+    def advance_schedule(self, name: str, tick: float) -> None:
+        """The latest tick of ``name`` that was pushed is at least ``tick``."""
+        raise BackendError("this backend keeps no schedules registry")
+
+    def forget_schedule(self, name: str) -> None:
+        """Remove a schedule from the registry (it was deleted from every config)."""
+        raise BackendError("this backend keeps no schedules registry")
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every noted (name, fingerprint): ``name``, ``fingerprint``, ``definition``
+        (JSON), ``writer``, ``seen_at``, ``next_run``, ``last_tick`` (None: none yet)."""
+        raise BackendError("this backend keeps no schedules registry")
+
 
 class Server(ABC):
     """One backend server, opened once per process: its connection(s), and the seams."""
@@ -392,6 +508,12 @@ class Server(ABC):
         Only RabbitMQ has such a limit (its ``consumer_timeout``); the others accept any.
         """
         return None
+
+    def events(self, queue_name: str) -> EventLog:
+        """The event log of one queue (see ``eventlog``)."""
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{type(self).__name__} keeps no event log")
 
     @abstractmethod
     def ping(self) -> None:

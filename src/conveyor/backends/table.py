@@ -24,6 +24,7 @@ class QueueBackend(StrEnum):
     SQLITE = "sqlite"
     REDIS = "redis"
     RABBITMQ = "rabbitmq"
+    POSTGRES = "postgres"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,11 @@ BACKENDS: tuple[BackendSpec, ...] = (
         QueueBackend.RABBITMQ, ("amqp", "amqps"), "amqp://guest:guest@localhost:5672/",
         "conveyor.backends.rabbitmq:RabbitMQServer", "amqp://user:pass@host:5672/",
         task_store=False,
+    ),
+    BackendSpec(
+        QueueBackend.POSTGRES, ("postgresql", "postgres"), "postgresql://localhost:5432/postgres",
+        "conveyor.backends.postgres:PostgresServer",
+        "postgresql://user:pass@host:5432/db?schema=conveyor", task_store=True, extra="postgres",
     ),
 )  # fmt: skip
 

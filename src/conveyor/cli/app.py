@@ -11,7 +11,7 @@ from typing import NoReturn
 from loguru import logger
 
 from ..errors import ConveyorError, TaskNotFoundError
-from . import api_cmd, doctor_cmd, manage, overview, produce, run
+from . import api_cmd, doctor_cmd, live_cmd, manage, overview, produce, run, schedules_cmd
 from .common import CliError, printable
 
 _EPILOG = (
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     manage.register(sub, common)
     doctor_cmd.register(sub, common)
     api_cmd.register(sub, common)
+    schedules_cmd.register(sub, common)
+    live_cmd.register(sub, common)
     return parser
 
 
@@ -61,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
-    quiet = args.command not in ("worker", "api")
+    quiet = args.command not in ("worker", "api", "mqtt")
     if quiet:
         # Library log lines (e.g. Redis persistence warnings) would clutter command output;
         # `conveyor doctor` reports those findings explicitly.

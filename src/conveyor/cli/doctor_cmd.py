@@ -13,7 +13,13 @@ from .common import out, print_json, settings_from
 
 _DEFAULT_SUPERVISOR = Path("supervisor/conveyor-worker.conf")
 _DEFAULT_COMPOSE = Path("docker-compose.yml")
-_LABELS = {"ok": "ok", "problem": "PROBLEM", "unchecked": "unchecked", "skipped": "skipped"}
+_LABELS = {
+    "ok": "ok",
+    "problem": "PROBLEM",
+    "warning": "WARNING",
+    "unchecked": "unchecked",
+    "skipped": "skipped",
+}
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from ..manager import QueueManager
 from ..models import TaskStatus
 from ..urls import mask_url
+from . import live_cmd
 from .common import (
     CliError,
     Progress,
@@ -49,6 +50,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     retry.add_argument("task_id", metavar="ID")
     retry.set_defaults(handler=task_retry)
+    live_cmd.register_watch(task, parents)
 
     dead = sub.add_parser("dead", help="the dead-letter list (failed tasks)").add_subparsers(
         dest="action", metavar="ACTION", required=True

@@ -129,6 +129,25 @@ def _show_status(
     out(f"Conveyor status: {first.url} at {when(time.time())}")
     out()
     out(status_table(stats))
+    waiting = waiting_lines(stats)
+    if waiting:
+        out()
+        out("\n".join(waiting))
+
+
+def waiting_lines(stats: list[QueueStats]) -> list[str]:
+    """Per queue with ready tasks: each priority's count and longest wait, and how often
+    its tasks were preempted (the starvation and preemption picture at a glance)."""
+    lines = []
+    for each in stats:
+        if not each.waiting and not each.preemptions:
+            continue
+        bands = "  ".join(
+            f"p{band.priority}: {band.count} waiting, oldest {_seconds(band.oldest_seconds)}"
+            for band in each.waiting
+        )
+        lines.append(f"{each.queue}: {bands or 'nothing waiting'}; preempted {each.preemptions}x")
+    return lines
 
 
 def status_table(stats: list[QueueStats]) -> str:

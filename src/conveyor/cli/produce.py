@@ -35,9 +35,30 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--delay", type=float, metavar="SECONDS", help="run no sooner")
     parser.add_argument("--id", dest="task_id", metavar="ID", help="task id (default: new)")
     parser.add_argument("--max-retries", type=int, metavar="N", help="retries after errors")
+    parser.add_argument(
+        "--retry-backoff", type=_backoff, metavar="S[,S...]",
+        help="seconds before the first retry (doubling), or a list of delays: 60,300,900",
+    )  # fmt: skip
+    parser.add_argument(
+        "--concurrency-key", metavar="KEY", help="per-key limit: the key this task counts against"
+    )
+    parser.add_argument(
+        "--max-concurrency", type=int, metavar="N", help="at most N tasks of the key run at once"
+    )
     parser.add_argument("--many", action="store_true", help="DATA holds many tasks")
     parser.add_argument("--batch-size", type=int, default=500, metavar="N", help="per trip")
     parser.set_defaults(handler=push_command)
+
+
+def _backoff(text: str) -> float | list[float]:
+    """``--retry-backoff 5`` (a base delay) or ``--retry-backoff 60,300,900`` (a list)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give seconds (5) or a comma-separated list of seconds (60,300,900)"
+        ) from None
+    return values if "," in text else values[0]
 
 
 def push_command(args: argparse.Namespace) -> int:
@@ -54,6 +75,9 @@ def push_command(args: argparse.Namespace) -> int:
             type=args.type,
             delay=args.delay,
             max_retries=args.max_retries,
+            retry_backoff=args.retry_backoff,
+            concurrency_key=args.concurrency_key,
+            max_concurrency=args.max_concurrency,
         )
         if task_id is None:
             raise CliError(
@@ -74,6 +98,9 @@ def _push_many(queue: QueueManager, args: argparse.Namespace, text: str) -> int:
         "type": args.type,
         "delay": args.delay,
         "max_retries": args.max_retries,
+        "retry_backoff": args.retry_backoff,
+        "concurrency_key": args.concurrency_key,
+        "max_concurrency": args.max_concurrency,
     }
     items = []
     for index, task in enumerate(tasks):

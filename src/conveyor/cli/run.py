@@ -36,6 +36,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="IMPORT.PATH",
         help="a pipeline to load, e.g. myapp.pipelines:meeting (repeatable)",
     )
+    parser.add_argument(
+        "--pool",
+        choices=["process", "thread"],
+        help="run steps in child processes (default, isolated) or in threads of the worker",
+    )
     parser.add_argument("--max-jobs", type=int, metavar="N", help="recycle after N tasks")
     parser.add_argument("--max-time", type=float, metavar="SECONDS", help="recycle after this")
     parser.add_argument("--memory", type=int, metavar="MB", help="recycle above this memory")
@@ -83,6 +88,7 @@ def worker_command(args: argparse.Namespace) -> int:
         worker["queues"] = [name.strip() for name in args.queues.split(",") if name.strip()]
     for key, value in (
         ("concurrency", args.concurrency),
+        ("pool", args.pool),
         ("pipelines", args.pipeline),
         ("max_jobs", args.max_jobs),
         ("max_time", args.max_time),

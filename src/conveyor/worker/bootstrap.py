@@ -14,9 +14,12 @@ from ..errors import ConveyorError
 from ..logs import configure_logging
 from ..manager import QueueManager
 from ..pipeline import PipelineService
+from ..schedules.runner import SchedulerThread, schedules_for
 from ..settings import Settings
 from .options import WorkerOptions
 from .policy import RetryDefaults
+from .preemption import PreemptPolicy
+from .reserve import Reserve
 from .startup import open_queues
 from .taskworker import TaskWorker
 
@@ -32,6 +35,14 @@ def options_from(settings: Settings) -> WorkerOptions:
         heartbeat_interval=worker.heartbeat_interval,
         reconnect_backoff=worker.reconnect_backoff,
         reconnect_max_backoff=worker.reconnect_max_backoff,
+        hook_timeout=worker.hook_timeout,
+        preemption=None
+        if worker.preempt_margin is None
+        else PreemptPolicy(worker.preempt_margin, worker.preempt_after, worker.max_preemptions),
+        reserve=None
+        if worker.reserve is None
+        else Reserve(worker.reserve.priority, worker.reserve.slots),
+        pool=worker.pool,
         retry=RetryDefaults(
             max_retries=worker.max_retries,
             retry_backoff=worker.retry_backoff,
@@ -109,7 +120,13 @@ def _run(settings: Settings, startup: StartupSignals) -> int:
         if startup.received:
             logger.info("conveyor worker: stopped during start-up; no task was taken")
             return 0
-        worker.start()
+        schedules = schedules_for(settings, service) if settings.worker.run_schedules else []
+        scheduler = SchedulerThread(settings, schedules, worker.id).start() if schedules else None
+        try:
+            worker.start()
+        finally:
+            if scheduler is not None:
+                scheduler.stop()
     except ConveyorError as exc:
         logger.error("conveyor worker: {}", exc)
         return 2

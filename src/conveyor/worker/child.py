@@ -9,6 +9,8 @@ Protocol (one JSON object per message):
   parent -> child  {"op": "run", "task_id", "data", "attempt", "queue", "type", "steps",
                     "limits": {"max_bytes", "max_depth"}}     the queue's JSON policy
                    {"op": "stop"}
+                   {"op": "go"} / {"op": "yield"}  after a step of a run with "pause": true
+                                   (preemption): go on, or return at once with no reply
   child -> parent  {"op": "progress", "fraction", "message"}
                    {"op": "step", "name", "result"}       an intermediate step finished
                    {"op": "done", "result", "steps"}      the last step finished
@@ -28,10 +30,12 @@ from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 from ..errors import TaskTypeError, TaskValidationError
-from ..pipeline import Pipeline, PipelineError, PipelineService, StepContext
+from ..pipeline import Pipeline, PipelineError, PipelineService, Step, StepContext
 from ..validation import DEFAULT_JSON_DEPTH, encode_json
 
-#: Progress is sent at most this often per task, so a chatty step cannot flood the pipe.
+#: Progress is sent at most this often per task, so a chatty step cannot flood the pipe. A
+#: task's first report is always sent (the throttle starts afresh with each task), and a
+#: report held back by it is sent when its step ends, so the last one is never dropped.
 _PROGRESS_INTERVAL = 0.2
 _PR_SET_PDEATHSIG = 1
 
@@ -55,6 +59,17 @@ def child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
+    serve(conn, service, cancel_flag, shutdown_flag)
+
+
+def serve(
+    conn: Connection,
+    service: PipelineService,
+    cancel_flag: Synchronized[int],
+    shutdown_flag: Synchronized[int],
+) -> None:
+    """The request loop itself: in a child process, or in a thread of the worker
+    (``worker.pool: thread``), which speaks the same protocol over the same kind of pipe."""
     runner = _Runner(conn, service, cancel_flag, shutdown_flag)
     while True:
         try:
@@ -63,7 +78,13 @@ def child_main(
             return
         if request.get("op") != "run":
             return
-        conn.send_bytes(json.dumps(runner.run(request), default=str).encode())
+        reply = runner.run(request)
+        if reply is None:  # the task yielded (preempted); the parent knows
+            continue
+        try:
+            conn.send_bytes(json.dumps(reply, default=str).encode())
+        except OSError:
+            return  # the worker closed its end (it gave up on this run): nothing to tell
 
 
 class _Runner:
@@ -78,11 +99,22 @@ class _Runner:
         self.service = service
         self.cancel_flag = cancel_flag
         self.shutdown_flag = shutdown_flag
-        self._last_progress = 0.0
+        self._last_progress = float("-inf")
+        self._held: dict[str, Any] | None = None  # a throttled report, sent at the step's end
 
-    def run(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Run the task's remaining steps; the reply is ``done`` or ``error``."""
+    def run(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Run the task's remaining steps; the reply is ``done`` or ``error`` (None: the
+        worker told it to yield at a step boundary)."""
+        self._last_progress, self._held = float("-inf"), None  # never carried between tasks
+        try:
+            return self._run(request)
+        finally:
+            self._flush_progress()
+
+    def _run(self, request: dict[str, Any]) -> dict[str, Any] | None:
         step_name: str | None = None
+        step: Step | None = None
+        pipeline: Pipeline | None = None
         try:
             pipeline = self.service.resolve(request.get("type"))
             pipeline.validate_data(request["data"])
@@ -97,8 +129,11 @@ class _Runner:
                 if self.cancel_flag.value:  # the contract: a canceled step's result is ignored
                     return _error("canceled", "TaskCanceled", "canceled during step " + step.name)
                 results[step.name] = _json_safe(result, step.name, request.get("limits") or {})
+                self._flush_progress()
                 if step is not pipeline.steps[-1]:
                     self._send({"op": "step", "name": step.name, "result": results[step.name]})
+                    if request.get("pause") and not self._go_on():
+                        return None
             return {"op": "done", "result": results.get(_last(pipeline)), "steps": results}
         except PipelineError as exc:
             return _error(exc.reason, type(exc).__name__, str(exc))
@@ -107,9 +142,19 @@ class _Runner:
             reply["step"] = step_name
             return reply
         except Exception as exc:  # a step's failure is data for the retry policy
-            reply = _error("error", type(exc).__name__, _text(exc), traceback.format_exc())
+            permanent = bool(step and pipeline and pipeline.is_permanent(step, exc))
+            reason = "permanent" if permanent else "error"
+            reply = _error(reason, type(exc).__name__, _text(exc), traceback.format_exc())
             reply["step"] = step_name
             return reply
+
+    def _go_on(self) -> bool:
+        """A preemptible run waits at each step boundary for the worker's word."""
+        try:
+            answer = json.loads(self.conn.recv_bytes())
+        except (EOFError, OSError, ValueError):
+            raise SystemExit(0) from None  # the worker is gone
+        return not (isinstance(answer, dict) and answer.get("op") == "yield")
 
     def _context(self, request: dict[str, Any], results: dict[str, Any], step: str) -> StepContext:
         return StepContext(
@@ -126,11 +171,20 @@ class _Runner:
 
     def _progress(self, fraction: float, message: str | None) -> None:
         now = time.monotonic()
-        if now - self._last_progress < _PROGRESS_INTERVAL and fraction < 1:
-            return
-        self._last_progress = now
         note = message if message is None or isinstance(message, str) else _text(message)
-        self._send({"op": "progress", "fraction": fraction, "message": note})
+        report = {"op": "progress", "fraction": fraction, "message": note}
+        if now - self._last_progress < _PROGRESS_INTERVAL and fraction < 1:
+            self._held = report
+            return
+        self._last_progress, self._held = now, None
+        self._send(report)
+
+    def _flush_progress(self) -> None:
+        """Send the report the throttle held back, if any (before a step's result)."""
+        if self._held is not None:
+            report, self._held = self._held, None
+            self._last_progress = time.monotonic()
+            self._send(report)
 
     def _send(self, message: dict[str, Any]) -> None:
         self.conn.send_bytes(json.dumps(message).encode())

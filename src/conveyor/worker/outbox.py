@@ -30,6 +30,7 @@ from ..lifecycle import Op
 from ..manager import QueueManager
 from ..models import Message
 from ..outcomes import FINAL_OPS
+from .tasklog import info_enabled
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -55,9 +56,15 @@ class Entry:
 class Outbox:
     """Outcomes waiting to be sent, per held task; ``log(message)`` is a task's logger."""
 
-    def __init__(self, log: Callable[[Message], Logger]) -> None:
+    def __init__(
+        self,
+        log: Callable[[Message], Logger],
+        accepted: Callable[[Entry, Op, str], None] | None = None,
+    ) -> None:
         self._entries: dict[tuple[str, str, str], Entry] = {}
         self._log = log
+        #: Told of each final outcome the backend accepted, with the status it set (hooks).
+        self._accepted = accepted
         #: Final outcomes fencing refused: each one is a run that may be duplicated.
         self.refused = 0
 
@@ -85,7 +92,14 @@ class Outbox:
         waiting = {id(entry.queue) for entry in self._entries.values()}
         return [queue for queue in order if id(queue) in waiting]
 
-    def send(self, queue: QueueManager, claim: int = 0) -> list[Message]:
+    def drop(self, queue: QueueManager, message: Message) -> None:
+        """Forget what waits for a task that a preemption yields: the yield stores its
+        checkpoint itself, and anything sent after it would be refused (not held)."""
+        self._entries.pop((queue.queue_name, message.task_id, message.token or ""), None)
+
+    def send(
+        self, queue: QueueManager, claim: int = 0, min_priority: int | None = None
+    ) -> list[Message]:
         """Send the queue's outcomes and claim up to ``claim`` tasks, in one round trip;
         log what became of each final outcome; return the claimed tasks.
 
@@ -95,7 +109,7 @@ class Outbox:
         entries = [self._entries[key] for key in keys]
         outcomes = [outcome for entry in entries for outcome in entry.outcomes()]
         try:
-            settled, claimed = queue.settle(outcomes, claim=claim)
+            settled, claimed = queue.settle(outcomes, claim=claim, min_priority=min_priority)
         except BrokerUnavailableError:
             for entry in entries:
                 entry.failed_sends += 1
@@ -106,19 +120,21 @@ class Outbox:
         for entry in entries:
             position += len(entry.outcomes())
             if entry.final is not None:  # the final outcome is an entry's last one
-                self._report(entry, entry.final.op, settled[position - 1].status is not None)
+                status = settled[position - 1].status
+                self._report(entry, entry.final.op, status is not None)
+                if status is not None and self._accepted is not None:
+                    self._accepted(entry, entry.final.op, status)
         return claimed
 
     def _report(self, entry: Entry, op: Op, accepted: bool) -> None:
-        log = self._log(entry.message)
         if accepted:
-            if op is Op.ACK:
-                log.info("succeeded in {:.3f}s", entry.ran)
+            if op is Op.ACK and info_enabled():
+                self._log(entry.message).info("succeeded in {:.3f}s", entry.ran)
             return
         self.refused += 1
         what = f"finished in {entry.ran:.3f}s but its result" if op is Op.ACK else f"its {op}"
         maybe = " (or an earlier send of it went through)" if entry.failed_sends else ""
-        log.warning(
+        self._log(entry.message).warning(
             "{} was refused: the lease was lost{}; the task may run twice (refused so far: {})",
             what, maybe, self.refused,
         )  # fmt: skip

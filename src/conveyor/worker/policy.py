@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 from ..models import Message
 from ..pipeline import Pipeline
+from ..retries import Backoff, check_backoff, listed_delay
 
 #: Reasons that no retry can fix: fail at once (``invalid_result``: a step returned what the
 #: queue cannot store; it would return it again).
-PERMANENT_REASONS = frozenset({"unknown_pipeline", "invalid_data", "invalid_result"})
+PERMANENT_REASONS = frozenset({"unknown_pipeline", "invalid_data", "invalid_result", "permanent"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,18 +68,21 @@ def backoff_seconds(
     """Exponential backoff with jitter: base * 2^(attempt-1), capped, then jittered.
 
     Jitter spreads retries of tasks that failed together (a broker blip, a down API) so
-    they do not all come back in the same instant.
+    they do not all come back in the same instant. A list of delays is used as written:
+    retry n waits entry n, past the end the last one (``conveyor.retries``).
     """
-    base = message.retry_backoff
+    base: Backoff | None = message.retry_backoff
     if base is None and pipeline is not None and step is not None:
         try:
             base = pipeline.step_named(step).retry_backoff
         except KeyError:
             base = None
     if base is None and pipeline is not None:
-        base = pipeline.retry_backoff
+        base = check_backoff("retry_backoff", pipeline.retry_backoff)
     if base is None:
         base = defaults.retry_backoff
+    if isinstance(base, tuple):
+        return listed_delay(base, message.attempts)
     delay = min(base * 2 ** max(message.attempts - 1, 0), defaults.max_backoff)
     factor = (rng or random).uniform(1 - defaults.jitter, 1 + defaults.jitter)
     return max(0.0, float(delay * factor))

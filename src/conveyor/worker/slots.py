@@ -31,6 +31,7 @@ class RunningTask:
     step_started: float = field(default_factory=time.monotonic)
     renewed: float = field(default_factory=time.monotonic)
     lease_lost: bool = False  # said once: a renewal found the lease gone
+    pauses: bool = False  # the child waits for go/yield after each step (preemptible)
 
     def current_step(self) -> str | None:
         """The first step without a stored result: the one the child is running now."""
@@ -88,21 +89,36 @@ class Slot:
     def busy(self) -> bool:
         return self.task is not None
 
-    def start(self, message: Message, queue: QueueManager, service: PipelineService) -> None:
-        """Hand a task to the child; it starts at the first step without a stored result."""
+    def start(
+        self,
+        message: Message,
+        queue: QueueManager,
+        service: PipelineService,
+        *,
+        preempting: bool = False,
+    ) -> None:
+        """Hand a task to the child; it starts at the first step without a stored result.
+
+        ``preempting``: the worker preempts, so a preemptible pipeline pauses between steps.
+        """
         try:
             pipeline: Pipeline | None = service.resolve(message.type)
         except PipelineError:
             pipeline = None  # the child reports the unknown pipeline as the task's failure
         self.cancel_flag.value = 0
-        self.task = RunningTask(message, queue, pipeline, dict(message.steps))
+        pauses = preempting and pipeline is not None and pipeline.preemptible
+        self.task = RunningTask(message, queue, pipeline, dict(message.steps), pauses=pauses)
         request = {
             "op": "run", "task_id": message.task_id, "data": message.data,
             "attempt": message.attempts, "queue": message.queue, "type": message.type,
-            "steps": message.steps,
+            "steps": message.steps, "pause": pauses,
             "limits": {"max_bytes": queue.max_payload_bytes, "max_depth": queue.max_json_depth},
         }  # fmt: skip
         self.conn.send_bytes(json.dumps(request).encode())
+
+    def resume(self, *, yield_now: bool = False) -> None:
+        """Answer a paused child: go on to the next step, or yield (return, no reply)."""
+        self.conn.send_bytes(b'{"op": "yield"}' if yield_now else b'{"op": "go"}')
 
     def kill(self) -> None:
         """SIGKILL the child (a hung or over-limit step) and start a fresh one."""

@@ -44,18 +44,26 @@ from ..errors import (
     TaskTypeError,
     TaskValidationError,
 )
+from ..lifecycle import Op
 from ..manager import QueueManager
 from ..models import Message
-from ..pipeline import PipelineService
+from ..pipeline import PipelineError, PipelineService
 from ..validation import check_name
 from .backoff import Backoff
+from .heap import freeze_startup_heap, thaw_heap
 from .heartbeat import worker_info
+from .hooks import HookRunner, hook_name
 from .leases import renew_running
 from .options import WorkerOptions
 from .outage import OutageWatch
-from .outbox import Outbox
+from .outbox import Entry, Outbox
+from .preemption import yield_floor
+from .reserve import claim_floor
 from .signals import StopSignals
-from .slots import Slot
+from .slots import RunningTask, Slot
+from .tasklog import info_enabled
+from .threadpool import check_thread_pool, make_slots
+from .upkeep import Upkeep, can_share
 from .usage import recycling_reason
 from .verdicts import Verdict, after_error, after_shutdown
 
@@ -100,6 +108,7 @@ class TaskWorker:
             raise ConfigError(str(exc)) from None
         self.processed = 0
         self.failed = 0
+        self.preempted = 0  # tasks this worker yielded to more urgent ones
         self.stop_reason: str | None = None
         self._force = False
         self._drain_deadline = 0.0
@@ -114,9 +123,11 @@ class TaskWorker:
             *(self.options.renew_check_period(q.visibility_timeout) for q in self.queues),
         )
         self._next_sweep = 0.0
+        self._upkeep: Upkeep | None = None  # sweeps and heartbeats off the loop (Redis)
         self._signals = StopSignals(self.stop, max_shutdown_wait)
         self._shutdown_flag = multiprocessing.get_context("fork").Value("b", 0)
-        self.outbox = Outbox(self._log)
+        self.outbox = Outbox(self._log, self._after_outcome)
+        self.hooks = HookRunner(self.options.hook_timeout)
         self.backend = OutageWatch(
             self.queues[0].url,
             Backoff(self.options.reconnect_backoff, self.options.reconnect_max_backoff),
@@ -134,21 +145,31 @@ class TaskWorker:
             queue.consumer_id = self.id
             for pipeline in self.service.pipelines.values():
                 queue.check_time_limit(pipeline.hard_limit(), f"pipeline {pipeline.name!r}")
+        if self.options.pool == "thread":
+            check_thread_pool(self.options, self.service)
         self._signals.install()
+        freeze_startup_heap()  # before forking: children share the frozen heap
         context = multiprocessing.get_context("fork")
-        self._slots = [
-            Slot(i, context, self.service, self._shutdown_flag) for i in range(self.concurrency)
-        ]
+        self._slots = make_slots(
+            self.options.pool, self.concurrency, context, self.service, self._shutdown_flag
+        )
         names = ",".join(queue.queue_name for queue in self.queues)
         logger.info(
-            "worker {} started: queues={} concurrency={} backend={} pid={}",
-            self.id, names, self.concurrency, self.queues[0].url, os.getpid(),
+            "worker {} started: queues={} concurrency={} pool={} backend={} pid={}",
+            self.id, names, self.concurrency, self.options.pool, self.queues[0].url, os.getpid(),
         )  # fmt: skip
+        if can_share(self.queues):
+            self._upkeep = Upkeep(
+                self.queues, self._heartbeat, lambda: self.stop_reason is None,
+                heartbeat_interval=self.options.heartbeat_interval, sweep_interval=_SWEEP_INTERVAL,
+            )  # fmt: skip
+            self._upkeep.start()
         try:
             self._loop()
         finally:
             self._finish()
             self._signals.restore()
+            thaw_heap()
 
     @property
     def refused(self) -> int:
@@ -210,15 +231,17 @@ class TaskWorker:
             self._collect(busy, timeout=_BUSY_POLL)
 
     def _reserve(self, block: float) -> tuple[Message, QueueManager] | None:
-        """The most urgent task across queues; blocks up to ``block`` on the first queue."""
+        """The most urgent task across queues; blocks up to ``block`` on the first queue.
+        A claim for a reserved slot asks for its minimum priority (see ``reserve``)."""
+        floor = claim_floor(self.options.reserve, self.concurrency, self._running_priorities())
         for queue in self.queues:
-            message = queue.reserve(timeout=0)
+            message = queue.reserve(timeout=0, min_priority=floor)
             if message is not None:
                 return message, queue
         if block <= 0:
             return None
         slice_ = block if len(self.queues) == 1 else min(block, 0.1)
-        message = self.queues[0].reserve(timeout=slice_)
+        message = self.queues[0].reserve(timeout=slice_, min_priority=floor)
         return None if message is None else (message, self.queues[0])
 
     def _dispatch(self, slot: Slot, message: Message, queue: QueueManager) -> None:
@@ -226,8 +249,9 @@ class TaskWorker:
             self.outbox.put(queue, message, build.nack(message, count_attempt=False))
             self._log(message).info("handed back at once: shutting down")
             return
-        slot.start(message, queue, self.service)
-        self._log(message).info("started")
+        slot.start(message, queue, self.service, preempting=self.options.preemption is not None)
+        if info_enabled():
+            self._log(message).info("started")
 
     def _collect(self, busy: list[Slot], timeout: float) -> None:
         """Wait for replies from busy children (or their death) and act on them."""
@@ -280,11 +304,61 @@ class TaskWorker:
                 self._failed(slot, "invalid_result", _refused(exc), str(reply["name"]))
                 return
             self.outbox.put(queue, task.message, outcome)
-            self._log(task.message).info("step {} done", reply["name"])
+            if info_enabled():
+                self._log(task.message).info("step {} done", reply["name"])
+            if task.pauses:
+                self._at_step_boundary(slot)
         elif op == "done":
             self._succeeded(slot, reply.get("result"))
         elif op == "error":
             self._failed(slot, str(reply.get("reason", "error")), reply, reply.get("step"))
+
+    # -- preemption -------------------------------------------------------------------------
+
+    def _at_step_boundary(self, slot: Slot) -> None:
+        """A preemptible run paused after a step: yield it to an urgent task, or let it go
+        on. The child always gets its answer, whatever the backend does meanwhile."""
+        yielded = False
+        try:
+            yielded = self._maybe_preempt(slot)
+        finally:
+            if not yielded:
+                slot.resume()
+
+    def _maybe_preempt(self, slot: Slot) -> bool:
+        """Yield ``slot``'s task if the policy says so and the store agrees (see
+        ``preemption``); the urgent task starts in the same slot. True when it yielded."""
+        policy, task = self.options.preemption, slot.task
+        if policy is None or task is None or self.stop_reason is not None:
+            return False
+        if not self.backend.up or not all(other.busy for other in self._slots):
+            return False  # a free slot takes the urgent task without anyone yielding
+        others = [
+            other.task.message.priority
+            for other in self._slots
+            if other is not slot and other.task is not None and other.task.pauses
+        ]
+        queue = task.queue
+        floor = yield_floor(policy, task.message.priority, others, queue.head(), time.time())
+        if floor is None:
+            return False
+        yielded, urgent = queue.preempt(
+            task.message, task.steps, min_priority=floor, max_preemptions=policy.max_preemptions
+        )
+        if not yielded:
+            return False
+        slot.resume(yield_now=True)
+        slot.task = None
+        self.outbox.drop(queue, task.message)  # the yield stored its checkpoint
+        self.preempted += 1
+        by = urgent.task_id if urgent is not None else "a task that proved unreadable"
+        self._log(task.message).info("preempted by {} after step {}", by, _last_step(task))
+        if urgent is not None:
+            self._dispatch(slot, urgent, queue)
+        return True
+
+    def _running_priorities(self) -> list[int]:
+        return [slot.task.message.priority for slot in self._slots if slot.task is not None]
 
     # -- sending outcomes ------------------------------------------------------------------
 
@@ -304,19 +378,45 @@ class TaskWorker:
             self.backend.answered(len(self.outbox))
             self._next_renewal = self._next_heartbeat = 0.0
         for queue in self.outbox.queues(self.queues):
-            for message in self.outbox.send(queue, self._claims(queue)):
+            count, floor = self._claims(queue)
+            for message in self.outbox.send(queue, count, floor):
                 self._dispatch(next(s for s in self._slots if not s.busy), message, queue)
 
-    def _claims(self, queue: QueueManager) -> int:
-        """How many tasks to claim with the outcomes: one per free slot, with one queue only
-        (several are served in strict order by ``_reserve``) and while taking work."""
+    def _claims(self, queue: QueueManager) -> tuple[int, int | None]:
+        """How many tasks to claim with the outcomes, and their minimum priority: one per
+        free slot, with one queue only (several are served in strict order by
+        ``_reserve``) and while taking work. With reserved slots, ordinary tasks fill only
+        the ordinary room; a reserved slot's claim asks for the reserved priority."""
         if len(self.queues) > 1 or self.stop_reason is not None or self._limit_reached():
-            return 0
+            return 0, None
         free = sum(1 for slot in self._slots if not slot.busy)
         if self.options.max_jobs is not None:
             busy = len(self._slots) - free
             free = min(free, max(0, self.options.max_jobs - self.processed - busy))
-        return free
+        reserve = self.options.reserve
+        if reserve is None or free == 0:
+            return free, None
+        room = reserve.ordinary_room(self.concurrency, self._running_priorities())
+        return (min(free, room), None) if room > 0 else (free, reserve.priority)
+
+    def _after_outcome(self, entry: Entry, op: Op, status: str) -> None:
+        """Run the pipeline's hook for an outcome the backend accepted (at most once)."""
+        name = hook_name(op, status)
+        if name is None:
+            return
+        try:
+            function = getattr(self.service.resolve(entry.message.type), name)
+        except PipelineError:
+            return
+        if function is None:
+            return
+        try:
+            record = entry.queue.get_task(entry.message.task_id)
+        except ConveyorError as exc:
+            self._log(entry.message).warning("{} not run: cannot read the record: {}", name, exc)
+            return
+        if record is not None:
+            self.hooks.fire(name, function, record)
 
     def _send_last(self) -> None:
         """At the end: send what is left, once (not waiting for a backend that is down
@@ -407,18 +507,20 @@ class TaskWorker:
             deadline = task.deadline()
             if deadline is not None and now > deadline:
                 self._time_limit(slot)
+        self.hooks.check()
         if not self.backend.up:
             return
         if now >= self._next_renewal:
             self._next_renewal = now + self._renewal_period
             renew_running(self.queues, self._slots, self.options, now, self._log)
-        if now >= self._next_sweep and self.stop_reason is None:
+        if now >= self._next_sweep and self.stop_reason is None and self._upkeep is None:
             self._next_sweep = now + _SWEEP_INTERVAL
             for queue in self.queues:
                 queue.sweep()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.options.heartbeat_interval
-            self._heartbeat()
+            if self._upkeep is None:
+                self._heartbeat()
             self._check_limits()
 
     def _time_limit(self, slot: Slot) -> None:
@@ -469,9 +571,12 @@ class TaskWorker:
     # -- the end ------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.stop()
         for slot in self._slots:
             slot.stop(timeout=2)
         self._send_last()
+        self.hooks.wait(min(self.options.hook_timeout, 5.0))
         if self.backend.up:
             try:
                 self.queues[0].unregister_worker(self.id)
@@ -487,6 +592,10 @@ class TaskWorker:
             task_id=message.task_id, queue=message.queue, type=message.type,
             attempt=message.attempts, worker=self.id,
         )  # fmt: skip
+
+
+def _last_step(task: RunningTask) -> str:
+    return next(reversed(task.steps), "?") if task.steps else "?"
 
 
 def _decode(raw: bytes) -> dict[str, Any]:

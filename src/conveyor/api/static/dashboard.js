@@ -1,8 +1,13 @@
-// Conveyor dashboard: polls the HTTP API every 2 s and redraws. No framework, no build step.
-// Every value from the API is inserted as text (textContent), never as HTML.
+// Conveyor dashboard: draws from the HTTP API once, then follows the live event stream
+// (GET /api/v1/events, Server-Sent Events read with fetch so the token travels in the
+// Authorization header, never in a URL) and redraws when events arrive: no polling. A
+// progress event moves the task's bar at once; other events redraw (at most every
+// REDRAW_MS). #task/<queue>/<id> shows one task: history, steps, progress, result, error.
+// No framework, no build step. Every value from the API is inserted as text, never as HTML.
 "use strict";
 
-const REFRESH_MS = 2000;
+const REDRAW_MS = 250;
+const RECONNECT_MS = 1000;
 const TOKEN_KEY = "conveyor.token";
 const MAX_QUEUES = 10;        // queues whose task lists are fetched on each refresh
 const PER_STATUS = 8;         // records fetched per queue and status
@@ -15,6 +20,9 @@ const RECENT_STATUSES = ["processing", "pending", "scheduled", "success", "cance
 const $ = (id) => document.getElementById(id);
 const history = [];
 let timer = null;
+let stream = null;        // the AbortController of the open event stream
+let lastEventId = null;   // resume point: the id of the last event read
+let retryMs = RECONNECT_MS;  // doubles while the stream cannot reconnect, up to 30 s
 
 class Unauthorized extends Error {}
 
@@ -85,8 +93,20 @@ function damaged(item) {
     : null;
 }
 
+function taskHref(queue, id) {
+  return `#task/${encodeURIComponent(queue)}/${encodeURIComponent(id)}`;
+}
+
 function taskCell(task) {
-  return el("td", { className: "task", title: task.id }, el("code", { text: task.id }));
+  return el("td", { className: "task", title: task.id },
+    el("a", { className: "task-link", href: taskHref(task.queue, task.id) },
+      el("code", { text: task.id })));
+}
+
+function miniBar(progress) {
+  const bar = el("div", { className: "bar" });
+  bar.style.width = `${Math.round((progress || 0) * 100)}%`;
+  return el("span", { className: "mini" }, bar);
 }
 
 function updatedOf(task) {
@@ -164,8 +184,18 @@ function drawQueues(stats) {
     })),
     el("td", { className: "num", text: queue.done_last_minute }),
     el("td", { className: "num", text: duration(queue.mean_run_seconds) }),
+    el("td", { className: "waiting", text: waitingText(queue.waiting) }),
+    el("td", { className: "num", text: queue.preemptions ?? 0 }),
   ));
-  fill("queues", rows, "no queues yet: push a task", 10);
+  fill("queues", rows, "no queues yet: push a task", 12);
+}
+
+// "p10: 2 · 1.2s  p0: 40 · 5m" — each priority's ready tasks and its longest wait.
+function waitingText(bands) {
+  if (!bands || !bands.length) return "—";
+  return bands
+    .map((band) => `p${band.priority}: ${band.count} · ${duration(band.oldest_seconds)}`)
+    .join("  ");
 }
 
 function drawWorkers(workers) {
@@ -183,6 +213,30 @@ function drawWorkers(workers) {
     el("td", { className: "when", text: ago(worker.last_seen) }),
   ));
   fill("workers", rows, "no live workers: start one with `conveyor worker`", 8);
+}
+
+function inTime(epoch) {
+  if (epoch === null || epoch === undefined) return "–";
+  const seconds = epoch - Date.now() / 1000;
+  if (seconds <= 0) return "now";
+  if (seconds < 60) return `in ${Math.ceil(seconds)}s`;
+  if (seconds < 3600) return `in ${Math.ceil(seconds / 60)}m`;
+  if (seconds < 86400) return `in ${Math.ceil(seconds / 3600)}h`;
+  return `in ${Math.ceil(seconds / 86400)}d`;
+}
+
+function drawSchedules(schedules) {
+  const rows = schedules.map((schedule) => el("tr", {},
+    el("td", {}, el("code", { text: schedule.name }),
+      schedule.conflict.length ? badge("conflict") : null),
+    el("td", {}, el("code", { text: `${schedule.cron ?? "?"} (${schedule.tz ?? "?"})` })),
+    el("td", { text: schedule.queue ?? "?" }),
+    el("td", { className: "when", text: inTime(schedule.next_run) }),
+    el("td", { className: "when", text: ago(schedule.last_run) }),
+    el("td", {}, schedule.last_status ? badge(schedule.last_status) : "–"),
+    el("td", { text: (schedule.writers || []).join(", ") }),
+  ));
+  fill("schedules", rows, "no schedules: declare them in config (schedules:) or with pipeline.schedule()", 7);
 }
 
 async function fetchTasks(stats) {
@@ -210,8 +264,9 @@ function drawTasks({ recent, failed }) {
     el("td", { text: task.queue }),
     el("td", { text: task.type ?? "–" }),
     el("td", { className: "num", text: task.priority }),
-    el("td", {}, badge(task.status), damaged(task), task.status === "processing" && task.progress
-      ? el("span", { className: "muted small", text: ` ${Math.round(task.progress * 100)}%` })
+    el("td", {}, badge(task.status), damaged(task), task.status === "processing"
+      ? el("span", { className: "live-progress" }, miniBar(task.progress),
+        el("span", { className: "muted small pct", text: ` ${Math.round((task.progress || 0) * 100)}%` }))
       : null),
     el("td", { className: "when", text: ago(updatedOf(task)) }),
     el("td", { className: "actions" }, actionButton(task)),
@@ -234,29 +289,184 @@ function showState(text, kind) {
 }
 
 async function refresh() {
-  const [stats, workers] = await Promise.all([api("/api/v1/stats"), api("/api/v1/workers")]);
+  if (currentTask()) await drawTaskPage();
+  const [stats, workers, schedules] = await Promise.all([
+    api("/api/v1/stats"), api("/api/v1/workers"), api("/api/v1/schedules"),
+  ]);
   $("backend").textContent = stats.backend;
   drawCards(stats, workers.workers);
   drawQueues(stats);
   drawWorkers(workers.workers);
+  drawSchedules(schedules.schedules);
   drawTasks(await fetchTasks(stats));
   $("signout").hidden = !sessionStorage.getItem(TOKEN_KEY);
   showState(`live · ${new Date().toLocaleTimeString()}`, "ok");
 }
 
-async function loop() {
-  clearTimeout(timer);
+// A redraw soon (coalescing a burst of events into one), never a periodic one.
+function redrawSoon() {
+  if (timer !== null) return;
+  timer = setTimeout(async () => {
+    timer = null;
+    try {
+      await refresh();
+    } catch (error) {
+      if (error instanceof Unauthorized) return askToken();
+      showState(`error: ${error.message}`, "bad");
+    }
+  }, REDRAW_MS);
+}
+
+// A progress event moves the bars at once, without a round trip.
+function showProgress(event) {
+  const percent = `${Math.round(event.progress * 100)}%`;
+  const row = document.querySelector(`#recent tr[data-task-id="${CSS.escape(event.task_id)}"]`);
+  if (row) {
+    const bar = row.querySelector(".mini .bar");
+    if (bar) bar.style.width = percent;
+    const text = row.querySelector(".pct");
+    if (text) text.textContent = ` ${percent}`;
+  }
+  const shown = currentTask();
+  if (shown && shown.queue === event.queue && shown.id === event.task_id) {
+    $("t-bar").style.width = percent;
+    $("t-progress").textContent = percent;
+    $("t-note").textContent = event.note || "";
+  }
+}
+
+function onEvent(kind, data) {
+  if (kind === "reset") return redrawSoon();  // events were trimmed: read the state again
+  const event = JSON.parse(data);
+  if (event.event === "progress") showProgress(event);
+  else redrawSoon();
+}
+
+// Server-Sent Events over fetch: "id:", "event:", "data:" lines, a blank line ends one.
+async function follow() {
+  if (stream) stream.abort();
+  const controller = new AbortController();
+  stream = controller;
+  const headers = { Accept: "text/event-stream" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (lastEventId) headers["Last-Event-ID"] = lastEventId;
+  try {
+    const response = await fetch("/api/v1/events", { headers, signal: controller.signal });
+    if (response.status === 401) return askToken();
+    if (!response.ok || !response.body) throw new Error(`events: HTTP ${response.status}`);
+    showState("live", "ok");
+    if (retryMs > RECONNECT_MS) redrawSoon();  // back after an outage: read the state again
+    retryMs = RECONNECT_MS;
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let kind = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith(":")) continue;
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+          if (field === "id") lastEventId = text;
+          else if (field === "event") kind = text;
+          else if (field === "data") data.push(text);
+        }
+        if (data.length) onEvent(kind, data.join("\n"));
+      }
+    }
+  } catch (error) {
+    if (controller.signal.aborted) return;
+    showState(`reconnecting: ${error.message}`, "bad");
+  }
+  if (stream === controller) {
+    setTimeout(() => { if (stream === controller) follow(); }, retryMs);
+    retryMs = Math.min(retryMs * 2, 30000);
+  }
+}
+
+async function start() {
   try {
     await refresh();
   } catch (error) {
     if (error instanceof Unauthorized) return askToken();
     showState(`error: ${error.message}`, "bad");
   }
-  timer = setTimeout(loop, REFRESH_MS);
+  follow();
+}
+
+// -- the task page (#task/<queue>/<id>) --------------------------------------------------------
+
+function currentTask() {
+  const match = /^#task\/([^/]*)\/(.*)$/.exec(location.hash);
+  return match ? { queue: decodeURIComponent(match[1]), id: decodeURIComponent(match[2]) } : null;
+}
+
+function json(value) {
+  return value === null || value === undefined ? "–" : JSON.stringify(value, null, 2);
+}
+
+async function drawTaskPage() {
+  const shown = currentTask();
+  $("task-page").hidden = !shown;
+  $("overview").hidden = Boolean(shown);
+  if (!shown) return;
+  const task = await api(`/api/v1/tasks/${encodeURIComponent(shown.id)}?queue=${encodeURIComponent(shown.queue)}`);
+  $("t-id").textContent = task.id;
+  $("t-queue").textContent = task.queue;
+  $("t-status").replaceChildren(badge(task.status), damaged(task) || "");
+  const percent = `${Math.round((task.progress || 0) * 100)}%`;
+  $("t-bar").style.width = percent;
+  $("t-progress").textContent = percent;
+  $("t-note").textContent = task.progress_message || "";
+  $("t-attempts").textContent = task.max_retries === null || task.max_retries === undefined
+    ? task.attempts : `${task.attempts} (max retries ${task.max_retries})`;
+  $("t-worker").textContent = task.worker || "–";
+  $("t-type").textContent = task.type ?? "–";
+  $("t-priority").textContent = task.priority;
+  $("t-created").textContent = ago(task.created_at);
+  $("t-finished").textContent = ago(task.finished_at);
+  $("t-result").textContent = json(task.result);
+  $("t-error-box").hidden = !task.error;
+  $("t-error").textContent = task.error ? `${task.error.type}: ${task.error.message}` : "";
+  $("t-traceback").textContent = task.error?.traceback || "";
+  fill("t-steps", Object.entries(task.steps || {}).map(([name, result]) => el("tr", {},
+    el("td", {}, el("code", { text: name })),
+    el("td", {}, el("pre", { className: "json", text: json(result) })),
+  )), "no step finished yet", 2);
+  fill("t-history", (task.history || []).map((line) => el("tr", {},
+    el("td", { className: "when", text: new Date(line.at).toLocaleTimeString() }),
+    el("td", {}, badge(line.event)),
+    el("td", { className: "num", text: line.attempt }),
+    el("td", { text: line.note ?? "" }),
+  )), "no history", 4);
+}
+
+async function route() {
+  try {
+    if (currentTask()) await drawTaskPage();
+    else {
+      $("task-page").hidden = true;
+      $("overview").hidden = false;
+    }
+  } catch (error) {
+    if (error instanceof Unauthorized) return askToken();
+    showState(`error: ${error.message}`, "bad");
+  }
 }
 
 function askToken(message) {
   clearTimeout(timer);
+  timer = null;
+  if (stream) stream.abort();
+  stream = null;
   showState("token needed", "bad");
   $("login-error").textContent = sessionStorage.getItem(TOKEN_KEY) ? "That token was refused." : (message || "");
   $("login").hidden = false;
@@ -268,11 +478,16 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     sessionStorage.setItem(TOKEN_KEY, $("token").value);
     $("login").hidden = true;
-    loop();
+    start();
   });
   $("signout").addEventListener("click", () => {
     sessionStorage.removeItem(TOKEN_KEY);
     askToken();
   });
-  loop();
+  window.addEventListener("hashchange", route);
+  $("task-back").addEventListener("click", (event) => {
+    event.preventDefault();
+    location.hash = "";
+  });
+  start();
 });

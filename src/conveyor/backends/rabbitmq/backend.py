@@ -31,9 +31,11 @@ from ..base import (
     ClaimResult,
     ClaimSpec,
     Enqueued,
+    Head,
     LeaseState,
     NewTask,
     Outcome,
+    Preempt,
     QueueStore,
     Settled,
     Ticket,
@@ -140,6 +142,8 @@ class RabbitMQQueue(QueueStore):
 
     def claim(self, spec: ClaimSpec) -> ClaimResult:
         hint = self._publish_due()
+        if spec.min_priority is not None and not self._urgent_ready(spec.min_priority):
+            return ClaimResult([], hint)  # a reserved slot: nothing urgent enough is ready
         claimed: list[Claimed] = []
         for _ in range(_MAX_SKIPS):
             if len(claimed) >= max(1, spec.count):
@@ -159,6 +163,40 @@ class RabbitMQQueue(QueueStore):
                 raise
             claimed += self._hold(delivery, ticket, spec, result)
         return ClaimResult(claimed, 0.0, skipped=not claimed)
+
+    def _urgent_ready(self, min_priority: int) -> bool:
+        """A reserved slot's check, read from the task store: the broker's head of line is
+        its most urgent message, and the store's head says how urgent that is."""
+        head = self.store.head()
+        return head is not None and head.priority >= min_priority
+
+    def head(self) -> Head | None:
+        return self.store.head()
+
+    def preempt(self, yielded: Preempt, spec: ClaimSpec) -> tuple[Settled, ClaimResult]:
+        """Take the broker's head message, and let the task store yield and claim it in one
+        step; a refusal puts the message back. The yielded task's delivery goes back to the
+        broker: the task keeps its ticket, so its place."""
+        self._publish_due()
+        refused = (Settled(None), ClaimResult([]))
+        if not self._urgent_ready(yielded.min_priority):
+            return refused
+        delivery = self.link.get(self.topology)
+        ticket = self._ticket_of(delivery) if delivery is not None else None
+        if delivery is None or ticket is None:
+            return refused
+        try:
+            settled, result = self.store.preempt(yielded, replace(spec, ticket=ticket, count=1))
+        except BrokerUnavailableError:
+            self.link.reject(delivery, requeue=True)  # not claimed: back to the queue
+            raise
+        if settled.status is None:
+            self.link.reject(delivery, requeue=True)
+            return refused
+        # PER-KEY LIMITS HOOK: the store's preempt freed the yielded task's key slot.
+        with contextlib.suppress(BrokerUnavailableError):
+            self._release(Outcome(Op.HAND_BACK, yielded.task_id, yielded.token), settled)
+        return settled, ClaimResult(self._hold(delivery, ticket, spec, result))
 
     def _ticket_of(self, delivery: Delivery) -> TicketClaim | None:
         """The ticket a message carries; an unreadable message goes to the dead queue."""
@@ -205,6 +243,10 @@ class RabbitMQQueue(QueueStore):
         per task on a worker's hot path."""
         self._publish_due()
         claimed: ClaimResult | None = None
+        reserved = then is not None and then.min_priority is not None
+        if reserved and then is not None and not self._urgent_ready(then.min_priority or 0):
+            settled, _ = self.settle(outcomes)  # a reserved slot, and nothing urgent is ready
+            return settled, ClaimResult([])
         delivery = self.link.get(self.topology) if then is not None and then.count == 1 else None
         ticket = self._ticket_of(delivery) if delivery is not None else None
         if then is not None and delivery is not None and ticket is not None:

@@ -10,6 +10,7 @@ from loguru import logger
 
 from ...errors import ConfigError
 from ..base import QueueRecords, QueueStore, Server, StoreConfig
+from ..eventlog import EventLog
 from ..table import open_server, spec_for_url
 from .backend import RabbitMQQueue
 from .link import Link
@@ -79,6 +80,10 @@ class RabbitMQServer(Server):
                 "consumer_timeout ({:g}s) is delivered again while it still runs; give it a "
                 "timeout", what, self.safe_url, self.consumer_timeout,
             )  # fmt: skip
+
+    def events(self, queue_name: str) -> EventLog:
+        """The task store's log: every transition here is a write to the store."""
+        return self.task_store.events(queue_name)
 
     def ping(self) -> None:
         self.link.ping()

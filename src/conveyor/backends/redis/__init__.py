@@ -10,7 +10,9 @@ WAIT for durability), ``keys`` (a queue's key names), ``store`` (transitions), `
 from __future__ import annotations
 
 from ..base import QueueRecords, QueueStore, Server, StoreConfig
+from ..eventlog import EventLog
 from .client import RedisClient
+from .events import RedisEventLog
 from .records import RedisRecords
 from .registry import RedisRegistry
 from .store import RedisStore
@@ -37,6 +39,9 @@ class RedisServer(Server):
 
     def records(self, queue_name: str) -> QueueRecords:
         return RedisRecords(self.client, queue_name)
+
+    def events(self, queue_name: str) -> EventLog:
+        return RedisEventLog(self.client, queue_name)
 
     def ping(self) -> None:
         with self.client.translate():

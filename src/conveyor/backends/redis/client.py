@@ -50,7 +50,7 @@ from .target import RedisTarget, connect, parse_target
 T = TypeVar("T")
 SCRIPTS = (
     "enqueue", "claim", "settle", "renew", "cancel", "retry", "due", "published", "sweep",
-    "purge", "migrate",
+    "purge", "migrate", "preempt", "head", "waiting",
 )  # fmt: skip
 _INCLUDE = re.compile(r"^-- @include (\S+)$", re.MULTILINE)
 #: Longest single BLPOP: the socket timeout stays above it.

@@ -19,7 +19,7 @@ class QueueKeys:
         names = (
             "pending", "delayed", "leases", "task:", "seq", "wake", "done:success",
             "done:failed", "done:canceled", "done:timeout", "pulled", "publishing", "expiring",
-            "layout",
+            "layout", "preemptions", "parked", "keyrun:", "events", "counters",
         )  # fmt: skip
         return cls(tag, tuple(f"{tag}:{name}" for name in names))
 
@@ -46,6 +46,25 @@ class QueueKeys:
     @property
     def layout(self) -> str:
         return self.all[13]
+
+    @property
+    def preemptions(self) -> str:
+        return self.all[14]
+
+    @property
+    def parked(self) -> str:
+        """Every task set aside because its concurrency key was full (per-key limits)."""
+        return self.all[15]
+
+    @property
+    def events(self) -> str:
+        """The queue's event stream (XADD MAXLEN ~ by every transition)."""
+        return self.all[17]
+
+    @property
+    def counters(self) -> str:
+        """The queue's monotonic counters: one field per event name, never decremented."""
+        return self.all[18]
 
     def task(self, task_id: str) -> str:
         return f"{self.all[3]}{task_id}"

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ...lifecycle import TaskStatus
-from ..base import QueueRecords
+from ..base import QueueRecords, WaitingBands
 from .client import RedisClient, wire
 from .keys import QueueKeys
 
@@ -61,7 +61,10 @@ class RedisRecords(QueueRecords):
                 if status == TaskStatus.PROCESSING:  # leased first, then pulled ones
                     ids = redis.zrange(key, 0, stop) + redis.zrange(self._keys.pulled, 0, stop)
                     return list(ids[offset : offset + limit])
-                if status in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
+                if status == TaskStatus.PENDING:  # ready ones in claim order, then parked
+                    ids = redis.zrange(key, 0, stop) + redis.zrange(self._keys.parked, 0, stop)
+                    return list(ids[offset : offset + limit])
+                if status == TaskStatus.SCHEDULED:
                     return list(redis.zrange(key, offset, stop))
                 return list(redis.zrevrange(key, offset, stop))
 
@@ -78,11 +81,13 @@ class RedisRecords(QueueRecords):
             for status in TaskStatus:
                 pipe.zcard(self._keys.index(status.value))
             pipe.zcard(self._keys.pulled)
+            pipe.zcard(self._keys.parked)
             return list(pipe.execute())
 
-        *replies, pulled = self._read(read)
+        *replies, pulled, parked = self._read(read)
         counts = {status.value: int(n) for status, n in zip(TaskStatus, replies, strict=True)}
         counts[TaskStatus.PROCESSING.value] += int(pulled)
+        counts[TaskStatus.PENDING.value] += int(parked)
         return counts
 
     def recent(self, seconds: float) -> tuple[int, int, float | None]:
@@ -107,8 +112,28 @@ class RedisRecords(QueueRecords):
         ]
         return int(done), int(failed), (sum(runs) / len(runs) if runs else None)
 
+    def waiting(self) -> WaitingBands:
+        reply = self._client.run("waiting", self._keys.all, (self.queue_name, "0", "", "30"))
+        if reply and reply[0] == "aged":
+            return super().waiting()  # aged scores have no bands: sample the line
+        return [
+            (int(reply[i]), int(reply[i + 1]), _number(reply[i + 2]))
+            for i in range(0, len(reply), 3)
+        ]
+
+    def preemptions(self) -> int:
+        return int(_number(self._read(lambda redis: redis.get(self._keys.preemptions))))
+
     def size(self) -> int:
-        return int(self._read(lambda redis: redis.zcard(self._keys.pending)))
+        """Pending tasks: ready ones and those parked behind a full concurrency key."""
+
+        def read(redis: Any) -> int:
+            pipe = redis.pipeline(transaction=False)
+            pipe.zcard(self._keys.pending)
+            pipe.zcard(self._keys.parked)
+            return sum(int(n) for n in pipe.execute())
+
+        return self._read(read)
 
     def now(self) -> float:
         """The clock of the master holding this queue: the one its scripts stamp times with."""

@@ -26,6 +26,8 @@ _TAG = "conveyor:registry:{conveyor}"
 _WORKERS = f"{_TAG}:workers"  # ZSET worker id -> last heartbeat
 _STOP_ALL = f"{_TAG}:stop-all"  # STRING time of the latest "stop every worker"
 _QUEUES = f"{_TAG}:queues"  # SET queue names
+_SCHEDULES = f"{_TAG}:schedules"  # HASH name NUL fingerprint -> JSON what its writer runs
+_SCHEDULE_LAST = f"{_TAG}:schedule-last"  # ZSET name -> latest tick pushed (ZADD GT)
 _LEGACY_WORKERS = "conveyor:workers"
 _LEGACY_STOP_ALL = "conveyor:workers:stop-all"
 _LEGACY_QUEUES = "conveyor:queues"
@@ -143,6 +145,52 @@ class RedisRegistry(ServerRegistry):
             self._client.redis.srem(_LEGACY_QUEUES, queue_name)
 
         self._client.call(forget)
+
+    def note_schedule(
+        self, name: str, fingerprint: str, definition_json: str, writer: str,
+        next_run: float | None,
+    ) -> None:  # fmt: skip
+        entry = {"definition": definition_json, "writer": writer,
+                 "seen_at": self._client.now(_SCHEDULES), "next_run": next_run}  # fmt: skip
+        field = f"{name}\0{fingerprint}"
+        self._client.call(lambda: self._client.redis.hset(_SCHEDULES, field, json.dumps(entry)))
+
+    def advance_schedule(self, name: str, tick: float) -> None:
+        self._client.call(lambda: self._client.redis.zadd(_SCHEDULE_LAST, {name: tick}, gt=True))
+
+    def forget_schedule(self, name: str) -> None:
+        def forget() -> None:
+            redis = self._client.redis
+            fields = [f for f in redis.hkeys(_SCHEDULES) if str(f).partition("\0")[0] == name]
+            if fields:
+                redis.hdel(_SCHEDULES, *fields)
+            redis.zrem(_SCHEDULE_LAST, name)
+
+        self._client.call(forget)
+
+    def schedules(self) -> list[dict[str, Any]]:
+        def read() -> tuple[dict[Any, Any], list[Any]]:
+            pipe = self._client.redis.pipeline(transaction=False)
+            pipe.hgetall(_SCHEDULES)
+            pipe.zrange(_SCHEDULE_LAST, 0, -1, withscores=True)
+            entries, last = pipe.execute()
+            return entries, last
+
+        entries, last = self._client.call(read)
+        last_ticks = {str(name): float(score) for name, score in last}
+        rows = []
+        for field, value in entries.items():
+            name, _, fingerprint = str(field).partition("\0")
+            try:
+                entry = json.loads(value)
+            except ValueError:
+                continue  # a damaged entry is left out, never fails the listing
+            rows.append({"name": name, "fingerprint": fingerprint,
+                         "definition": entry.get("definition"), "writer": entry.get("writer"),
+                         "seen_at": entry.get("seen_at"), "next_run": entry.get("next_run"),
+                         "last_tick": last_ticks.get(name)})  # fmt: skip
+        rows.sort(key=lambda row: (row["name"], -(_number(row["seen_at"]) or 0.0)))
+        return rows
 
 
 def _number(value: Any) -> float | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from loguru import logger
@@ -29,9 +30,11 @@ from ..base import (
     ClaimResult,
     ClaimSpec,
     Enqueued,
+    Head,
     LeaseState,
     NewTask,
     Outcome,
+    Preempt,
     QueueStore,
     Settled,
     StoreConfig,
@@ -109,6 +112,8 @@ class RedisStore(QueueStore):
         self._client = client
         self.keys = QueueKeys.for_queue(queue_name)
         mode = "broker" if config.broker_leases else ""
+        if config.aging_interval is not None and not config.broker_leases:
+            mode = f"aging:{config.aging_interval!r}"  # see AGING in _lifecycle.lua
         self._max_deliveries = config.max_deliveries
         self._head = (queue_name, str(config.result_ttl), mode, str(config.publish_grace))
         self._migrate()
@@ -142,7 +147,8 @@ class RedisStore(QueueStore):
             args += (
                 task.task_id, task.priority, task.data_json, task.type or "", task.delay,
                 _opt(task.max_retries), _opt(task.retry_backoff), _opt(task.queue_timeout),
-                _opt(task.process_timeout),
+                _opt(task.process_timeout), _opt(task.concurrency_key),
+                _opt(task.max_concurrency), "1" if task.unique else "",
             )  # fmt: skip
         reply, acked = self._run_durable("enqueue", *args) if tasks else ([], None)
         if acked is not None and self._client.durability is not None:
@@ -197,6 +203,24 @@ class RedisStore(QueueStore):
             )
         claimed = claim_result(reply[1]) if then is not None else None
         return self._with_priorities(settled), claimed
+
+    def head(self) -> Head | None:
+        reply = self._run("head")
+        if not reply:
+            return None
+        try:
+            return Head(str(reply[0]), int(reply[1]), float(reply[2] or 0.0))
+        except (TypeError, ValueError):
+            return None  # a damaged head: the next claim dead-letters it
+
+    def preempt(self, yielded: Preempt, spec: ClaimSpec) -> tuple[Settled, ClaimResult]:
+        reply = self._run(
+            "preempt", yielded.task_id, yielded.token, yielded.steps_json or "",
+            yielded.min_priority, yielded.max_preemptions, *spec_args(replace(spec, count=1)),
+        )  # fmt: skip
+        if not reply or not reply[0]:
+            return Settled(None), ClaimResult([])
+        return Settled(str(reply[0])), claim_result(reply[1])
 
     def _check_replicas(self, acked: int | None, count: int) -> None:
         wanted = self._client.durability
@@ -273,12 +297,18 @@ class RedisStore(QueueStore):
 
     def purge(self) -> int:
         """SCAN for the queue's keys on the master that holds its slot (on a cluster, the
-        only node that can have them) and unlink them in batches."""
+        only node that can have them) and unlink them in batches. The counters stay, since
+        they never go down (/metrics); the event stream goes with the tasks (a reader resuming
+        from an id before the purge gets a ``reset``: event numbers continue from the
+        counters)."""
+        kept = {self.keys.counters}
 
         def purge_on(node: Any) -> int:
             pending = int(node.zcard(self.keys.pending))
             batch: list[str] = []
             for key in node.scan_iter(match=self.keys.pattern, count=1000):
+                if key in kept:
+                    continue
                 batch.append(key)
                 if len(batch) >= 1000:
                     node.unlink(*batch)

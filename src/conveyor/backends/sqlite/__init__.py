@@ -16,8 +16,10 @@ Decisions the contract leaves open:
 from __future__ import annotations
 
 from ..base import QueueRecords, QueueStore, Server, StoreConfig
+from ..eventlog import EventLog
 from ..table import sqlite_path_from_url
 from .connection import Database
+from .events import SqliteEventLog
 from .records import SqliteRecords
 from .registry import SqliteRegistry
 from .store import SqliteStore
@@ -50,6 +52,9 @@ class SqliteServer(Server):
 
     def records(self, queue_name: str) -> QueueRecords:
         return SqliteRecords(self.database, queue_name)
+
+    def events(self, queue_name: str) -> EventLog:
+        return SqliteEventLog(self.database, queue_name)
 
     def ping(self) -> None:
         from ...errors import BackendError, BrokerUnavailableError

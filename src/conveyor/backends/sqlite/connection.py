@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from ...errors import BackendError, BrokerUnavailableError, ConfigError, ConveyorError
-from . import sql
+from . import events_sql, keylimits, sql
 
 _SYNC_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
@@ -129,6 +129,14 @@ class Database:
             conn.execute(sql.BACKFILL_EXPIRE_AT)
         for statement in sql.LATE_SCHEMA:
             conn.execute(statement)
+        for statement in keylimits.SCHEMA:  # version 4: per-key concurrency
+            conn.execute(statement)
+        if version < events_sql.VERSION:  # 6: the event log and counters (idempotent)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+            if events_sql.EVENT_LINE.split()[0] not in columns:
+                conn.execute(f"ALTER TABLE tasks ADD COLUMN {events_sql.EVENT_LINE}")
+            for statement in events_sql.SCHEMA:
+                conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
 
     # -- using it ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from ...lifecycle import TaskStatus
-from ..base import ROW_FIELDS, QueueRecords
+from ..base import ROW_FIELDS, QueueRecords, WaitingBands
 from . import sql
 from .connection import Database
 
@@ -47,6 +47,23 @@ class SqliteRecords(QueueRecords):
                 self._database.db().execute(sql.RECENT, (self.queue_name, since)).fetchone()
             )
         return int(done), int(failed), float(mean) if isinstance(mean, int | float) else None
+
+    def waiting(self) -> WaitingBands:
+        with self._database.errors():
+            rows = (
+                self._database.db().execute(sql.WAITING_BY_PRIORITY, (self.queue_name,)).fetchall()
+            )
+        return [
+            (row[0], int(row[1]), float(row[2] or 0.0))
+            for row in rows
+            if isinstance(row[0], int) and isinstance(row[2], int | float)
+        ]
+
+    def preemptions(self) -> int:
+        with self._database.errors():
+            return int(
+                self._database.db().execute(sql.PREEMPTIONS, (self.queue_name,)).fetchone()[0]
+            )
 
     def size(self) -> int:
         with self._database.errors():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from ..base import ServerRegistry
 from . import sql
@@ -53,3 +54,43 @@ class SqliteRegistry(ServerRegistry):
 
     def forget_queue(self, queue_name: str) -> None:
         self._noted.discard(queue_name)
+
+    def note_schedule(
+        self, name: str, fingerprint: str, definition_json: str, writer: str,
+        next_run: float | None,
+    ) -> None:  # fmt: skip
+        with self._database.write() as now:
+            self._database.db().execute(
+                """INSERT INTO schedules VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name, fingerprint)
+                DO UPDATE SET definition = excluded.definition, writer = excluded.writer,
+                seen_at = excluded.seen_at, next_run = excluded.next_run""",
+                (name, fingerprint, definition_json, writer, now, next_run),
+            )
+
+    def advance_schedule(self, name: str, tick: float) -> None:
+        with self._database.write():
+            self._database.db().execute(
+                """INSERT INTO schedule_runs VALUES (?, ?) ON CONFLICT (name)
+                DO UPDATE SET last_tick = MAX(last_tick, excluded.last_tick)""",
+                (name, tick),
+            )
+
+    def forget_schedule(self, name: str) -> None:
+        with self._database.write():
+            self._database.db().execute("DELETE FROM schedules WHERE name = ?", (name,))
+            self._database.db().execute("DELETE FROM schedule_runs WHERE name = ?", (name,))
+
+    def schedules(self) -> list[dict[str, Any]]:
+        with self._database.errors():
+            rows = (
+                self._database.db()
+                .execute(
+                    """SELECT s.name, s.fingerprint, s.definition, s.writer, s.seen_at, s.next_run,
+                r.last_tick FROM schedules s LEFT JOIN schedule_runs r ON r.name = s.name
+                ORDER BY s.name, s.seen_at DESC"""
+                )
+                .fetchall()
+            )
+        fields = ("name", "fingerprint", "definition", "writer", "seen_at", "next_run",
+                  "last_tick")  # fmt: skip
+        return [dict(zip(fields, row, strict=True)) for row in rows]

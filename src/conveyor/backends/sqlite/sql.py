@@ -16,10 +16,12 @@ from ..base import ROW_FIELDS
 
 S, E, R = TaskStatus, Event, DeadReason
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 6
 #: Columns beyond the row fields: the lease, the place in line, and the broker ticket.
 EXTRA = ("token", "lease_until", "ready_at", "seq", "ticket", "publish_by", "copy")
-COLUMNS = (*ROW_FIELDS, *EXTRA)
+#: Per-key concurrency (version 4, see keylimits.py): written after the columns above.
+KEYED = ("concurrency_key", "max_concurrency", "parked")
+COLUMNS = (*(f for f in ROW_FIELDS if f not in KEYED), *EXTRA, *KEYED)
 FIELDS = ", ".join(ROW_FIELDS)
 SCHEMA = (
     # Few constraints on purpose: a damaged row must stay readable so it can be dead-lettered.
@@ -56,6 +58,10 @@ LATE_SCHEMA = (
 ADDED_COLUMNS = {
     2: ("steps TEXT", "worker TEXT"),
     3: ("expire_at REAL", "ticket INTEGER DEFAULT 0", "publish_by REAL", "copy TEXT"),
+    4: ("concurrency_key TEXT", "max_concurrency INTEGER", "parked INTEGER DEFAULT 0"),
+    # Version 5 (preemption): how often a task yielded; a fresh record (INSERT OR REPLACE
+    # does not name it) starts at 0.
+    5: ("preemptions INTEGER DEFAULT 0",),
 }
 #: Version 3 times out only never-started tasks (see lifecycle): give them their deadline.
 BACKFILL_EXPIRE_AT = f"""UPDATE tasks SET expire_at = CASE WHEN status = '{S.SCHEDULED}'
@@ -70,14 +76,16 @@ def whole(expression: str) -> str:
 
 def history(event: str, attempt: str = "attempts", note: str | None = None) -> str:
     """The one place a transition is recorded: SQL that appends one JSON line to
-    ``history``. Arguments are SQL expressions (an event name is quoted by the caller).
+    ``history``, and sets ``event_line`` to it, which the event-log trigger reads
+    (``events_sql``). Arguments are SQL expressions (an event name is quoted by the caller).
 
     The attempt is cast to an integer: a damaged ``attempts`` (a blob, text, 1e999) must not
     make ``json_object`` fail the transition halfway (JSON cannot hold a blob)."""
     fields = f"'at', :now, 'event', {event}, 'attempt', {whole(attempt)}"
     if note is not None:
         fields += f", 'note', {note}"
-    return f"history = COALESCE(history, '') || json_object({fields}) || char(10)"
+    line = f"json_object({fields})"
+    return f"history = COALESCE(history, '') || {line} || char(10), event_line = {line}"
 
 
 def q(value: str) -> str:
@@ -177,17 +185,41 @@ UNSERVABLE = malformed(
 
 # -- claiming ---------------------------------------------------------------------------------
 CLAIM_ORDER = "priority DESC, ready_at, seq"
-PICK = f"""SELECT rowid FROM tasks WHERE queue = ? AND status = '{S.PENDING}'
+# Parked rows (their concurrency key is full) are out of the line: see keylimits.py.
+PICK = f"""SELECT rowid FROM tasks WHERE queue = ? AND status = '{S.PENDING}' AND parked = 0
     ORDER BY {CLAIM_ORDER} LIMIT 1"""
 CLAIM_ROW = """SELECT id, priority, data, type, max_retries, retry_backoff, process_timeout,
-    created_at, attempts, expire_at, steps, expiries, status, ticket, copy, lease_until
-    FROM tasks WHERE rowid = ?"""
+    created_at, attempts, expire_at, steps, expiries, status, ticket, copy, lease_until,
+    concurrency_key, max_concurrency FROM tasks WHERE rowid = ?"""
 TICKET_ROW = "SELECT rowid FROM tasks WHERE queue = ? AND id = ?"
 RAW_TEXT = "SELECT CAST(id AS BLOB), CAST(data AS BLOB) FROM tasks WHERE rowid = ?"
 TAKE = f"""UPDATE tasks SET status = '{S.PROCESSING}', attempts = :attempt, token = :token,
     lease_until = :lease, started_at = :now, updated_at = :now, worker = :worker,
     expire_at = NULL, publish_by = NULL, copy = :copy, {history(":event", ":attempt")}
     WHERE rowid = :rowid"""
+
+
+def aged_order(interval: float) -> str:
+    """The claim order with aging on: a static score, ready time minus priority levels
+    worth ``interval`` seconds each, FIFO (``seq``) within equal scores. The expression is
+    the one :func:`aged_index` indexes, so a claim stays one index seek."""
+    return f"ready_at - priority * {float(interval)!r}, seq"
+
+
+def aged_index(interval: float) -> str:
+    """The pending index of the aged order for one interval (created when a store opens
+    with aging on; an index per interval in use, dropped by nothing: they are small)."""
+    name = f"tasks_aged_free_{int(interval * 1000)}"  # "free": parked rows left out
+    return f"""CREATE INDEX IF NOT EXISTS {name} ON tasks (queue, {aged_order(interval)})
+        WHERE status = '{S.PENDING}' AND parked = 0"""
+
+
+def pick(order: str) -> str:
+    return f"""SELECT rowid FROM tasks WHERE queue = ? AND status = '{S.PENDING}' AND parked = 0
+    ORDER BY {order} LIMIT 1"""
+
+
+HEAD_ROW = "SELECT id, priority, ready_at FROM tasks WHERE rowid = ?"
 NEXT_DUE = f"SELECT MIN(scheduled_for) FROM tasks WHERE queue = ? AND status = '{S.SCHEDULED}'"
 NEXT_EXPIRY = f"SELECT MIN(lease_until) FROM tasks WHERE queue = ? AND status = '{S.PROCESSING}'"
 NEXT_TIMEOUT = "SELECT MIN(expire_at) FROM tasks WHERE queue = ? AND expire_at IS NOT NULL"
@@ -210,6 +242,18 @@ NACK = f"""UPDATE tasks SET status = :status, scheduled_for = :due,
     attempts = MAX(COALESCE(attempts, 0) - :give_back, 0), error = COALESCE(:error, error),
     {SETTLED}, {history(":event", "MAX(COALESCE(attempts, 0) - :give_back, 0)")}
     WHERE {IS_MINE} AND cancel_requested IS NOT 1 RETURNING ticket, priority"""
+# Preemption: the yield keeps the place (ready_at, seq), returns the attempt, stores the
+# checkpoint and counts the preemption; the claim of the urgent task follows in the same
+# transaction (store.preempt).
+PREEMPT_STATE = f"""SELECT cancel_requested, COALESCE(preemptions, 0) FROM tasks
+    WHERE {IS_MINE}"""
+PREEMPT_YIELD = f"""UPDATE tasks SET status = '{S.PENDING}', steps = COALESCE(:steps, steps),
+    attempts = MAX(COALESCE(attempts, 0) - 1, 0), preemptions = COALESCE(preemptions, 0) + 1,
+    {SETTLED}, {history(q(E.PREEMPTED), "MAX(COALESCE(attempts, 0) - 1, 0)", ":note")}
+    WHERE {IS_MINE}"""
+PREEMPTIONS = "SELECT COALESCE(SUM(preemptions), 0) FROM tasks WHERE queue = ?"
+WAITING_BY_PRIORITY = f"""SELECT priority, COUNT(*), MIN(ready_at) FROM tasks
+    WHERE queue = ? AND status = '{S.PENDING}' GROUP BY priority ORDER BY priority DESC"""
 FAIL = f"""UPDATE tasks SET status = :status,
     dead_reason = CASE WHEN :status = '{S.FAILED}' THEN :reason END,
     error = COALESCE(:error, error), finished_at = :now, expire_at = NULL, publish_by = NULL,

@@ -26,15 +26,17 @@ from ..base import (
     ClaimResult,
     ClaimSpec,
     Enqueued,
+    Head,
     LeaseState,
     NewTask,
     Outcome,
+    Preempt,
     QueueStore,
     Settled,
     StoreConfig,
     Ticket,
 )
-from . import sql
+from . import events_sql, keylimits, sql
 from .connection import Database
 
 _MAX_SKIPS = 500  # timed-out or malformed rows skipped per claim before yielding
@@ -79,6 +81,16 @@ class SqliteStore(QueueStore):
         self._claims, self._retained = 0, float("-inf")
         self._seen_version = database.data_version()
         self._seen_pushes = database.push_count()
+        self._pick = self._claim_order(config.aging_interval)
+
+    def _claim_order(self, aging_interval: float | None) -> str:
+        """The statement that finds the head of the line: priority first, or (aging on)
+        the static aged score, with its index created once."""
+        if aging_interval is None:
+            return sql.PICK
+        with self._database.write():
+            self._db().execute(sql.aged_index(aging_interval))
+        return sql.pick(sql.aged_order(aging_interval))
 
     def _db(self) -> sqlite3.Connection:
         return self._database.db()
@@ -95,6 +107,7 @@ class SqliteStore(QueueStore):
         tickets: list[Ticket] = []
         if not tasks:
             return Enqueued(stored, tickets)
+        self._maybe_retain()  # also trims the event log when nothing claims
         with self._database.write() as now:
             self._begin(now)
             db = self._db()
@@ -105,7 +118,7 @@ class SqliteStore(QueueStore):
             seq, rows = self._database.next_seq(), list[tuple[Any, ...]]()
             for task in tasks:
                 status, ticket = old.get(task.task_id, (None, 0))
-                stored.append(status not in sql_live())
+                stored.append(status is None if task.unique else status not in sql_live())
                 if not stored[-1]:
                     continue
                 old[task.task_id] = (TaskStatus.PENDING.value, 0)  # a second copy is a duplicate
@@ -124,7 +137,7 @@ class SqliteStore(QueueStore):
         event = {"at": now, "event": Event.SCHEDULED if delayed else Event.PUSHED, "attempt": 0}
         expire_at = None if task.queue_timeout is None else ready + task.queue_timeout
         publish_by = now + self._config.publish_grace if self._broker and not delayed else None
-        # The order of sql.COLUMNS: ROW_FIELDS, then sql.EXTRA.
+        # The order of sql.COLUMNS: ROW_FIELDS but sql.KEYED, sql.EXTRA, then sql.KEYED.
         return (
             task.task_id, self.queue_name, task.type, task.priority, task.data_json,
             TaskStatus.SCHEDULED if delayed else TaskStatus.PENDING, 0, 0, task.max_retries,
@@ -132,6 +145,7 @@ class SqliteStore(QueueStore):
             ready if delayed else None, None, None, now, 0.0, None, None, None, None, 0,
             json.dumps(event, separators=(",", ":")) + "\n", None, None, expire_at,
             None, None, None if delayed else now, seq, ticket, publish_by, None,
+            task.concurrency_key, task.max_concurrency, 0,
         )  # fmt: skip
 
     # -- claiming ---------------------------------------------------------------------------
@@ -152,7 +166,7 @@ class SqliteStore(QueueStore):
         for _ in range(_MAX_SKIPS):
             if len(claimed) >= max(1, spec.count):
                 break
-            row = self._db().execute(sql.PICK, (self.queue_name,)).fetchone()
+            row = self._db().execute(self._pick, (self.queue_name,)).fetchone()
             if row is None:
                 break
             cursor = self._cursor()
@@ -206,6 +220,10 @@ class SqliteStore(QueueStore):
         if expire_at is not None and now > expire_at:
             cursor.execute(sql.TIME_OUT_ROW, params)
             return None
+        if spec.ticket is None and not keylimits.admit(
+            self._db(), self.queue_name, rowid, row, now
+        ):
+            return None  # its concurrency key is full: parked, the claim goes on
         attempt = (row["attempts"] or 0) + 1
         token = uuid.uuid4().hex
         lease = None if spec.lease is None else now + spec.lease
@@ -354,6 +372,63 @@ class SqliteStore(QueueStore):
         ticket = Ticket(outcome.task_id, _int(row[0]), _priority(row[1])) if new_place else None
         return Settled(TaskStatus.PENDING.value, ticket)
 
+    # -- preemption -------------------------------------------------------------------------
+
+    def head(self) -> Head | None:
+        with self._database.errors():
+            db = self._db()
+            found = db.execute(self._pick, (self.queue_name,)).fetchone()
+            row = None if found is None else db.execute(sql.HEAD_ROW, (found[0],)).fetchone()
+        if row is None or not isinstance(row[1], int) or not isinstance(row[0], str):
+            return None  # nothing ready, or a damaged head a claim will dead-letter
+        return Head(row[0], row[1], _float(row[2]) or 0.0)
+
+    def preempt(self, yielded: Preempt, spec: ClaimSpec) -> tuple[Settled, ClaimResult]:
+        refused = (Settled(None), ClaimResult([]))
+        with self._database.write() as now:
+            self._begin(now)
+            db = self._db()
+            mine = {"queue": self.queue_name, "id": yielded.task_id, "token": yielded.token}
+            state = db.execute(sql.PREEMPT_STATE, mine).fetchone()
+            if state is None or state[0] == 1 or state[1] >= yielded.max_preemptions:
+                return refused  # not held, a cancel was asked, or preempted enough
+            urgent = self._urgent(now, spec, yielded.min_priority)
+            if urgent is None:
+                return refused  # no ready task urgent enough: another worker took it
+            rowid, row = urgent
+            db.execute(sql.PREEMPT_YIELD, {
+                **mine, "now": now, "steps": yielded.steps_json,
+                "note": f"preempted by {row['id']}",
+            })  # fmt: skip
+            # (per-key limits: the key_slot_freed trigger freed the yielded task's slot)
+            taken = self._take(self._cursor(), rowid, row, now, spec=spec)
+        self._database.notify_push()
+        return Settled(TaskStatus.PENDING.value), ClaimResult([] if taken is None else [taken])
+
+    def _urgent(
+        self, now: float, spec: ClaimSpec, min_priority: int
+    ) -> tuple[int, sqlite3.Row] | None:
+        """The id of the task a preemption would claim, if it is ready, readable, not timed
+        out and at least ``min_priority``; else None (nothing is changed)."""
+        db = self._db()
+        if spec.ticket is not None:
+            found = db.execute(sql.TICKET_ROW, (self.queue_name, spec.ticket.task_id)).fetchone()
+        else:
+            found = db.execute(self._pick, (self.queue_name,)).fetchone()
+        if found is None:
+            return None
+        row = self._cursor().execute(sql.CLAIM_ROW, (found[0],)).fetchone()
+        expire_at = _float(row["expire_at"])
+        if _damage(row) is not None or row["status"] != TaskStatus.PENDING:
+            return None
+        if spec.ticket is not None and _int(row["ticket"]) != spec.ticket.number:
+            return None
+        if (expire_at is not None and now > expire_at) or row["priority"] < min_priority:
+            return None
+        if not keylimits.has_room(db, self.queue_name, row):
+            return None  # its concurrency key is full: yielding would start nothing
+        return int(found[0]), row
+
     def renew(self, leases: Sequence[tuple[str, str]], seconds: float | None) -> list[LeaseState]:
         if not leases:
             return []
@@ -448,6 +523,7 @@ class SqliteStore(QueueStore):
             self._db().execute(
                 sql.RETENTION, {"queue": self.queue_name, "before": now - self._config.result_ttl}
             )
+            events_sql.trim(self._db())
 
     def purge(self) -> int:
         with self._database.write():

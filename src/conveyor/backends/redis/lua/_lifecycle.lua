@@ -18,12 +18,20 @@
 --   KEYS[12] conveyor:{q}:publishing     ZSET id -> deadline of a publish in flight (broker)
 --   KEYS[13] conveyor:{q}:expiring       ZSET id -> expire_at of a never-started task
 --   KEYS[14] conveyor:{q}:layout         STRING the keyspace layout version
+--   KEYS[15] conveyor:{q}:preemptions    STRING how many times tasks yielded (K_PREEMPTIONS)
+--   KEYS[16] conveyor:{q}:parked         ZSET id -> its score in pending, for every task set
+--            aside because its concurrency key was full; K_PARKED .. ':' .. key is the
+--            ZSET of one key's parked tasks (per-key limits; see keyed_* below)
+--   KEYS[17] conveyor:{q}:keyrun:        prefix of the per-key SETs of running task ids
+--   KEYS[18] conveyor:{q}:events         STREAM one entry per event (emit), trimmed ~EVENT_CAP
+--   KEYS[19] conveyor:{q}:counters       HASH event name -> count, only ever incremented
 -- The per-task hashes (KEYS[4] .. id) are not declared: Redis Cluster lets a script touch
 -- an undeclared key when it hashes to the slot of the declared ones, which the shared hash
 -- tag guarantees (a key of another slot would fail the script; the conformance suite runs
 -- on a cluster). redis-py routes EVALSHA by the declared KEYS.
--- ARGV[1] queue name, ARGV[2] result_ttl (s), ARGV[3] 'broker' when a transport (RabbitMQ)
--- owns delivery, ARGV[4] publish grace (s); each script's own values start at ARGV[5].
+-- ARGV[1] queue name, ARGV[2] result_ttl (s), ARGV[3] the mode: 'broker' when a transport
+-- (RabbitMQ) owns delivery, 'aging:<seconds>' with aging on (never both), else '';
+-- ARGV[4] publish grace (s); each script's own values start at ARGV[5].
 --
 -- Scripts validate what they read before they write: a number field is read with
 -- tonumber() (never HINCRBY on a value someone damaged), and a record that fails is
@@ -31,11 +39,17 @@
 
 local QUEUE, TTL = ARGV[1], tonumber(ARGV[2]) or 0
 local BROKER, GRACE = ARGV[3] == 'broker', tonumber(ARGV[4]) or 30
+-- Aging (conveyor/aging.py): seconds of waiting worth one priority level, or nil (off).
+local AGING = tonumber(string.match(ARGV[3] or '', '^aging:(.+)$') or '')
+local K_PREEMPTIONS = KEYS[15]
 local A = 5 -- the first of a script's own ARGV
 local WAKE_CAP = 1000
 local SCAN_LIMIT = 100 -- bounded work per call: promote, reap or time out at most this many
 local PROMOTE_ALL = 1000 -- due tasks promoted at the start of every transition (see begin)
+local K_EVENTS, K_COUNTERS = KEYS[18], KEYS[19]
+local EVENT_CAP = 10000 -- entries kept per queue's stream (approximately: MAXLEN ~)
 local DONE_KEY = {success = KEYS[7], failed = KEYS[8], canceled = KEYS[9], timeout = KEYS[10]}
+local K_PARKED, K_KEYRUN = KEYS[16], KEYS[17]
 
 local function now_seconds()
   local t = redis.call('TIME')
@@ -75,8 +89,23 @@ local function num(key, field)
   return finite(redis.call('HGET', key, field))
 end
 
--- The one place a transition is recorded: the task's history.
+-- Every transition (and progress, checkpoint) is an event in the queue's stream, in the same
+-- script as the change. `n` numbers a queue's events without gaps, so a reader can tell when
+-- trimming took events it had not read; the counters only ever go up (/metrics).
+local function emit(key, event, attempt, note)
+  local f = redis.call('HMGET', key, 'status', 'progress', 'worker', 'progress_message')
+  if event == EV.PROGRESS then note = f[4] end
+  local n = redis.call('HINCRBY', K_COUNTERS, 'events', 1)
+  redis.call('HINCRBY', K_COUNTERS, event, 1)
+  redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENT_CAP, '*', 'n', n,
+    'task', string.sub(key, #KEYS[4] + 1), 'event', event, 'status', f[1] or '',
+    'attempt', tonumber(attempt) or 0, 'progress', f[2] or '0', 'at', fmt(NOW),
+    'worker', f[3] or '', 'note', note or '')
+end
+
+-- The one place a transition is recorded: the task's history, and the event stream.
 local function record(key, event, attempt, note)
+  emit(key, event, attempt, note)
   if UNRECORDED[event] then return end
   local line = {at = tonumber(fmt(NOW)), event = event, attempt = whole(attempt) or 0}
   if note and note ~= '' then line.note = note end
@@ -91,17 +120,69 @@ local function wake()
   redis.call('LTRIM', KEYS[6], 0, WAKE_CAP - 1)
 end
 
+-- Per-key concurrency limits. A task pushed with a concurrency_key counts against its key
+-- while it is processing (its id in the key's running SET). A claim that meets a task whose
+-- key is full parks it: out of pending, onto the key's parked ZSET with the score it had, and
+-- goes on. Every exit from processing goes through leave(), which frees the slot and
+-- re-admits the head of the key's parked tasks at its original score (its place in line).
+local function keyed(key)
+  -- pcall: a damaged record (not a hash) has no key, and must not fail the script
+  local name = redis.pcall('HGET', key, 'concurrency_key')
+  if type(name) == 'string' and name ~= '' then return name end
+  return nil
+end
+
+-- The head of a key's parked tasks goes back in line, at the place it had.
+local function keyed_readmit(name)
+  local head = redis.call('ZRANGE', K_PARKED .. ':' .. name, 0, 0, 'WITHSCORES')
+  if not head[1] then return end
+  redis.call('ZREM', K_PARKED .. ':' .. name, head[1])
+  redis.call('ZREM', K_PARKED, head[1])
+  redis.call('ZADD', KEYS[1], head[2], head[1])
+  redis.call('RPUSH', KEYS[6], '1')
+end
+
+-- How many of a key's tasks are processing, and the smallest limit among them. A member
+-- that is not processing any more (a path that skipped leave(), a pulled task forgotten
+-- after result_ttl) is dropped here and its slot passed on: a slot never leaks.
+local function keyed_running(name)
+  local count, smallest = 0, nil
+  for _, id in ipairs(redis.call('SMEMBERS', K_KEYRUN .. name)) do
+    local key = KEYS[4] .. id
+    local f = readable(key) and redis.call('HMGET', key, 'status', 'max_concurrency')
+    if f and f[1] == ST.PROCESSING then
+      count = count + 1
+      local limit = tonumber(f[2])
+      if limit and (not smallest or limit < smallest) then smallest = limit end
+    else
+      redis.call('SREM', K_KEYRUN .. name, id)
+      keyed_readmit(name)
+    end
+  end
+  return count, smallest
+end
+
 -- Remove an id from the indexes of the state it leaves (every index when unknown).
 local function leave(id, status)
   if status == ST.PENDING or status == ST.SCHEDULED or not LIVE[status] then
-    redis.call('ZREM', KEYS[1], id)
+    local was_ready = redis.call('ZREM', KEYS[1], id) == 1
     redis.call('ZREM', KEYS[2], id)
     redis.call('ZREM', KEYS[12], id)
     redis.call('ZREM', KEYS[13], id)
+    local name = keyed(KEYS[4] .. id)
+    if name then
+      if redis.call('ZREM', K_PARKED, id) == 1 then
+        redis.call('ZREM', K_PARKED .. ':' .. name, id)
+      elseif was_ready then
+        keyed_readmit(name) -- an admitted task left without running: pass its turn on
+      end
+    end
   end
   if status == ST.PROCESSING or not LIVE[status] then
     redis.call('ZREM', KEYS[3], id)
     redis.call('ZREM', KEYS[11], id)
+    local name = keyed(KEYS[4] .. id)
+    if name and redis.call('SREM', K_KEYRUN .. name, id) == 1 then keyed_readmit(name) end
   end
 end
 
@@ -178,6 +259,16 @@ local function damage(key)
   return nil
 end
 
+-- With aging on, the place in line is a static score: microseconds since AGED_EPOCH of the
+-- ready time, minus the priority's worth of waiting. A tick per task entered by this call
+-- keeps a batch (one NOW) in FIFO order. Scores stay exact (< 2^53) for centuries.
+local AGED_EPOCH, aged_tick = 1700000000, 0
+local function aged_score(priority, ready_time)
+  aged_tick = aged_tick + 1
+  return math.floor((ready_time - AGED_EPOCH) * 1000000) + aged_tick
+    - math.floor(priority * AGING * 1000000)
+end
+
 -- An entry of `index` whose record's status is not `expected`. When the record is indexed
 -- where its status says, the entry is stale and only it is dropped (a finished task is
 -- never run again); otherwise the status is damaged and the task is dead-lettered, so it
@@ -196,14 +287,15 @@ local function misplaced(key, id, index, expected)
   return true
 end
 
--- A new place at the back of the task's priority band (ready now), or its kept place.
--- Returns the new ticket in broker mode when the place is new.
-local function enter_line(key, id, keep_place)
+-- A new place at the back of the task's priority band (ready now, or at `ready_time`), or
+-- its kept place. Returns the new ticket in broker mode when the place is new.
+local function enter_line(key, id, keep_place, ready_time)
   local score = keep_place and num(key, 'score')
   local ticket = nil
   if not score then
     local priority = num(key, 'priority') or 0
     score = -priority * PRIORITY_BAND + redis.call('INCR', KEYS[5])
+    if AGING then score = aged_score(priority, ready_time or NOW) end
     redis.call('HSET', key, 'score', score, 'ready_at', fmt(NOW))
     if BROKER then
       ticket = bump_ticket(key)
@@ -259,7 +351,7 @@ local function promote_due(limit, promoted)
   for _, entry in ipairs(batch) do
     local id, key = entry[1], entry[2]
     redis.call('ZREM', KEYS[2], id)
-    local ticket = enter_line(key, id, false)
+    local ticket = enter_line(key, id, false, entry[3])
     redis.call('HSET', key, 'ready_at', fmt(entry[3]))
     record(key, EV.DUE, num(key, 'attempts'))
     if promoted then promoted(key, id, ticket) end
@@ -432,6 +524,45 @@ local function claim_ticket(spec)
   return out
 end
 
+-- Is the task's concurrency key full (no slot for it now)? Changes nothing but stale members.
+local function keyed_full(key)
+  local name = keyed(key)
+  if not name then return false end
+  local running, smallest = keyed_running(name)
+  local limit = tonumber(redis.call('HGET', key, 'max_concurrency'))
+  if smallest and (not limit or smallest < limit) then limit = smallest end
+  return limit ~= nil and running >= limit
+end
+
+-- A keyed task was taken (a claim, a preemption's claim): it holds a slot of its key.
+local function keyed_taken(key, id)
+  local name = keyed(key)
+  if name then redis.call('SADD', K_KEYRUN .. name, id) end
+end
+
+-- May the pending task at the head run now? If its key is full, park it (false). If it may
+-- and its key keeps room after it, re-admit the key's next parked task too (a raised or
+-- mixed limit never strands one).
+local function keyed_admit(key, id)
+  local name = keyed(key)
+  if not name then return true end
+  local running, smallest = keyed_running(name)
+  local limit = tonumber(redis.call('HGET', key, 'max_concurrency'))
+  if smallest and (not limit or smallest < limit) then limit = smallest end
+  if not limit then return true end
+  if running >= limit then
+    local score = redis.call('ZSCORE', KEYS[1], id)
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', K_PARKED, score, id)
+    redis.call('ZADD', K_PARKED .. ':' .. name, score, id)
+    redis.call('HSET', key, 'updated_at', fmt(NOW))
+    record(key, EV.PARKED, num(key, 'attempts'))
+    return false
+  end
+  if running + 1 < limit then keyed_readmit(name) end
+  return true
+end
+
 -- The claim: {wait_hint, unclaimed, skipped ('1': entries were retired and the claim
 -- stopped early), then 11 values per claimed task: id, token, attempts, priority, data,
 -- type, max_retries, retry_backoff, process_timeout, created_at, steps}.
@@ -457,11 +588,14 @@ local function claim(spec)
       retired = retired + 1
     elseif spec.min_priority and num(key, 'priority') < spec.min_priority then
       break
+    elseif not keyed_admit(key, id) then
+      retired = retired + 1 -- parked: its key is full; the claim goes on
     else
       redis.call('ZREM', KEYS[1], id)
       taken = taken + 1
       local token = spec.tokens[taken]
       claimed_reply(out, key, id, token, take(key, id, token, spec.lease, spec.consumer))
+      keyed_taken(key, id)
     end
   end
   if redis.call('ZCARD', KEYS[1]) == 0 then
@@ -500,8 +634,9 @@ local function give_back(key, id, delay, counted, error_json)
   return ST.PENDING, ticket
 end
 
--- Store one new task from the 9 values at ARGV[i] (id, priority, data, type, delay,
--- max_retries, retry_backoff, queue_timeout, process_timeout; '' = not set). A live id is
+-- Store one new task from the 12 values at ARGV[i] (id, priority, data, type, delay,
+-- max_retries, retry_backoff, queue_timeout, process_timeout, concurrency_key,
+-- max_concurrency, unique ('1': refused while any record of the id exists); '' = not set). A live id is
 -- left alone; a finished one is replaced by a fresh record.
 -- Returns 'live' (refused), 'scheduled' or 'pending', and the ticket (broker mode).
 local function store_task(i)
@@ -509,6 +644,7 @@ local function store_task(i)
   local key = KEYS[4] .. id
   local old = readable(key) and redis.call('HGET', key, 'status')
   if old and LIVE[old] then return 'live' end
+  if ARGV[i + 11] == '1' and redis.call('EXISTS', key) == 1 then return 'live' end -- once
   local ticket = readable(key) and num(key, 'ticket') or 0
   if old and DONE_KEY[old] then redis.call('ZREM', DONE_KEY[old], id) end
   redis.call('DEL', key)
@@ -516,7 +652,8 @@ local function store_task(i)
     'attempts', 0, 'expiries', 0, 'created_at', fmt(NOW), 'updated_at', fmt(NOW), 'progress', 0,
     'ticket', ticket)
   local optional = {type = ARGV[i + 3], max_retries = ARGV[i + 5], retry_backoff = ARGV[i + 6],
-    queue_timeout = ARGV[i + 7], process_timeout = ARGV[i + 8]}
+    queue_timeout = ARGV[i + 7], process_timeout = ARGV[i + 8], concurrency_key = ARGV[i + 9],
+    max_concurrency = ARGV[i + 10]}
   for field, value in pairs(optional) do
     if value ~= '' then redis.call('HSET', key, field, value) end
   end
@@ -541,4 +678,37 @@ local function held(key, token)
   if not readable(key) then return false end
   local f = redis.call('HMGET', key, 'status', 'token')
   return f[1] == ST.PROCESSING and f[2] == token
+end
+
+-- The task a preemption would claim: the head of the line (or, broker mode, the ticket's
+-- task), if it is pending, readable, not timed out and of at least `min_priority` (declared).
+-- Returns its id and key, or nil.
+local function urgent_task(spec, min_priority)
+  local id = spec.ticket_id
+  if id == '' then
+    id = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+    if not id then return nil end
+  end
+  local key = KEYS[4] .. id
+  if not readable(key) or damage(key) or expired(key) then return nil end
+  if redis.call('HGET', key, 'status') ~= ST.PENDING then return nil end
+  if spec.ticket_id ~= '' and tostring(num(key, 'ticket') or 0) ~= spec.ticket then return nil end
+  if num(key, 'priority') < min_priority then return nil end
+  if keyed_full(key) then return nil end -- its concurrency key is full: yield for nothing
+  return id, key
+end
+
+-- Yield a running task at a step boundary: back at its kept place with its checkpoint, the
+-- attempt returned, preemptions + 1, history 'preempted by <urgent id>'.
+local function yield_task(key, id, steps, urgent_id)
+  leave(id, ST.PROCESSING)
+  redis.call('PERSIST', key)
+  redis.call('HDEL', key, 'token')
+  if steps ~= '' then redis.call('HSET', key, 'steps', steps) end
+  local attempts = math.max((num(key, 'attempts') or 0) - 1, 0)
+  redis.call('HSET', key, 'attempts', attempts, 'preemptions', (num(key, 'preemptions') or 0) + 1)
+  enter_line(key, id, true)
+  record(key, EV.PREEMPTED, attempts, 'preempted by ' .. urgent_id)
+  redis.call('INCR', K_PREEMPTIONS)
+  -- (per-key limits: leave() above freed the yielded task's key slot in this script)
 end
