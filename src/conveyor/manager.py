@@ -150,6 +150,7 @@ class QueueManager:
         url: str | None = None,
         server: Server | None = None,
         max_json_depth: int = DEFAULT_JSON_DEPTH,
+        reader: bool = False,
         key_limits: Mapping[str, int] | None = None,
         aging_interval: float | None = None,
     ) -> None:
@@ -179,6 +180,8 @@ class QueueManager:
         )  # fmt: skip
         if server is None:
             options: dict[str, Any] = {"connect_timeout": connect_timeout}
+            if reader and spec.kind is QueueBackend.SQLITE:
+                options["create"] = False  # a reader never creates a file or directory
             if task_store is not None:
                 if spec.kind is not QueueBackend.RABBITMQ:
                     raise ConfigError("task_store: only the RabbitMQ backend uses a task store")
@@ -232,8 +235,13 @@ class QueueManager:
         return sibling
 
     @classmethod
-    def from_settings(cls, settings: Settings, queue_name: str | None = None) -> Self:
-        """Open the queue that validated settings (``config/*.yaml`` + env) describe."""
+    def from_settings(
+        cls, settings: Settings, queue_name: str | None = None, *, reader: bool = False
+    ) -> Self:
+        """Open the queue that validated settings (``config/*.yaml`` + env) describe.
+
+        ``reader``: only to read (a status page): a SQLite file that does not exist is an
+        error instead of being created, directory and all."""
         queue = settings.queue
         return cls.from_url(
             settings.backend_url(),
@@ -245,6 +253,7 @@ class QueueManager:
             max_json_depth=queue.max_json_depth,
             result_ttl=queue.result_ttl,
             connect_timeout=queue.connect_timeout,
+            reader=reader,
             key_limits=queue.key_limits,
             aging_interval=queue.aging_interval,
             **_store_option(settings),
@@ -687,8 +696,15 @@ class QueueManager:
         now = time.time()
         records = [record_from_row(row, self.queue_name, now) for row in rows]
         # A waiting task past its queue_timeout shows as timeout before a sweep writes it:
-        # it is no longer listed as pending (see lifecycle.effective_status).
-        return [r for r in records if wanted is None or r.status.value == wanted]
+        # it is no longer listed as pending (see lifecycle.effective_status). One whose
+        # status is damaged stays listed where its index holds it, shown as damaged.
+        return [
+            r
+            for r in records
+            if wanted is None
+            or r.status.value == wanted
+            or any(line.startswith("status:") for line in r.damage)
+        ]
 
     def stats(self) -> QueueStats:
         """Counts per status, successes and failures in the last minute, mean run time."""

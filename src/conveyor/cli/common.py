@@ -44,9 +44,12 @@ def queue_name(args: argparse.Namespace, settings: Settings) -> str:
 
 
 @contextmanager
-def open_queue(settings: Settings, name: str | None = None) -> Iterator[QueueManager]:
-    """A manager on ``name`` (default: the configured queue), closed afterwards."""
-    manager = QueueManager.from_settings(settings, queue_name=name)
+def open_queue(
+    settings: Settings, name: str | None = None, *, reader: bool = False
+) -> Iterator[QueueManager]:
+    """A manager on ``name`` (default: the configured queue), closed afterwards; ``reader``
+    for commands that only read (they never create a SQLite file)."""
+    manager = QueueManager.from_settings(settings, queue_name=name, reader=reader)
     try:
         yield manager
     finally:

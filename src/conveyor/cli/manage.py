@@ -108,7 +108,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def task_show(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    with open_queue(settings, queue_name(args, settings)) as queue:
+    with open_queue(settings, queue_name(args, settings), reader=True) as queue:
         record = queue.require_task(args.task_id)
     if args.json:
         print_json(record.model_dump(mode="json"))
@@ -154,7 +154,7 @@ def dead_list(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CliError("--limit: must be >= 0", code=2)
     settings = settings_from(args)
-    with open_queue(settings, queue_name(args, settings)) as queue:
+    with open_queue(settings, queue_name(args, settings), reader=True) as queue:
         total = queue.stats().counts["failed"]
         records = queue.list_tasks(TaskStatus.FAILED, limit=args.limit)
     if args.json:

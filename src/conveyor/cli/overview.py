@@ -105,7 +105,7 @@ def _queues(settings: Settings) -> Iterator[dict[str, QueueManager]]:
 
 def _manager(settings: Settings, managers: dict[str, QueueManager], name: str) -> QueueManager:
     if name not in managers:
-        managers[name] = QueueManager.from_settings(settings, queue_name=name)
+        managers[name] = QueueManager.from_settings(settings, queue_name=name, reader=True)
     return managers[name]
 
 
@@ -200,7 +200,7 @@ def queues_command(args: argparse.Namespace) -> int:
 
 def workers_command(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    with open_queue(settings, queue_name(args, settings)) as queue:
+    with open_queue(settings, queue_name(args, settings), reader=True) as queue:
         found = queue.workers()
     if args.queue:
         found = [info for info in found if args.queue in info.get("queues", [])]

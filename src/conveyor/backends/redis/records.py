@@ -39,7 +39,10 @@ class RedisRecords(QueueRecords):
         rows = []
         for task_id, reply in zip(ids, replies, strict=True):
             if isinstance(reply, Exception):  # not a hash: garbage someone wrote by hand
-                rows.append({"id": task_id, "status": "failed", "dead_reason": "malformed"})
+                # Shown as a damaged status (failed), and so still listed under the index
+                # that holds it.
+                rows.append({"id": task_id, "status": "(the record is not a hash)",
+                             "dead_reason": "malformed"})  # fmt: skip
             elif reply:
                 rows.append({"id": task_id, **reply})
         return rows

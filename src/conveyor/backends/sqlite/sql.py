@@ -9,6 +9,8 @@ lease) and by a RabbitMQ takeover (one row).
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from ...lifecycle import DeadReason, Event, TaskStatus
 from ..base import ROW_FIELDS
 
@@ -67,11 +69,19 @@ BACKFILL_EXPIRE_AT = f"""UPDATE tasks SET expire_at = CASE WHEN status = '{S.SCH
     '{S.PENDING}') AND queue_timeout IS NOT NULL AND started_at IS NULL"""
 
 
+def whole(expression: str) -> str:
+    """A stored number as an integer whatever was written there (0 for text or a blob)."""
+    return f"COALESCE(CAST({expression} AS INTEGER), 0)"
+
+
 def history(event: str, attempt: str = "attempts", note: str | None = None) -> str:
     """The one place a transition is recorded: SQL that appends one JSON line to
     ``history``, and sets ``event_line`` to it, which the event-log trigger reads
-    (``events_sql``). Arguments are SQL expressions (an event name is quoted by the caller)."""
-    fields = f"'at', :now, 'event', {event}, 'attempt', {attempt}"
+    (``events_sql``). Arguments are SQL expressions (an event name is quoted by the caller).
+
+    The attempt is cast to an integer: a damaged ``attempts`` (a blob, text, 1e999) must not
+    make ``json_object`` fail the transition halfway (JSON cannot hold a blob)."""
+    fields = f"'at', :now, 'event', {event}, 'attempt', {whole(attempt)}"
     if note is not None:
         fields += f", 'note', {note}"
     line = f"json_object({fields})"
@@ -112,7 +122,7 @@ def lease_expiry(rows: str) -> tuple[str, str, str]:
     poison = f"""UPDATE tasks SET status = '{S.FAILED}', dead_reason = '{R.POISON}', {SETTLED},
         finished_at = :now, expiries = COALESCE(expiries, 0) + 1,
         {history(q(E.DEAD_LETTERED), note=q(R.POISON))}, error = json_object('type',
-        'PoisonTask', 'message', 'delivered ' || COALESCE(attempts, 0) || ' times without an '
+        'PoisonTask', 'message', 'delivered ' || {whole("attempts")} || ' times without an '
         || 'ack (the lease ran out each time)', 'traceback', NULL)
         WHERE {rows} AND COALESCE(expiries, 0) + 1 >= :max"""
     back = f"""UPDATE tasks SET status = '{S.PENDING}', expiries = COALESCE(expiries, 0) + 1,
@@ -129,11 +139,49 @@ TIME_OUT_EXPIRED = f"""UPDATE tasks SET status = '{S.TIMEOUT}', finished_at = :n
 TIME_OUT_ROW = f"""UPDATE tasks SET status = '{S.TIMEOUT}', finished_at = :now, {SETTLED},
     expire_at = NULL, publish_by = NULL, {history(q(E.TIMEOUT), note="'not started in time'")}
     WHERE rowid = :rowid"""
-MALFORMED_ROW = f"""UPDATE tasks SET status = '{S.FAILED}', dead_reason = '{R.MALFORMED}',
+
+
+def malformed(rows: str, what: str = ":what") -> str:
+    """Dead-letter the rows ``rows`` selects as ``malformed``; ``what`` (SQL) says why."""
+    return f"""UPDATE tasks SET status = '{S.FAILED}', dead_reason = '{R.MALFORMED}',
     finished_at = :now, {SETTLED}, expire_at = NULL, publish_by = NULL,
     {history(q(E.DEAD_LETTERED), "0", note=q(R.MALFORMED))}, error = json_object('type',
-    'MalformedTask', 'message', 'stored record is damaged: ' || :what, 'traceback', NULL)
-    WHERE rowid = :rowid"""
+    'MalformedTask', 'message', 'stored record is damaged: ' || {what}, 'traceback', NULL)
+    WHERE {rows}"""
+
+
+MALFORMED_ROW = malformed("rowid = :rowid")
+
+
+def _unservable() -> str:
+    """Rows no claim would ever serve: a status none of the lifecycle's (NULL, a blob, other
+    text), or a live row whose id is not text (NULL, a blob) or starts with a byte no UTF-8
+    text does: no message or caller can name it. One index range per gap between the known
+    names (blobs sort after text), so finding them costs a few seeks however many healthy
+    rows there are."""
+    names = sorted(status.value for status in S)
+    bounds = [f"status < '{names[0]}'"]
+    bounds += [f"status > '{low}' AND status < '{high}'" for low, high in pairwise(names)]
+    bounds += [f"status > '{names[-1]}'", "status IS NULL"]
+    bounds += [f"id IS NULL AND status IN {LIVE}", f"id >= X'' AND status IN {LIVE}"]
+    # Text that starts with a byte no UTF-8 text starts with (text compares as bytes).
+    bounds += [
+        f"id >= CAST(X'80' AS TEXT) AND id < CAST(X'C2' AS TEXT) AND status IN {LIVE}",
+        f"id >= CAST(X'F5' AS TEXT) AND id < X'' AND status IN {LIVE}",
+    ]
+    return " UNION ALL ".join(
+        f"SELECT rowid FROM tasks WHERE queue = :queue AND {bound}" for bound in bounds
+    )
+
+
+#: The sweep dead-letters such rows, so none is left waiting for nothing (in broker mode a
+#: message names the task by its id: a row whose id is damaged is never claimed).
+UNSERVABLE = malformed(
+    f"rowid IN (SELECT rowid FROM ({_unservable()}) LIMIT 100)",
+    f"CASE WHEN status IN {LIVE} AND (typeof(id) != 'text' OR id >= CAST(X'80' AS TEXT)) "
+    "THEN 'id is not UTF-8 text' ELSE 'status is not a known status' END",
+)
+
 
 # -- claiming ---------------------------------------------------------------------------------
 CLAIM_ORDER = "priority DESC, ready_at, seq"

@@ -60,8 +60,10 @@ def _damage(row: sqlite3.Row) -> str | None:
     """What is wrong with a row's numbers, or None when a transition can trust them."""
     if isinstance(row["priority"], bool) or not isinstance(row["priority"], int):
         return "priority is not an integer"
-    for field in ("attempts", "expiries"):
-        if row[field] is not None and not isinstance(row[field], int):
+    for field in ("attempts", "expiries", "ticket"):
+        if row[field] is not None and (
+            isinstance(row[field], bool) or not isinstance(row[field], int)
+        ):
             return f"{field} is not a number"
     if not isinstance(row["id"], str):
         return "id is not text"
@@ -264,6 +266,11 @@ class SqliteStore(QueueStore):
         cursor = self._cursor()
         row = cursor.execute(sql.CLAIM_ROW, (rowid,)).fetchone()
         drop = ClaimResult([], unclaimed=UNCLAIMED_DROP)
+        problem = _damage(row) or self._not_utf8(rowid, row)
+        if problem is not None:  # a damaged ticket matches no message: it would wait forever
+            if row["status"] in sql_live():
+                cursor.execute(sql.MALFORMED_ROW, {"rowid": rowid, "now": now, "what": problem})
+            return drop
         if _int(row["ticket"]) != ticket.number:
             return drop
         event: str | None = None
@@ -271,15 +278,14 @@ class SqliteStore(QueueStore):
             # Only the copy it was claimed with, redelivered, means its holder's link died.
             if not ticket.redelivered or row["copy"] != ticket.copy or row["lease_until"] is None:
                 return drop
-            if _damage(row) is None:
-                params = {"rowid": rowid, "now": now, "max": spec.max_deliveries}
-                for statement in sql.EXPIRE_ONE:
-                    if cursor.execute(statement, params).rowcount:
-                        break
-                row = cursor.execute(sql.CLAIM_ROW, (rowid,)).fetchone()
-                if row["status"] != TaskStatus.PENDING:
-                    return drop
-                event = Event.REDELIVERED
+            params = {"rowid": rowid, "now": now, "max": spec.max_deliveries}
+            for statement in sql.EXPIRE_ONE:
+                if cursor.execute(statement, params).rowcount:
+                    break
+            row = cursor.execute(sql.CLAIM_ROW, (rowid,)).fetchone()
+            if row["status"] != TaskStatus.PENDING:
+                return drop
+            event = Event.REDELIVERED
         elif row["status"] != TaskStatus.PENDING:
             return drop
         taken = self._take(cursor, rowid, row, now, spec=spec, event=event)
@@ -501,6 +507,7 @@ class SqliteStore(QueueStore):
     def sweep(self) -> None:
         with self._database.write() as now:
             self._upkeep(now, self._config.max_deliveries)
+            self._db().execute(sql.UNSERVABLE, {"queue": self.queue_name, "now": now})
         self._maybe_retain(force=True)
 
     def _maybe_retain(self, *, force: bool = False) -> None:

@@ -67,9 +67,26 @@ local function readable(key)
   return redis.call('TYPE', key).ok == 'hash'
 end
 
+-- A stored number a transition can trust, or nil: Lua's tonumber() takes 'nan', 'inf' and
+-- '1e400', and a NaN score would fail ZADD halfway through a script (Lua does not roll
+-- back), so only finite numbers within +-2^53 (exact in a double) count.
+local EXACT = 9007199254740992
+local function finite(value)
+  local n = tonumber(value)
+  if n == nil or n ~= n or n >= EXACT or n <= -EXACT then return nil end
+  return n
+end
+
+-- A whole number within +-2^53, or nil.
+local function whole(value)
+  local n = finite(value)
+  if n == nil or math.floor(n) ~= n then return nil end
+  return n
+end
+
 -- A numeric field, or nil when it is missing or damaged.
 local function num(key, field)
-  return tonumber(redis.call('HGET', key, field))
+  return finite(redis.call('HGET', key, field))
 end
 
 -- Every transition (and progress, checkpoint) is an event in the queue's stream, in the same
@@ -90,7 +107,7 @@ end
 local function record(key, event, attempt, note)
   emit(key, event, attempt, note)
   if UNRECORDED[event] then return end
-  local line = {at = tonumber(fmt(NOW)), event = event, attempt = tonumber(attempt) or 0}
+  local line = {at = tonumber(fmt(NOW)), event = event, attempt = whole(attempt) or 0}
   if note and note ~= '' then line.note = note end
   local encoded = cjson.encode(line)
   local history = redis.call('HGET', key, 'history')
@@ -228,12 +245,17 @@ local function dead_unreadable(id, reason, message)
 end
 
 -- What is wrong with a record's numbers, or nil when a transition can trust them.
+-- Priority must be whole and small enough that its place in line (priority * 2^40) stays
+-- finite; attempts, expiries and the broker ticket whole numbers.
 local function damage(key)
-  local f = redis.call('HMGET', key, 'priority', 'attempts', 'expiries', 'status')
-  if not tonumber(f[1]) then return 'priority is not a number' end
-  if f[2] and not tonumber(f[2]) then return 'attempts is not a number' end
-  if f[3] and not tonumber(f[3]) then return 'expiries is not a number' end
+  local f = redis.call('HMGET', key, 'priority', 'attempts', 'expiries', 'status', 'ticket')
+  local priority = whole(f[1])
+  if not priority or math.abs(priority) > 2147483647 then return 'priority is not an integer' end
+  if f[2] and not whole(f[2]) then return 'attempts is not a number' end
+  if f[3] and not whole(f[3]) then return 'expiries is not a number' end
   if not f[4] then return 'no status' end
+  if not (LIVE[f[4]] or FINISHED[f[4]]) then return 'status is not a known status' end
+  if f[5] and not whole(f[5]) then return 'ticket is not a number' end
   return nil
 end
 
@@ -245,6 +267,24 @@ local function aged_score(priority, ready_time)
   aged_tick = aged_tick + 1
   return math.floor((ready_time - AGED_EPOCH) * 1000000) + aged_tick
     - math.floor(priority * AGING * 1000000)
+end
+
+-- An entry of `index` whose record's status is not `expected`. When the record is indexed
+-- where its status says, the entry is stale and only it is dropped (a finished task is
+-- never run again); otherwise the status is damaged and the task is dead-lettered, so it
+-- is never left in no index. Returns true when the entry was handled this way.
+local STATUS_INDEX = {pending = KEYS[1], scheduled = KEYS[2], processing = KEYS[3]}
+local function misplaced(key, id, index, expected)
+  local status = redis.call('HGET', key, 'status')
+  if status == expected then return false end
+  local home = DONE_KEY[status] or STATUS_INDEX[status]
+  if home and (redis.call('ZSCORE', home, id)
+      or (status == ST.PROCESSING and redis.call('ZSCORE', KEYS[11], id))) then
+    redis.call('ZREM', index, id)
+  else
+    malformed(key, id, nil, 'its status does not match the index that holds it')
+  end
+  return true
 end
 
 -- A new place at the back of the task's priority band (ready now, or at `ready_time`), or
@@ -296,6 +336,8 @@ local function promote_due(limit, promoted)
     local id, key = due[i], KEYS[4] .. due[i]
     if not readable(key) then
       dead_unreadable(id, DR.MISSING, 'scheduled id has no task record')
+    elseif misplaced(key, id, KEYS[2], ST.SCHEDULED) then
+      -- dropped (stale) or dead-lettered: never promoted
     elseif damage(key) then
       malformed(key, id, ST.SCHEDULED, damage(key))
     else
@@ -344,7 +386,7 @@ local function reap_expired(max_deliveries)
     local key = KEYS[4] .. id
     if not readable(key) then
       dead_unreadable(id, DR.MISSING, 'leased id has no task record')
-    else
+    elseif not misplaced(key, id, KEYS[3], ST.PROCESSING) then
       expire_lease(key, id, max_deliveries)
     end
   end
@@ -437,12 +479,24 @@ end
 local function claim_ticket(spec)
   local id = spec.ticket_id
   local key = KEYS[4] .. id
-  if not readable(key) then return {'-1', 'missing', '0'} end
-  if tostring(num(key, 'ticket') or 0) ~= spec.ticket then return {'-1', 'drop', '0'} end
+  if not readable(key) then
+    -- Not a hash (or gone) while the line or the leases still hold it: retire the entry,
+    -- else it would stay there with no message left to name it.
+    if redis.call('TYPE', key).ok ~= 'none' then
+      dead_unreadable(id, DR.MALFORMED, 'the task record is not a hash')
+    elseif redis.call('ZSCORE', KEYS[1], id) or redis.call('ZSCORE', KEYS[3], id) then
+      dead_unreadable(id, DR.MISSING, 'a delivered id has no task record')
+    end
+    return {'-1', 'missing', '0'}
+  end
+  -- Damage first: a damaged ticket matches no message, so the task would wait forever.
   local problem = damage(key)
   local status = redis.call('HGET', key, 'status')
   if problem then
-    if LIVE[status] then malformed(key, id, status, problem) end
+    if not FINISHED[status] then malformed(key, id, status, problem) end
+    return {'-1', 'drop', '0'}
+  end
+  if string.format('%d', num(key, 'ticket') or 0) ~= spec.ticket then
     return {'-1', 'drop', '0'}
   end
   local event = spec.lease and EV.STARTED or EV.PULLED
@@ -523,6 +577,8 @@ local function claim(spec)
     local id, key = head[1], KEYS[4] .. head[1]
     if not readable(key) then
       dead_unreadable(id, DR.MISSING, 'pending id has no task record')
+      retired = retired + 1
+    elseif misplaced(key, id, KEYS[1], ST.PENDING) then
       retired = retired + 1
     elseif damage(key) then
       malformed(key, id, ST.PENDING, damage(key))

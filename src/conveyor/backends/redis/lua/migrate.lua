@@ -15,8 +15,8 @@ for _, id in ipairs(ids) do
   if readable(key) then
     local f = redis.call('HMGET', key, 'queue_timeout', 'started_at', 'ready_at', 'scheduled_for',
       'expire_at')
-    local queue_timeout = tonumber(f[1])
-    local ready = tonumber(f[4]) or tonumber(f[3])
+    local queue_timeout = finite(f[1])
+    local ready = finite(f[4]) or finite(f[3])
     if queue_timeout and not f[2] and not f[5] and ready then
       redis.call('HSET', key, 'expire_at', fmt(ready + queue_timeout))
       redis.call('ZADD', KEYS[13], ready + queue_timeout, id)

@@ -22,7 +22,8 @@ for _ = 1, 256 do
   local count = redis.call('ZCOUNT', KEYS[1], '(' .. lo, '(' .. hi)
   out[#out + 1] = priority
   out[#out + 1] = count
-  out[#out + 1] = redis.call('HGET', KEYS[4] .. head[1], 'ready_at') or ''
+  local key = KEYS[4] .. head[1] -- damage (not a hash) must not fail a read
+  out[#out + 1] = readable(key) and redis.call('HGET', key, 'ready_at') or ''
   cursor = '(' .. hi
 end
 return out
