@@ -4,7 +4,7 @@
 when a consumer first waits, one LISTEN connection outside the pool. Module map:
 ``connection`` (URL, pool, migrations, errors), ``schema`` (tables and PL/pgSQL
 functions), ``store`` (transitions), ``records`` (reads), ``registry`` (workers and queue
-names), ``wake`` (LISTEN/NOTIFY wake-ups).
+names), ``wake`` (LISTEN/NOTIFY wake-ups), ``events``/``events_sql`` (the event log).
 
 Decisions the contract leaves open:
 
@@ -22,7 +22,9 @@ Decisions the contract leaves open:
 from __future__ import annotations
 
 from ..base import QueueRecords, QueueStore, Server, StoreConfig
+from ..eventlog import EventLog
 from .connection import Database
+from .events import PostgresEventLog
 from .records import PostgresRecords
 from .registry import PostgresRegistry
 from .store import PostgresStore
@@ -48,6 +50,9 @@ class PostgresServer(Server):
 
     def records(self, queue_name: str) -> QueueRecords:
         return PostgresRecords(self.database, queue_name)
+
+    def events(self, queue_name: str) -> EventLog:
+        return PostgresEventLog(self.database, queue_name)
 
     def ping(self) -> None:
         from ...errors import BackendError, BrokerUnavailableError
