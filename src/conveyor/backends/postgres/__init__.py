@@ -15,6 +15,9 @@ Decisions the contract leaves open:
 * Times come from the server's clock (``clock_timestamp()``), as on Redis.
 * Retention deletes success, canceled and timeout rows older than ``result_ttl``; failed
   rows stay until purged (the dead-letter list).
+* Events (``events_sql``): triggers on ``tasks`` write them in each transition's
+  transaction; readers poll, in (transaction, id) order, behind the oldest running
+  transaction, so an event committed late is never skipped.
 * ``LISTEN`` does not work behind PgBouncer in transaction pooling mode: a consumer there
   would only notice new work when its wait slice ends (about a second).
 """
