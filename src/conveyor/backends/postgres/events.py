@@ -39,7 +39,7 @@ class PostgresEventLog(EventLog):
         self._database = database
         s = database.schema
         self._after, self._newest = events_sql.after_sql(s), events_sql.newest_sql(s)
-        self._trimmed, self._counters = events_sql.trimmed_sql(s), events_sql.counters_sql(s)
+        self._counters = events_sql.counters_sql(s)
 
     def _rows(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         return self._database.reads(sql, params)  # type: ignore[arg-type]
@@ -61,20 +61,21 @@ class PostgresEventLog(EventLog):
 
     def _read(self, where: tuple[int, int], count: int) -> list[LiveEvent]:
         out: list[LiveEvent] = []
-        found = self._rows(self._trimmed, {"q": self.queue_name})
-        trimmed = position(found[0][0]) if found else (0, 0)
-        if where < trimmed:  # events after `where` were trimmed away
-            where = trimmed
-            out.append(reset_event(self.queue_name, time.time(), _text(where)))
         rows = self._rows(
             self._after,
             {"q": self.queue_name, "tx": str(where[0]), "id": where[1], "n": max(1, count)},
         )
+        trimmed = position(rows[0][0])
+        if where < trimmed:  # events after `where` were trimmed away: say so, go on after
+            where = trimmed
+            out.append(reset_event(self.queue_name, time.time(), _text(where)))
         for row in rows:
-            event_id, queue, task_id, event, status, attempt, progress, at, worker, note = row
+            _, tx, number, queue, task_id, event, status, attempt, progress, at, worker, note = row
+            if tx is None or (int(tx), int(number)) <= where:
+                continue  # no event; or one that committed below the trim (the reset covers it)
             out.append(
                 LiveEvent(
-                    str(event_id), str(queue), str(task_id), str(event), str(status or ""),
+                    f"{tx}-{number}", str(queue), str(task_id), str(event), str(status or ""),
                     int(attempt or 0), float(progress or 0), float(at or 0),
                     worker or None, note,
                 )

@@ -154,11 +154,17 @@ _XMIN = "pg_snapshot_xmin(pg_current_snapshot())"
 
 
 def after_sql(schema: str) -> str:
-    """Up to %(n)s events of a queue after position (%(tx)s, %(id)s), of ended transactions
-    only (see the module's docstring)."""
-    return f"""SELECT tx::text || '-' || id, queue, task_id, event, status, attempt,
-        progress, at, worker, note FROM {schema}.events WHERE queue = %(q)s
-        AND (tx, id) > (%(tx)s::xid8, %(id)s) AND tx < {_XMIN} ORDER BY tx, id LIMIT %(n)s"""
+    """The queue's last trimmed position (NULL: none), and up to %(n)s events after
+    position (%(tx)s, %(id)s) of ended transactions only (see the module's docstring), in
+    one snapshot: one round trip per poll. The first row always comes (the trim position);
+    its event columns are NULL when no event follows."""
+    s = schema
+    return f"""SELECT w.tx::text || '-' || w.id, e.* FROM (SELECT 1) one
+        LEFT JOIN {s}.event_trims w ON w.queue = %(q)s
+        LEFT JOIN LATERAL (SELECT tx, id, queue, task_id, event, status, attempt, progress,
+            at, worker, note FROM {s}.events WHERE queue = %(q)s
+            AND (tx, id) > (%(tx)s::xid8, %(id)s) AND tx < {_XMIN}
+            ORDER BY tx, id LIMIT %(n)s) e ON true ORDER BY e.tx, e.id"""
 
 
 def newest_sql(schema: str) -> str:
@@ -167,10 +173,6 @@ def newest_sql(schema: str) -> str:
     return f"""SELECT (SELECT tx::text || '-' || id FROM {s}.events WHERE queue = %(q)s
         AND tx < {_XMIN} ORDER BY tx DESC, id DESC LIMIT 1),
         (SELECT tx::text || '-' || id FROM {s}.event_trims WHERE queue = %(q)s)"""
-
-
-def trimmed_sql(schema: str) -> str:
-    return f"SELECT tx::text || '-' || id FROM {schema}.event_trims WHERE queue = %(q)s"
 
 
 def counters_sql(schema: str) -> str:
