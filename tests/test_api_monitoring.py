@@ -146,6 +146,28 @@ def test_metrics_read_the_backend_at_scrape_time(
     assert samples(client.get("/metrics").text, "conveyor_queue_depth", queue=name) == [3.0]
 
 
+def test_metrics_and_stats_without_an_event_log_leave_the_counters_out(
+    make_local_client: MakeClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A backend that keeps no event log (the base class's ``events``) answers /metrics
+    with its gauges and without the counters, never a 500."""
+    from conveyor.backends.base import Server
+    from conveyor.backends.sqlite import SqliteServer
+
+    monkeypatch.setattr(SqliteServer, "events", Server.events)
+    client = make_local_client()
+    queue = QueueManager.from_url(f"sqlite:///{tmp_path}/api.db", queue_name="default")
+    try:
+        assert queue.push("p1", {}, 5)
+    finally:
+        queue.close()
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert samples(response.text, "conveyor_queue_depth", queue="default") == [1.0]
+    assert samples(response.text, "conveyor_tasks_finished_total", queue="default") == []
+    assert client.get("/api/v1/stats").status_code == 200
+
+
 def test_health_is_200_when_the_backend_answers(client: TestClient) -> None:
     response = client.get("/health")
     assert response.status_code == 200 and response.json()["status"] == "ok"

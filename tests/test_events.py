@@ -20,7 +20,7 @@ require_modules("fastapi", "uvicorn", "httpx", "sse_starlette")
 import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from conftest import backend_params  # noqa: E402
+from conftest import DEFAULT_BACKENDS, backend_params  # noqa: E402
 from conveyor import QueueManager  # noqa: E402
 from conveyor.backends.eventlog import RESET  # noqa: E402
 from conveyor.backends.sqlite import events_sql  # noqa: E402
@@ -28,7 +28,10 @@ from conveyor.settings import Settings  # noqa: E402
 from events_support import serve_app, sse_events  # noqa: E402
 
 #: RabbitMQ's events are its task store's (SQLite by default here): the same log.
-pytestmark = pytest.mark.parametrize("backend_name", backend_params(), indirect=True)
+#: PostgreSQL always runs here: its log is its own (triggers, read behind the oldest
+#: running transaction).
+EVENT_BACKENDS = backend_params(*dict.fromkeys((*DEFAULT_BACKENDS, "postgres")))
+pytestmark = pytest.mark.parametrize("backend_name", EVENT_BACKENDS, indirect=True)
 TOKEN = "events-test-token"
 
 
@@ -143,7 +146,7 @@ def test_a_reader_whose_position_was_trimmed_gets_a_reset(
     make_queue: Callable[..., QueueManager], backend_url: str
 ) -> None:
     if backend_url.startswith("amqp"):
-        pytest.skip("the task store's log: covered on sqlite and redis")
+        pytest.skip("the task store's log: covered on sqlite, redis and postgres")
     queue = make_queue()
     log = queue.server.events(queue.queue_name)
     start = log.tail()
@@ -153,6 +156,16 @@ def test_a_reader_whose_position_was_trimmed_gets_a_reset(
             queue.push_many([(f"t{chunk}-{i}", {}, 1) for i in range(50)])
             events_sql.trim(db, kept=50)
         assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 50
+        assert log.counters() == {"pushed": 200}  # trimmed events stay counted
+    elif backend_url.startswith("postgres"):  # trimmed to the queue's last 50 events
+        from conveyor.backends.postgres import events_sql as pg_events
+
+        database = queue.server.database  # type: ignore[attr-defined]
+        for chunk in range(4):
+            queue.push_many([(f"t{chunk}-{i}", {}, 1) for i in range(50)])
+            pg_events.trim(database, queue.queue_name, kept=50)
+        kept = f"SELECT count(*) FROM {database.schema}.events WHERE queue = %s"
+        assert database.read(kept, (queue.queue_name,)) == 50
         assert log.counters() == {"pushed": 200}  # trimmed events stay counted
     else:
         for chunk in range(12):  # past the stream's cap (10,000): the oldest are trimmed

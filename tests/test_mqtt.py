@@ -30,7 +30,7 @@ from conveyor import QueueManager  # noqa: E402
 from conveyor.events.mqtt import BrokerOptions, MqttBridge, status_topic  # noqa: E402
 
 MQTT_URL = os.environ.get("CONVEYOR_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
-pytestmark = pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis"),
+pytestmark = pytest.mark.parametrize("backend_name", backend_params("sqlite", "redis", "postgres"),
                                      indirect=True)  # fmt: skip
 
 

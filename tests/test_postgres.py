@@ -95,6 +95,59 @@ def test_a_claim_skips_rows_another_transaction_holds(postgres_url: str) -> None
         queue.close()
 
 
+# -- the event log ----------------------------------------------------------------------------
+
+
+def test_an_event_committed_late_by_an_older_transaction_is_not_skipped(postgres_url: str) -> None:
+    """Ids are taken before commit: a reader must not pass the event of a transaction still
+    open (its id lower) because a later one committed first. It waits for it, in order."""
+    import psycopg
+
+    queue = QueueManager.from_url(postgres_url, queue_name=f"late-{uuid.uuid4().hex[:6]}")
+    log = queue.server.events(queue.queue_name)
+    try:
+        assert queue.push("a", 1)
+        start = log.tail()
+        with psycopg.connect(postgres_url) as conn:  # one transaction, open until the end
+            conn.execute(
+                "UPDATE conveyor.tasks SET progress = 0.25 WHERE queue = %s AND id = 'a'",
+                (queue.queue_name,),
+            )
+            assert queue.push("b", 2)  # commits first, with a later transaction
+            assert log.read(start, 10, 0) == []  # b waits behind the open transaction
+        events = log.read(start, 10, 5)
+        assert [(e.task_id, e.event) for e in events] == [("a", "progress"), ("b", "pushed")]
+        assert events[0].progress == 0.25
+    finally:
+        log.close()
+        queue.clear()
+        queue.close()
+
+
+def test_a_version_1_schema_gets_the_event_log_and_counts_from_then_on(
+    postgres_url: str,
+) -> None:
+    """A schema migrated by the first release (no event log) is brought to version 2."""
+    import psycopg
+
+    schema = f"s_{uuid.uuid4().hex[:8]}"
+    url = f"{postgres_url}?schema={schema}"
+    QueueManager.from_url(url, queue_name="one").close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:  # back to version 1
+        conn.execute(f"DELETE FROM {schema}.migrations WHERE version = 2")
+        for name in ("pushed", "transition", "progress", "checkpoint"):
+            conn.execute(f"DROP TRIGGER tasks_event_{name} ON {schema}.tasks")
+        conn.execute(f"DROP TABLE {schema}.events, {schema}.event_counters, {schema}.event_trims")
+    queue = QueueManager.from_url(url, queue_name="one")
+    try:
+        assert queue.push("x", 1)
+        assert queue.event_log().counters() == {"pushed": 1}
+    finally:
+        queue.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 # -- restarts and cut connections -------------------------------------------------------------
 
 
@@ -196,7 +249,7 @@ def test_the_schema_is_configurable_and_migrated_once(postgres_url: str) -> None
             elsewhere = conn.execute(
                 "SELECT count(*) FROM conveyor.tasks WHERE queue = 'one' AND id = 'x'"
             ).fetchone()
-        assert versions == [(1,)]
+        assert versions == [(1,), (2,)]
         assert elsewhere == (0,)
     finally:
         first.close()
@@ -227,7 +280,7 @@ def test_doctor_checks_the_schema_version_and_wake_ups(postgres_url: str) -> Non
 
     QueueManager.from_url(postgres_url).close()
     (schema,) = findings(postgres_url, "postgres schema")
-    assert schema.status == "ok" and "version 1" in schema.message
+    assert schema.status == "ok" and "version 2" in schema.message
     (wake,) = findings(postgres_url, "postgres wake-ups")
     assert wake.status == "ok"
     newer = f"s_{uuid.uuid4().hex[:8]}"

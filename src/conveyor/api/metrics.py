@@ -103,10 +103,11 @@ class BackendCollector(Collector):
             for status in TaskStatus:
                 tasks.add_metric([each.queue, status.value], each.counts.get(status.value, 0))
             counters = self._counters(each.queue)
-            for outcome, total in finished_counts(counters).items():
-                finished.add_metric([each.queue, outcome], total)
-            for event, total in sorted(counters.items()):
-                emitted.add_metric([each.queue, event], total)
+            if counters is not None:  # None: no log to count from; the gauges still show
+                for outcome, total in finished_counts(counters).items():
+                    finished.add_metric([each.queue, outcome], total)
+                for event, total in sorted(counters.items()):
+                    emitted.add_metric([each.queue, event], total)
             depth.add_metric(label, each.counts.get(TaskStatus.PENDING.value, 0))
             in_flight.add_metric(label, each.counts.get(TaskStatus.PROCESSING.value, 0))
             done = each.done_last_minute
@@ -122,9 +123,16 @@ class BackendCollector(Collector):
         running.add_metric([], sum(len(info.get("current") or []) for info in workers))
         yield from (live, running)
 
-    def _counters(self, queue: str) -> dict[str, int]:
-        with self._registry.use(queue) as manager:
-            return manager.event_log().counters()
+    def _counters(self, queue: str) -> dict[str, int] | None:
+        """The queue's event counters, or None when the backend keeps no event log (or it
+        failed now): the counter families then leave the queue out rather than fail the
+        scrape, and a counter never reads as a drop to zero."""
+        try:
+            with self._registry.use(queue) as manager:
+                return manager.event_log().counters()
+        except ConveyorError as exc:
+            logger.warning("metrics: no event counters for queue {}: {}", queue, exc)
+            return None
 
 
 def finished_counts(counters: dict[str, int]) -> dict[str, int]:

@@ -4,7 +4,7 @@
 when a consumer first waits, one LISTEN connection outside the pool. Module map:
 ``connection`` (URL, pool, migrations, errors), ``schema`` (tables and PL/pgSQL
 functions), ``store`` (transitions), ``records`` (reads), ``registry`` (workers and queue
-names), ``wake`` (LISTEN/NOTIFY wake-ups).
+names), ``wake`` (LISTEN/NOTIFY wake-ups), ``events``/``events_sql`` (the event log).
 
 Decisions the contract leaves open:
 
@@ -15,6 +15,9 @@ Decisions the contract leaves open:
 * Times come from the server's clock (``clock_timestamp()``), as on Redis.
 * Retention deletes success, canceled and timeout rows older than ``result_ttl``; failed
   rows stay until purged (the dead-letter list).
+* Events (``events_sql``): triggers on ``tasks`` write them in each transition's
+  transaction; readers poll, in (transaction, id) order, behind the oldest running
+  transaction, so an event committed late is never skipped.
 * ``LISTEN`` does not work behind PgBouncer in transaction pooling mode: a consumer there
   would only notice new work when its wait slice ends (about a second).
 """
@@ -22,7 +25,9 @@ Decisions the contract leaves open:
 from __future__ import annotations
 
 from ..base import QueueRecords, QueueStore, Server, StoreConfig
+from ..eventlog import EventLog
 from .connection import Database
+from .events import PostgresEventLog
 from .records import PostgresRecords
 from .registry import PostgresRegistry
 from .store import PostgresStore
@@ -48,6 +53,9 @@ class PostgresServer(Server):
 
     def records(self, queue_name: str) -> QueueRecords:
         return PostgresRecords(self.database, queue_name)
+
+    def events(self, queue_name: str) -> EventLog:
+        return PostgresEventLog(self.database, queue_name)
 
     def ping(self) -> None:
         from ...errors import BackendError, BrokerUnavailableError

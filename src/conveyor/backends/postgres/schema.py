@@ -15,11 +15,12 @@ REPLACE FUNCTION``...); an applied one is never edited.
 from __future__ import annotations
 
 from ...lifecycle import DeadReason, Event, TaskStatus
+from . import events_sql
 
 S, E, R = TaskStatus, Event, DeadReason
 
 #: The newest schema version this code writes and needs.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = events_sql.VERSION  # 2: the event log
 
 #: Columns beyond the row fields: the lease, the place in line, and the broker ticket.
 EXTRA = ("token", "lease_until", "ready_at", "seq", "ticket", "publish_by", "copy_id")
@@ -646,4 +647,4 @@ def migrations(schema: str) -> dict[int, list[str]]:
         text.replace("{s}", schema).replace("{t}", table).replace("{channel}", channel(schema))
         for text in _FUNCTIONS
     ]
-    return {1: [*_tables(schema), *functions]}
+    return {1: [*_tables(schema), *functions], events_sql.VERSION: events_sql.statements(schema)}

@@ -29,6 +29,7 @@ from ..base import (
     StoreConfig,
     Ticket,
 )
+from . import events_sql
 from .connection import Database
 from .schema import aged_index
 from .wake import Listener
@@ -95,6 +96,7 @@ class PostgresStore(QueueStore):
     def enqueue(self, tasks: Sequence[NewTask]) -> Enqueued:
         if not tasks:
             return Enqueued([], [])
+        self._maybe_retain()  # also trims the event log when nothing claims
         found = self._database.call(
             f"""SELECT {self._s}.enqueue(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
                 %s, %s, %s)""",
@@ -300,6 +302,7 @@ class PostgresStore(QueueStore):
                 LIMIT 10000 FOR UPDATE SKIP LOCKED) RETURNING 1) SELECT count(*) FROM gone""",
             {"q": self.queue_name, "ttl": self._config.result_ttl},  # type: ignore[arg-type]
         )
+        events_sql.trim(self._database, self.queue_name)
 
     def purge(self) -> int:
         return int(
