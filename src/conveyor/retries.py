@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import TaskTypeError, TaskValidationError
-from .validation import check_seconds
+from .validation import check_seconds, decode_json
 
 #: A retry schedule: a base delay, or the list of delays.
 Backoff = float | tuple[float, ...]
@@ -58,9 +58,15 @@ def decode_backoff(value: Any) -> Backoff | None:
     if value is None or value == "":
         return None
     if isinstance(value, str | bytes) and value.strip()[:1] in ("[", b"["):
-        entries = json.loads(value)
+        # A list of numbers nests one level: anything deeper is damage, refused without
+        # recursing (a stored value nested thousands deep must not crash a reader).
+        entries = decode_json("retry_backoff", value, max_depth=1, strict=True)
         if not isinstance(entries, list) or not entries:
             raise ValueError(f"retry_backoff {value!r} is not a list of delays")
+        if not all(
+            isinstance(entry, int | float) and not isinstance(entry, bool) for entry in entries
+        ):
+            raise ValueError(f"retry_backoff {value!r} holds an entry that is not a number")
         delays = tuple(float(entry) for entry in entries)
         if not all(math.isfinite(d) and d >= 0 for d in delays):
             raise ValueError(f"retry_backoff {value!r} holds a delay that is not seconds >= 0")
