@@ -38,6 +38,12 @@ from helpers.worker_process import WorkerProcess
 
 T = TypeVar("T")
 
+# A suite started in the background of a non-interactive shell (`make test &`, nohup) inherits
+# SIGINT ignored, and so would every command it starts; the tests that press Ctrl+C on a
+# command need the default, which a Python handler passes on as SIG_DFL across exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 HELPERS = Path(__file__).parent / "helpers"
 REDIS_URL = os.environ.get("CONVEYOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 #: The broker for the RabbitMQ backend; each test adds its own task store to the URL. A short
