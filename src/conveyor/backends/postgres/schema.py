@@ -283,15 +283,17 @@ _FUNCTIONS = [
     # Per-key concurrency: may this pending task run now? Its key's limit is the smallest
     # max_concurrency among the key's running tasks and it. A claim (``_park``) parks it
     # when the key is full; when the key keeps room after it, the key's next parked task
-    # is re-admitted too (a raised limit, or mixed limits, never strands one). An advisory
-    # lock per key serialises the count between concurrent claims.
+    # is re-admitted too (a raised limit, or mixed limits, never strands one). One advisory
+    # lock per queue serialises the counts between concurrent keyed claims: a lock per key
+    # would deadlock two claims that take several keys in different orders, and only
+    # transactions that meet a keyed task ever take it (unkeyed claims never wait on it).
     f"""CREATE OR REPLACE FUNCTION {{s}}.admit(_q text, _id text, _now double precision,
         _park boolean) RETURNS boolean LANGUAGE plpgsql AS $$
     DECLARE k record; c record; _limit integer;
     BEGIN
       SELECT concurrency_key, max_concurrency INTO k FROM {{t}} WHERE queue = _q AND id = _id;
       IF k.concurrency_key IS NULL THEN RETURN true; END IF;
-      PERFORM pg_advisory_xact_lock(hashtext(_q), hashtext(k.concurrency_key));
+      PERFORM pg_advisory_xact_lock(hashtext(_q), hashtext('conveyor:keys'));
       SELECT count(*) AS running, min(max_concurrency) FILTER (WHERE max_concurrency > 0)
           AS smallest INTO c FROM {{t}} WHERE queue = _q
           AND concurrency_key = k.concurrency_key AND status = '{S.PROCESSING}';
