@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,7 +27,7 @@ from conveyor import (
     WorkerOptions,
 )
 from helpers.pipelines import runs
-from test_worker import Worker, _describe, wait_runs, wait_status
+from test_worker import Worker, _describe, wait_runs, wait_status, worker_factory
 
 #: Every helper pipeline but ``misbehave`` (its step has a hard time limit: refused).
 THREAD_SAFE = ",".join(
@@ -50,21 +49,8 @@ def start_worker(
     backend_url: str, queue_name: str,
 ) -> Iterator[StartWorker]:  # fmt: skip
     """``start_worker(concurrency=2, ...)``: a thread-pool run_worker.py that printed ready."""
-    started: list[Worker] = []
-
-    def factory(**options: Any) -> Worker:
-        args = ["--url", backend_url, "--queue", queue_name, "--pool", "thread"]
-        args += ["--pipelines", THREAD_SAFE]
-        for key, value in options.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
-        helper = spawn_helper("run_worker.py", *args)
-        worker = Worker(helper, helper.expect("ready", timeout=30))
-        started.append(worker)
-        return worker
-
-    yield factory
-    for worker in started:
-        worker.helper.stop()
+    args = ["--url", backend_url, "--queue", queue_name, "--pool", "thread"]
+    yield from worker_factory(spawn_helper, [*args, "--pipelines", THREAD_SAFE])
 
 
 def test_threads_run_pipelines_with_retries_in_the_worker_process(

@@ -75,10 +75,15 @@ def start_worker(
 
     Depends on ``make_queue`` so the workers are killed before the queue is cleared.
     """
+    yield from worker_factory(spawn_helper, ["--url", backend_url, "--queue", queue_name])
+
+
+def worker_factory(spawn_helper: SpawnHelper, base_args: list[str]) -> Iterator[StartWorker]:
+    """Start run_worker.py with ``base_args`` plus the options as flags; kill them after."""
     started: list[Worker] = []
 
     def factory(**options: Any) -> Worker:
-        args = ["--url", backend_url, "--queue", queue_name]
+        args = list(base_args)
         for key, value in options.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         helper = spawn_helper("run_worker.py", *args)
