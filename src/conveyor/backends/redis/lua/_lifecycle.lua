@@ -37,27 +37,37 @@
 -- tonumber() (never HINCRBY on a value someone damaged), and a record that fails is
 -- dead-lettered with the reason, so an error can never stop a script halfway through.
 
-local QUEUE, TTL = ARGV[1], tonumber(ARGV[2]) or 0
-local BROKER, GRACE = ARGV[3] == 'broker', tonumber(ARGV[4]) or 30
--- Aging (conveyor/aging.py): seconds of waiting worth one priority level, or nil (off).
-local AGING = tonumber(string.match(ARGV[3] or '', '^aging:(.+)$') or '')
-local K_PREEMPTIONS = KEYS[15]
+-- Per-call state, set by start_call() from the call's KEYS, ARGV and the server clock. The
+-- scripts are also loaded as one function library (FUNCTION LOAD), whose functions stay
+-- defined between calls: so nothing that depends on one call may be computed at load.
+local QUEUE, TTL, BROKER, GRACE, AGING, NOW
+local K_PREEMPTIONS, K_EVENTS, K_COUNTERS, K_PARKED, K_KEYRUN, DONE_KEY, STATUS_INDEX
+local aged_tick
 local A = 5 -- the first of a script's own ARGV
 local WAKE_CAP = 1000
 local SCAN_LIMIT = 100 -- bounded work per call: promote, reap or time out at most this many
 local PROMOTE_ALL = 1000 -- due tasks promoted at the start of every transition (see begin)
-local K_EVENTS, K_COUNTERS = KEYS[18], KEYS[19]
 local EVENT_CAP = 10000 -- entries kept per queue's stream (approximately: MAXLEN ~)
-local DONE_KEY = {success = KEYS[7], failed = KEYS[8], canceled = KEYS[9], timeout = KEYS[10]}
-local K_PARKED, K_KEYRUN = KEYS[16], KEYS[17]
 
 local function now_seconds()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
--- Every script reads the server clock once: deadlines never depend on a worker's clock.
-local NOW = now_seconds()
+-- Every call reads the server clock once: deadlines never depend on a worker's clock.
+local function start_call(keys, argv)
+  KEYS, ARGV = keys, argv
+  QUEUE, TTL = ARGV[1], tonumber(ARGV[2]) or 0
+  BROKER, GRACE = ARGV[3] == 'broker', tonumber(ARGV[4]) or 30
+  -- Aging (conveyor/aging.py): seconds of waiting worth one priority level, or nil (off).
+  AGING = tonumber(string.match(ARGV[3] or '', '^aging:(.+)$') or '')
+  K_PREEMPTIONS, K_EVENTS, K_COUNTERS = KEYS[15], KEYS[18], KEYS[19]
+  K_PARKED, K_KEYRUN = KEYS[16], KEYS[17]
+  DONE_KEY = {success = KEYS[7], failed = KEYS[8], canceled = KEYS[9], timeout = KEYS[10]}
+  STATUS_INDEX = {pending = KEYS[1], scheduled = KEYS[2], processing = KEYS[3]}
+  aged_tick = 0
+  NOW = now_seconds()
+end
 
 local function fmt(x)
   return string.format('%.6f', x)
@@ -262,7 +272,7 @@ end
 -- With aging on, the place in line is a static score: microseconds since AGED_EPOCH of the
 -- ready time, minus the priority's worth of waiting. A tick per task entered by this call
 -- keeps a batch (one NOW) in FIFO order. Scores stay exact (< 2^53) for centuries.
-local AGED_EPOCH, aged_tick = 1700000000, 0
+local AGED_EPOCH = 1700000000
 local function aged_score(priority, ready_time)
   aged_tick = aged_tick + 1
   return math.floor((ready_time - AGED_EPOCH) * 1000000) + aged_tick
@@ -273,7 +283,6 @@ end
 -- where its status says, the entry is stale and only it is dropped (a finished task is
 -- never run again); otherwise the status is damaged and the task is dead-lettered, so it
 -- is never left in no index. Returns true when the entry was handled this way.
-local STATUS_INDEX = {pending = KEYS[1], scheduled = KEYS[2], processing = KEYS[3]}
 local function misplaced(key, id, index, expected)
   local status = redis.call('HGET', key, 'status')
   if status == expected then return false end
