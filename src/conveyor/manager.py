@@ -171,6 +171,9 @@ class QueueManager:
         self.backend_kind = spec.kind
         #: Stored as the ``worker`` of each task this manager claims (a TaskWorker sets it).
         self.consumer_id = ""
+        #: After a claim that found nothing: seconds until a scheduled task is due, a lease
+        #: runs out or a waiting task times out (None: none is), for a caller that waits.
+        self.wait_hint: float | None = None
         #: Configured per-key limits of this queue (``queue.key_limits``; ``"*"``: any key).
         self.key_limits: dict[str, int] = dict(key_limits or {})
         self.aging_interval = check_aging(spec.kind, aging_interval)
@@ -430,6 +433,7 @@ class QueueManager:
                 return messages[0]
             if result.claimed or result.skipped:
                 continue  # malformed (dead-lettered now) or many retired: try again at once
+            self.wait_hint = result.wait_hint
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -437,6 +441,15 @@ class QueueManager:
             if result.wait_hint is not None:
                 slice_ = min(slice_, max(result.wait_hint, 0.001))
             self._store.wait(slice_)
+
+    def doorbell(self, seconds: float) -> int | None:
+        """For a worker that must also watch its children: a file descriptor that becomes
+        readable when a push may have made work ready, or after about ``seconds``. None
+        when this backend has none. After it was readable, call ``heard_doorbell``."""
+        return self._store.doorbell(seconds)
+
+    def heard_doorbell(self) -> None:
+        self._store.heard_doorbell()
 
     def _spec(
         self, lease: float | None, count: int = 1, min_priority: int | None = None

@@ -375,6 +375,15 @@ class QueueStore(ABC):
         May return early (spuriously); the caller claims again and loops.
         """
 
+    def doorbell(self, seconds: float) -> int | None:
+        """A file descriptor that becomes readable when a push may have made work ready, or
+        after about ``seconds``: a worker waits on it beside its children's pipes. None when
+        the store has none (the worker then claims again every few milliseconds)."""
+        return None
+
+    def heard_doorbell(self) -> None:  # noqa: B027 (only stores with a doorbell act)
+        """Take what made the doorbell readable, so that the next ``doorbell`` waits anew."""
+
     def close(self) -> None:  # noqa: B027 (most stores hold nothing of their own)
         """Flush what the store keeps for later; its server's connection stays open."""
 

@@ -228,7 +228,24 @@ class TaskWorker:
         if found is not None:
             self._dispatch(free, *found)
         elif busy:
-            self._collect(busy, timeout=_BUSY_POLL)
+            bells, wait = self._doorbells()
+            self._collect(busy, timeout=wait, bells=bells)
+
+    def _doorbells(self) -> tuple[dict[int, QueueManager] | None, float]:
+        """Each queue's doorbell, so that a push ends the wait for replies, and how long to
+        wait: until the next task is due or the idle wait is over. Without a doorbell on
+        every queue: none, and a short wait (the caller claims again after it)."""
+        bells: dict[int, QueueManager] = {}
+        wait = self._idle_wait()
+        for queue in self.queues:
+            hint = queue.wait_hint
+            seconds = wait if hint is None else max(0.001, min(wait, hint))
+            fd = queue.doorbell(seconds)
+            if fd is None:
+                return None, _BUSY_POLL
+            bells[fd] = queue
+            wait = min(wait, seconds)
+        return bells, wait
 
     def _reserve(self, block: float) -> tuple[Message, QueueManager] | None:
         """The most urgent task across queues; blocks up to ``block`` on the first queue.
@@ -253,15 +270,23 @@ class TaskWorker:
         if info_enabled():
             self._log(message).info("started")
 
-    def _collect(self, busy: list[Slot], timeout: float) -> None:
-        """Wait for replies from busy children (or their death) and act on them."""
+    def _collect(
+        self, busy: list[Slot], timeout: float, bells: dict[int, QueueManager] | None = None
+    ) -> None:
+        """Wait for replies from busy children (or their death), and with ``bells`` for a
+        push too, up to ``timeout``; act on the replies."""
         if not busy:
             time.sleep(timeout)
             return
         waitables: list[Any] = [slot.conn for slot in busy] + [
             slot.process.sentinel for slot in busy
         ]
+        if bells:
+            waitables += bells
         ready = set(wait_for_ready(waitables, timeout))
+        for fd, queue in (bells or {}).items():
+            if fd in ready:
+                queue.heard_doorbell()
         for slot in busy:
             if slot.conn in ready:
                 self._read_replies(slot)

@@ -326,6 +326,18 @@ class RedisClient:
 
         return self.call(attempt)
 
+    def dedicated_connection(self, key: str) -> Any:
+        """A new connection to the master serving ``key``, outside the pool: for a reply
+        read later (see ``doorbell``), which a pooled connection must never be left with."""
+
+        def make(node: Any) -> Any:
+            conn = node.connection_pool.make_connection()
+            conn.connect()
+            return conn
+
+        with self.translate():
+            return self.on_master(key, make)
+
     def now(self, key: str | None = None) -> float:
         """The server clock; with ``key``, the clock of the master that holds it (the
         clock that queue's scripts stamp their times with)."""

@@ -41,6 +41,7 @@ from ..base import (
     Ticket,
 )
 from .client import RedisClient
+from .doorbell import WakeBell
 from .keys import QueueKeys
 
 #: The keyspace layout this code writes; ``migrate.lua`` brings older ones up to it.
@@ -116,6 +117,7 @@ class RedisStore(QueueStore):
             mode = f"aging:{config.aging_interval!r}"  # see AGING in _lifecycle.lua
         self._max_deliveries = config.max_deliveries
         self._head = (queue_name, str(config.result_ttl), mode, str(config.publish_grace))
+        self._bell: WakeBell | None = None
         self._migrate()
 
     def _run(self, name: str, *args: Any) -> Any:
@@ -324,4 +326,23 @@ class RedisStore(QueueStore):
 
     def wait(self, timeout: float) -> None:
         seconds = min(max(timeout, 0.001), self._client.max_block)
+        if self._bell is not None and self._bell.asked:
+            # The doorbell's BLPOP blocked first, so Redis hands it the next marker: a
+            # second BLPOP here would sleep through that push.
+            self._bell.wait(seconds)
+            return
         self._client.on_master(self.keys.pending, lambda r: r.blpop([self.keys.wake], seconds))
+
+    def doorbell(self, seconds: float) -> int | None:
+        if self._bell is None:
+            self._bell = WakeBell(self._client, self.keys.pending, self.keys.wake)
+        return self._bell.arm(seconds)
+
+    def heard_doorbell(self) -> None:
+        if self._bell is not None:
+            self._bell.heard()
+
+    def close(self) -> None:
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None

@@ -1,0 +1,114 @@
+"""A worker with a busy slot and a free one waits for a push without claiming in a loop.
+
+The worker waits on its children's pipes and on the queue's doorbell (a ``BLPOP`` sent on
+a connection of its own, whose socket it selects on) at once. Each test has a private
+Redis, so its command counts are its own and it may kill the server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from conftest import Helper, wait_until
+from conveyor import QueueManager, TaskStatus
+from helpers.pipelines import runs
+from helpers.private_redis import PrivateRedis
+from test_worker import StartWorker, wait_status, worker_factory
+
+QUEUE = "bell"
+
+
+@pytest.fixture
+def server(private_redis: Callable[..., PrivateRedis]) -> PrivateRedis:
+    return private_redis(aof=True)  # the queue survives the restart of the last test
+
+
+@pytest.fixture
+def queue(server: PrivateRedis) -> Iterator[QueueManager]:
+    manager = QueueManager.from_url(server.url, queue_name=QUEUE)
+    yield manager
+    manager.close()
+
+
+@pytest.fixture
+def start_worker(
+    queue: QueueManager, spawn_helper: Callable[..., Helper], server: PrivateRedis
+) -> Iterator[StartWorker]:
+    yield from worker_factory(spawn_helper, ["--url", server.url, "--queue", QUEUE])
+
+
+def _calls(server: PrivateRedis) -> int:
+    """Operations (FCALL) the server has run so far."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        return int(client.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+def _hold_a_slot(queue: QueueManager, tmp_path: Path) -> None:
+    queue.push("held", {"dir": str(tmp_path)}, type="gate")
+    wait_until(lambda: runs(tmp_path, "held", "gate_open"), 30, message="held to start")
+
+
+def test_a_free_slot_waits_on_the_doorbell_not_in_a_claim_loop(
+    queue: QueueManager, start_worker: StartWorker, server: PrivateRedis, tmp_path: Path
+) -> None:
+    worker = start_worker(concurrency=2, idle_block=0.5)
+    _hold_a_slot(queue, tmp_path)
+    before = _calls(server)
+    time.sleep(1.0)  # not a synchronisation: the window in which idle operations are counted
+    idle = _calls(server) - before
+    # Claiming every 50 ms would be ~20 operations in this second; the doorbell times out
+    # every 0.5 s (idle_block), each followed by one claim.
+    assert idle < 8, f"{idle} operations in one idle second: the free slot polls"
+
+    queue.push("quick", {"dir": str(tmp_path), "seconds": 0}, type="sleepy")
+    wait_status(queue, "quick", TaskStatus.SUCCESS, worker=worker)
+    assert not runs(tmp_path, "held", "after_gate"), "quick had to wait for the busy slot"
+
+    (tmp_path / "held.go").touch()
+    wait_status(queue, "held", TaskStatus.SUCCESS, worker=worker)
+
+
+def test_a_server_restart_while_the_doorbell_waits_loses_nothing(
+    queue: QueueManager, start_worker: StartWorker, server: PrivateRedis, tmp_path: Path
+) -> None:
+    worker = start_worker(concurrency=2, idle_block=0.5)
+    _hold_a_slot(queue, tmp_path)
+    server.kill()  # the doorbell's BLPOP is outstanding: its socket reads EOF
+    server.start()
+    queue.push("after", {"dir": str(tmp_path), "seconds": 0}, type="sleepy")
+    wait_status(queue, "after", TaskStatus.SUCCESS, worker=worker, timeout=60)
+    (tmp_path / "held.go").touch()
+    wait_status(queue, "held", TaskStatus.SUCCESS, worker=worker, timeout=60)
+    assert worker.running()
+
+
+def test_a_blocking_reserve_waits_on_the_outstanding_doorbell(
+    queue: QueueManager, server: PrivateRedis
+) -> None:
+    """Redis hands a marker to the client that blocked first: a reserve that sent its own
+    BLPOP behind the doorbell's would sleep through the push (for a whole wait slice)."""
+    assert queue.doorbell(5.0) is not None
+    before = _calls(server)
+    got: list[Any] = []
+    reserving = threading.Thread(target=lambda: got.append(queue.reserve(timeout=10)))
+    reserving.start()
+    wait_until(lambda: _calls(server) > before, 10, message="the reserve's first claim")
+    pusher = QueueManager.from_url(server.url, queue_name=QUEUE)
+    try:
+        assert pusher.push("x", {}, 5)
+    finally:
+        pusher.close()
+    reserving.join(15)
+    assert got and got[0] is not None and got[0].task_id == "x"
+    blpops = redis.Redis.from_url(server.url).info("commandstats")["cmdstat_blpop"]["calls"]
+    assert blpops == 1, "the reserve sent a BLPOP of its own behind the doorbell's"
