@@ -28,7 +28,6 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from multiprocessing.connection import wait as wait_for_ready
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -58,6 +57,7 @@ from .options import WorkerOptions
 from .outage import OutageWatch
 from .outbox import Entry, Outbox
 from .preemption import yield_floor
+from .ready import ready as descriptors_ready
 from .reserve import claim_floor
 from .signals import StopSignals
 from .slots import RunningTask, Slot
@@ -283,7 +283,7 @@ class TaskWorker:
         ]
         if bells:
             waitables += bells
-        ready = set(wait_for_ready(waitables, timeout))
+        ready = descriptors_ready(waitables, timeout)
         for fd, queue in (bells or {}).items():
             if fd in ready:
                 queue.heard_doorbell()
@@ -294,7 +294,10 @@ class TaskWorker:
                 self._child_died(slot)
 
     def _read_replies(self, slot: Slot) -> None:
-        while slot.busy and slot.conn.poll():
+        """Act on every reply waiting in the pipe (at least one: it was readable)."""
+        first = True
+        while slot.busy and (first or slot.conn.poll()):
+            first = False
             try:
                 reply = _decode(slot.conn.recv_bytes())
             except (EOFError, OSError):

@@ -242,6 +242,28 @@ class RedisClient:
             return target.fcall(self._library.functions[name], len(keys), *keys, *argv)
         return target.evalsha(self._sha[name], len(keys), *keys, *argv)
 
+    def _call(self, node: Any, name: str, keys: Sequence[str], argv: Sequence[Any]) -> Any:
+        """One call on a pooled connection of a plain client, the command sent and its reply
+        read directly: redis-py's per-command layers (retry wrapper, metrics recorder,
+        event dispatch, reply callbacks) cost about as much CPU as the worker's own work
+        per task, and none of them applies here (no retries, no callback for FCALL). A
+        broken connection is closed before it goes back to the pool, as redis-py does."""
+        if type(node) is not redis.Redis:  # RedisCluster (an ASK), or anything unexpected
+            return self._invoke(node, name, keys, argv)
+        pool = node.connection_pool
+        conn: Any = pool.get_connection()
+        try:
+            if self._functions:
+                conn.send_command("FCALL", self._library.functions[name], len(keys), *keys, *argv)
+            else:
+                conn.send_command("EVALSHA", self._sha[name], len(keys), *keys, *argv)
+            return conn.read_response()
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Call an operation on the master of its keys' slot; load the library (or scripts)
         again and retry once when the server has lost them."""
@@ -249,12 +271,12 @@ class RedisClient:
 
         def attempt(node: Any) -> Any:
             try:
-                return self._invoke(node, name, keys, argv)
+                return self._call(node, name, keys, argv)
             except ResponseError as exc:  # a restarted server, or a replica that took over
                 if not _missing(exc):
                     raise
                 self._load_scripts()
-                return self._invoke(node, name, keys, argv)
+                return self._call(node, name, keys, argv)
 
         return self.on_master(keys[0], attempt)
 
