@@ -7,8 +7,11 @@ Redis, so its command counts are its own and it may kill the server.
 
 from __future__ import annotations
 
+import contextlib
+import select
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -112,3 +115,85 @@ def test_a_blocking_reserve_waits_on_the_outstanding_doorbell(
     assert got and got[0] is not None and got[0].task_id == "x"
     blpops = redis.Redis.from_url(server.url).info("commandstats")["cmdstat_blpop"]["calls"]
     assert blpops == 1, "the reserve sent a BLPOP of its own behind the doorbell's"
+
+
+# -- PostgreSQL: the LISTEN thread rings a pipe ------------------------------------------------
+
+
+@pytest.fixture
+def pg_queue(postgres_url: str) -> Iterator[QueueManager]:
+    manager = QueueManager.from_url(postgres_url, queue_name=f"bell-{uuid.uuid4().hex[:8]}")
+    yield manager
+    manager.clear()
+    manager.close()
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+@pytest.mark.postgres
+def test_postgres_doorbell_rings_on_a_push_and_hushes_when_heard(
+    pg_queue: QueueManager, postgres_url: str
+) -> None:
+    fd = pg_queue.doorbell(5.0)
+    assert fd is not None
+    listener = pg_queue._store._listener  # type: ignore[attr-defined]
+    wait_until(lambda: listener.epoch > 0, 10, message="the listener to connect")
+    pg_queue.heard_doorbell()  # its connect rang every bell once
+    assert pg_queue.reserve(timeout=0) is None  # what a worker does before it waits
+    assert pg_queue.doorbell(5.0) == fd and not _readable(fd)
+    other = QueueManager.from_url(postgres_url, queue_name=pg_queue.queue_name)
+    try:
+        assert other.push("p1", {}, 5)
+    finally:
+        other.close()
+    wait_until(lambda: _readable(fd), 10, message="the push to ring the doorbell")
+    pg_queue.heard_doorbell()
+    assert not _readable(fd)
+    message = pg_queue.reserve(timeout=0)
+    assert message is not None and message.task_id == "p1"
+
+
+@pytest.mark.postgres
+def test_postgres_push_between_claim_and_doorbell_is_not_missed(
+    pg_queue: QueueManager, postgres_url: str
+) -> None:
+    fd = pg_queue.doorbell(5.0)
+    assert fd is not None
+    listener = pg_queue._store._listener  # type: ignore[attr-defined]
+    wait_until(lambda: listener.epoch > 0, 10, message="the listener to connect")
+    pg_queue.heard_doorbell()  # its connect rang every bell once
+    assert pg_queue.reserve(timeout=0) is None  # the claim notes what the listener has seen
+    other = QueueManager.from_url(postgres_url, queue_name=pg_queue.queue_name)
+    try:
+        assert other.push("p2", {}, 5)
+    finally:
+        other.close()
+    wait_until(lambda: listener.mark(pg_queue.queue_name)[1] > 0, 10, message="the NOTIFY")
+    pg_queue.heard_doorbell()  # as if the ring were taken before the worker asked again
+    assert not _readable(fd)
+    # Only the doorbell's own check (notified since the last claim?) can ring it now.
+    assert pg_queue.doorbell(5.0) == fd and _readable(fd), "a push before the wait was missed"
+
+
+@pytest.mark.postgres
+def test_postgres_worker_with_a_busy_slot_starts_a_pushed_task(
+    pg_queue: QueueManager,
+    postgres_url: str,
+    spawn_helper: Callable[..., Helper],
+    tmp_path: Path,
+) -> None:
+    factory = worker_factory(spawn_helper, ["--url", postgres_url, "--queue", pg_queue.queue_name])
+    start = next(factory)
+    try:
+        worker = start(concurrency=2, idle_block=0.5)
+        _hold_a_slot(pg_queue, tmp_path)
+        pg_queue.push("quick", {"dir": str(tmp_path), "seconds": 0}, type="sleepy")
+        wait_status(pg_queue, "quick", TaskStatus.SUCCESS, worker=worker)
+        assert not runs(tmp_path, "held", "after_gate")
+        (tmp_path / "held.go").touch()
+        wait_status(pg_queue, "held", TaskStatus.SUCCESS, worker=worker)
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(factory)

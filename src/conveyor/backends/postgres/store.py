@@ -32,7 +32,7 @@ from ..base import (
 from . import events_sql
 from .connection import Database
 from .schema import aged_index
-from .wake import Listener
+from .wake import Listener, hush
 
 _RETENTION_CLAIMS, _RETENTION_SECONDS = 1000, 60.0
 
@@ -86,6 +86,7 @@ class PostgresStore(QueueStore):
         self._broker = config.broker_leases
         self._s = database.schema
         self._seen = listener.mark(queue_name)
+        self._bell: tuple[int, int] | None = None
         self._claims, self._retained = 0, float("-inf")
         self._aging = config.aging_interval
         if self._aging is not None:
@@ -328,6 +329,21 @@ class PostgresStore(QueueStore):
         the manager bounds it by the claim's ``wait_hint`` (next due task, lease, timeout)."""
         self._listener.wait(self.queue_name, self._seen, timeout)
         self._seen = self._listener.mark(self.queue_name)
+
+    def doorbell(self, seconds: float) -> int | None:
+        if self._bell is None:
+            self._bell = self._listener.open_bell(self.queue_name)
+        self._listener.ring_if_changed(self.queue_name, self._seen, self._bell)
+        return self._bell[0]
+
+    def heard_doorbell(self) -> None:
+        if self._bell is not None:
+            hush(self._bell)
+
+    def close(self) -> None:
+        if self._bell is not None:
+            self._listener.close_bell(self.queue_name, self._bell)
+            self._bell = None
 
 
 _SETTLING = frozenset({Op.ACK, Op.NACK, Op.HAND_BACK, Op.FAIL, Op.CHECKPOINT, Op.PROGRESS})

@@ -7,12 +7,17 @@ before it claims and waits for it to change, so a push between its claim and its
 never missed. When the listener (re)connects it bumps ``epoch``, which wakes every waiter
 once: notifications sent while it was not listening are lost, so they claim again.
 
+A worker that must also watch its children's pipes cannot block on the condition: it
+waits on a doorbell instead, the read end of a pipe the listener writes a byte to when
+the store's queue is notified (or on a reconnect), so it selects on it with the pipes.
+
 ``LISTEN`` needs a session of its own: it does not work through PgBouncer in transaction
 pooling mode (point the URL at PostgreSQL or a session-pooling PgBouncer).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import defaultdict
 from contextlib import suppress
@@ -34,6 +39,7 @@ class Listener:
         self.epoch = 0  # bumped on each (re)connect: every waiter claims again
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._bells: defaultdict[str, list[tuple[int, int]]] = defaultdict(list)
 
     def mark(self, queue: str) -> tuple[int, int]:
         """What a store saw before it claimed: compare with it in :meth:`wait`."""
@@ -45,6 +51,31 @@ class Listener:
         self._start()
         with self._changed:
             self._changed.wait_for(lambda: (self.epoch, self._counts[queue]) != seen, timeout)
+
+    def open_bell(self, queue: str) -> tuple[int, int]:
+        """A doorbell for ``queue``: a non-blocking pipe (read end, write end) that the
+        listener rings on each notification of the queue and on each reconnect."""
+        self._start()
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        with self._changed:
+            self._bells[queue].append((read_end, write_end))
+        return read_end, write_end
+
+    def ring_if_changed(self, queue: str, seen: tuple[int, int], bell: tuple[int, int]) -> None:
+        """Ring ``bell`` now if ``queue`` was notified since ``seen`` (a push that came
+        between the store's claim and its wait)."""
+        with self._changed:
+            if (self.epoch, self._counts[queue]) != seen:
+                ring(bell)
+
+    def close_bell(self, queue: str, bell: tuple[int, int]) -> None:
+        with self._changed, suppress(ValueError):
+            self._bells[queue].remove(bell)
+        for fd in bell:
+            with suppress(OSError):
+                os.close(fd)
 
     def _start(self) -> None:
         if self._thread is None and not self._stop.is_set():
@@ -73,8 +104,12 @@ class Listener:
         with self._changed:
             if queue is None:
                 self.epoch += 1
+                bells = [bell for queue_bells in self._bells.values() for bell in queue_bells]
             else:
                 self._counts[queue] += 1
+                bells = self._bells.get(queue, [])
+            for bell in bells:
+                ring(bell)
             self._changed.notify_all()
 
     def close(self) -> None:
@@ -84,3 +119,16 @@ class Listener:
         if thread is not None:
             with suppress(RuntimeError):
                 thread.join(timeout=2 * _POLL_SECONDS)
+
+
+def ring(bell: tuple[int, int]) -> None:
+    """One byte into the doorbell; a full pipe is already ringing."""
+    with suppress(BlockingIOError, OSError):
+        os.write(bell[1], b"\0")
+
+
+def hush(bell: tuple[int, int]) -> None:
+    """Empty the doorbell, so that the next wait on it waits for a new ring."""
+    with suppress(BlockingIOError, OSError):
+        while os.read(bell[0], 4096):
+            pass

@@ -22,6 +22,7 @@ run twice, the second run is refused (an ack), or stores nothing new (a push of 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -29,6 +30,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis
+from hiredis import pack_command
 from loguru import logger
 from redis.cluster import RedisCluster
 from redis.exceptions import (
@@ -71,6 +73,29 @@ def _missing(reply: Any) -> bool:
     return isinstance(reply, NoScriptError) or (
         isinstance(reply, ResponseError) and "Function not found" in str(reply)
     )
+
+
+def _ready(conn: Any) -> None:
+    """Check a kept connection as the pool checks one it hands out: connected, and with
+    nothing to read. Readable means the server closed it (a restart) or a stale reply: then
+    connect again, so the first call after a restart does not fail for an old socket."""
+    try:
+        conn.connect()
+        if conn.can_read():
+            raise redis.ConnectionError("connection has unread data")
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        conn.disconnect()
+        conn.connect()
+
+
+def _round_trip(conn: Any, command: tuple[Any, ...]) -> Any:
+    """Send one command on ``conn`` and read its reply (an error reply is raised)."""
+    try:
+        conn.send_packed_command([pack_command(command)])
+        return conn.read_response()
+    except (redis.ConnectionError, redis.TimeoutError):
+        conn.disconnect()
+        raise
 
 
 class NoMasterError(BrokerUnavailableError):
@@ -129,6 +154,9 @@ class RedisClient:
         #: FCALL when the server takes the library; False forever once it refused FUNCTION.
         self._functions = functions
         self._sha: dict[str, str] = {}
+        #: The connection ``_call`` uses when no other thread does (see there).
+        self._own: Any = None
+        self._own_lock = threading.Lock()
         self._slots: dict[str, int] = {}  # cluster: key -> slot, for the keys on_master sees
         with self.translate():  # at start: fail fast, the worker's start-up waits and retries
             self.redis.ping()
@@ -243,24 +271,34 @@ class RedisClient:
         return target.evalsha(self._sha[name], len(keys), *keys, *argv)
 
     def _call(self, node: Any, name: str, keys: Sequence[str], argv: Sequence[Any]) -> Any:
-        """One call on a pooled connection of a plain client, the command sent and its reply
-        read directly: redis-py's per-command layers (retry wrapper, metrics recorder,
-        event dispatch, reply callbacks) cost about as much CPU as the worker's own work
-        per task, and none of them applies here (no retries, no callback for FCALL). A
-        broken connection is closed before it goes back to the pool, as redis-py does."""
+        """One call, the command packed by hiredis and sent on a connection directly.
+
+        redis-py's per-command layers (retry wrapper, metrics recorder, event dispatch,
+        reply callbacks, and the pool's bookkeeping on every checkout) cost about as much
+        CPU as the worker's own work per task, and none of them applies here: no retries,
+        no callback for FCALL. The server's own client keeps one connection for these
+        calls (the worker's loop makes one per task); a thread that finds it in use (the
+        upkeep thread) takes one from the pool. A broken connection is closed, as redis-py
+        does, and connects again at its next use.
+        """
         if type(node) is not redis.Redis:  # RedisCluster (an ASK), or anything unexpected
             return self._invoke(node, name, keys, argv)
+        if self._functions:
+            command = ("FCALL", self._library.functions[name], len(keys), *keys, *argv)
+        else:
+            command = ("EVALSHA", self._sha[name], len(keys), *keys, *argv)
+        if node is self.redis and self._own_lock.acquire(blocking=False):
+            try:
+                if self._own is None:
+                    self._own = node.connection_pool.make_connection()
+                _ready(self._own)
+                return _round_trip(self._own, command)
+            finally:
+                self._own_lock.release()
         pool = node.connection_pool
         conn: Any = pool.get_connection()
         try:
-            if self._functions:
-                conn.send_command("FCALL", self._library.functions[name], len(keys), *keys, *argv)
-            else:
-                conn.send_command("EVALSHA", self._sha[name], len(keys), *keys, *argv)
-            return conn.read_response()
-        except (redis.ConnectionError, redis.TimeoutError):
-            conn.disconnect()
-            raise
+            return _round_trip(conn, command)
         finally:
             pool.release(conn)
 
@@ -409,4 +447,9 @@ class RedisClient:
         return found
 
     def close(self) -> None:
+        with self._own_lock:
+            own, self._own = self._own, None
+        if own is not None:
+            with suppress(redis.RedisError, OSError):
+                own.disconnect()
         self.redis.close()
