@@ -132,15 +132,22 @@ def _readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
+def _quiet_bell(queue: QueueManager) -> tuple[int, Any]:
+    """The queue's doorbell once its listener has connected (a connect rings every bell
+    once), and the listener, to see what it has counted."""
+    fd = queue.doorbell(5.0)
+    assert fd is not None
+    listener = queue._store._listener  # type: ignore[attr-defined]
+    wait_until(lambda: listener.epoch > 0, 10, message="the listener to connect")
+    queue.heard_doorbell()
+    return fd, listener
+
+
 @pytest.mark.postgres
 def test_postgres_doorbell_rings_on_a_push_and_hushes_when_heard(
     pg_queue: QueueManager, postgres_url: str
 ) -> None:
-    fd = pg_queue.doorbell(5.0)
-    assert fd is not None
-    listener = pg_queue._store._listener  # type: ignore[attr-defined]
-    wait_until(lambda: listener.epoch > 0, 10, message="the listener to connect")
-    pg_queue.heard_doorbell()  # its connect rang every bell once
+    fd, _ = _quiet_bell(pg_queue)
     assert pg_queue.reserve(timeout=0) is None  # what a worker does before it waits
     assert pg_queue.doorbell(5.0) == fd and not _readable(fd)
     other = QueueManager.from_url(postgres_url, queue_name=pg_queue.queue_name)
@@ -159,11 +166,7 @@ def test_postgres_doorbell_rings_on_a_push_and_hushes_when_heard(
 def test_postgres_push_between_claim_and_doorbell_is_not_missed(
     pg_queue: QueueManager, postgres_url: str
 ) -> None:
-    fd = pg_queue.doorbell(5.0)
-    assert fd is not None
-    listener = pg_queue._store._listener  # type: ignore[attr-defined]
-    wait_until(lambda: listener.epoch > 0, 10, message="the listener to connect")
-    pg_queue.heard_doorbell()  # its connect rang every bell once
+    fd, listener = _quiet_bell(pg_queue)
     assert pg_queue.reserve(timeout=0) is None  # the claim notes what the listener has seen
     other = QueueManager.from_url(postgres_url, queue_name=pg_queue.queue_name)
     try:

@@ -24,13 +24,13 @@ def _libraries(url: str) -> list[str]:
         client.close()
 
 
-def _drain_one(queue: QueueManager) -> None:
+def _drain_one(queue: QueueManager, task_id: str = "t1") -> None:
     """Push, reserve and ack one task: three operations through whichever path is in use."""
-    assert queue.push("t1", {"n": 1}, 5)
+    assert queue.push(task_id, {"n": 1}, 5)
     message = queue.reserve(timeout=1)
-    assert message is not None and message.task_id == "t1"
+    assert message is not None and message.task_id == task_id
     assert queue.ack(message)
-    task = queue.get_task("t1")
+    task = queue.get_task(task_id)
     assert task is not None and task.status == "success"
 
 
@@ -96,17 +96,10 @@ def test_a_server_that_refuses_function_gets_scripts(
     try:
         _drain_one(queue)
         admin.script_flush()  # the script path's own reload: NOSCRIPT, load, retry once
-        _drain_one_more(queue)
+        _drain_one(queue, "t2")
         assert queue.get_queue_length() == 0
         assert _libraries(server.url) == []
         assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] >= 3
     finally:
         queue.close()
         admin.close()
-
-
-def _drain_one_more(queue: QueueManager) -> None:
-    assert queue.push("t2", {"n": 2}, 5)
-    message = queue.reserve(timeout=1)
-    assert message is not None and message.task_id == "t2"
-    assert queue.ack(message)
