@@ -21,6 +21,7 @@ import redis
 
 from conftest import Helper, wait_until
 from conveyor import QueueManager, TaskStatus
+from conveyor.backends.redis.keys import QueueKeys
 from helpers.pipelines import runs
 from helpers.private_redis import PrivateRedis
 from test_worker import StartWorker, wait_status, worker_factory
@@ -200,3 +201,60 @@ def test_postgres_worker_with_a_busy_slot_starts_a_pushed_task(
     finally:
         with contextlib.suppress(StopIteration):
             next(factory)
+
+
+# -- the Redis doorbell's own connection ---------------------------------------------------
+
+
+def _blocked(server: PrivateRedis) -> int:
+    """Clients of the server blocked in BLPOP now."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        return sum(1 for entry in client.client_list() if entry.get("cmd") == "blpop")
+    finally:
+        client.close()
+
+
+def test_a_withdrawn_doorbell_leaves_the_wake_up_to_another_consumer(
+    queue: QueueManager, server: PrivateRedis
+) -> None:
+    """Redis hands a marker to the client that blocked first: a worker with every slot busy
+    must not keep a BLPOP there, or an idle worker sleeps through the next push. The other
+    consumer here blocks for 30 s: only the push's marker can wake it in time."""
+    assert queue.reserve(timeout=0) is None
+    assert queue.doorbell(5.0) is not None
+    wait_until(lambda: _blocked(server) == 1, 10, message="the doorbell's BLPOP")
+    queue.withdraw_doorbell()
+    wait_until(lambda: _blocked(server) == 0, 10, message="the BLPOP to be taken back")
+    consumer = redis.Redis.from_url(server.url, socket_timeout=60)
+    woken: list[Any] = []
+    wake_key = QueueKeys.for_queue(QUEUE).wake
+    waiting = threading.Thread(target=lambda: woken.append(consumer.blpop([wake_key], 30)))
+    waiting.start()
+    try:
+        wait_until(lambda: _blocked(server) == 1, 10, message="the other consumer to block")
+        assert queue.push("w", {}, 5)
+        waiting.join(20)
+        assert woken and woken[0] is not None, "the wake-up went to the withdrawn doorbell"
+    finally:
+        waiting.join(40)
+        consumer.close()
+
+
+def test_a_doorbell_unanswered_past_its_timeout_asks_again(
+    queue: QueueManager, server: PrivateRedis
+) -> None:
+    """A paused master never answers the outstanding BLPOP: the doorbell gives that
+    connection up once the answer is overdue instead of waiting on it for good."""
+    first = queue.doorbell(0.05)
+    assert first is not None
+    wait_until(lambda: _blocked(server) == 1, 10, message="the doorbell's BLPOP")
+    server.pause()
+    try:
+        assert queue.doorbell(0.05) == first  # not overdue yet: the same wait goes on
+        wait_until(lambda: queue.doorbell(0.05) != first, 20, interval=0.2,
+                   message="the overdue BLPOP to be given up")  # fmt: skip
+    finally:
+        server.resume()
+    wait_until(lambda: queue.doorbell(0.05) is not None, 20, interval=0.2,
+               message="a new doorbell once the server answers")  # fmt: skip

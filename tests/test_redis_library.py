@@ -103,3 +103,18 @@ def test_a_server_that_refuses_function_gets_scripts(
     finally:
         queue.close()
         admin.close()
+
+
+def test_only_a_refused_function_command_switches_to_scripts() -> None:
+    """A passing state of the server (out of memory, busy, read-only) must not turn the
+    library off for good: only an unknown or forbidden FUNCTION does."""
+    from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
+
+    from conveyor.backends.redis.client import _refuses_functions
+
+    assert _refuses_functions(ResponseError("ERR unknown command 'FUNCTION', with args"))
+    assert _refuses_functions(ResponseError("ERR unknown subcommand 'LOAD'"))
+    assert _refuses_functions(NoPermissionError("this user has no permissions to run it"))
+    assert not _refuses_functions(ResponseError("OOM command not allowed when used memory"))
+    assert not _refuses_functions(ResponseError("BUSY Redis is busy running a script"))
+    assert not _refuses_functions(ReadOnlyError("You can't write against a read only replica"))

@@ -451,6 +451,11 @@ class QueueManager:
     def heard_doorbell(self) -> None:
         self._store.heard_doorbell()
 
+    def withdraw_doorbell(self) -> None:
+        """The caller will not wait on the doorbell for a while: let other consumers have
+        the wake-ups it would hold."""
+        self._store.withdraw_doorbell()
+
     def _spec(
         self, lease: float | None, count: int = 1, min_priority: int | None = None
     ) -> ClaimSpec:

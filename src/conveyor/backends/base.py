@@ -384,6 +384,10 @@ class QueueStore(ABC):
     def heard_doorbell(self) -> None:  # noqa: B027 (only stores with a doorbell act)
         """Take what made the doorbell readable, so that the next ``doorbell`` waits anew."""
 
+    def withdraw_doorbell(self) -> None:  # noqa: B027 (only stores with a doorbell act)
+        """The worker will not wait on the doorbell for a while (every slot is busy, or it
+        is stopping): take back whatever would hold a wake-up another worker needs."""
+
     def close(self) -> None:  # noqa: B027 (most stores hold nothing of their own)
         """Flush what the store keeps for later; its server's connection stays open."""
 

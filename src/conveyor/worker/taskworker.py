@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from loguru import Logger
 
 from .. import outcomes as build
+from ..descriptors import ready as descriptors_ready
 from ..errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -57,7 +58,6 @@ from .options import WorkerOptions
 from .outage import OutageWatch
 from .outbox import Entry, Outbox
 from .preemption import yield_floor
-from .ready import ready as descriptors_ready
 from .reserve import claim_floor
 from .signals import StopSignals
 from .slots import RunningTask, Slot
@@ -205,6 +205,7 @@ class TaskWorker:
         self._maintain()
         busy = [slot for slot in self._slots if slot.busy]
         if self.stop_reason is not None:
+            self._withdraw_doorbells()
             if not busy:
                 return True
             if self._force or time.monotonic() >= self._drain_deadline:
@@ -222,6 +223,7 @@ class TaskWorker:
         """Take a task for a free slot, or wait for replies when every slot is busy."""
         free = next((slot for slot in self._slots if not slot.busy), None)
         if free is None:
+            self._withdraw_doorbells()
             self._collect(busy, timeout=self._idle_wait())
             return
         found = self._reserve(0.0 if busy else self.options.idle_block)
@@ -269,6 +271,10 @@ class TaskWorker:
         slot.start(message, queue, self.service, preempting=self.options.preemption is not None)
         if info_enabled():
             self._log(message).info("started")
+
+    def _withdraw_doorbells(self) -> None:
+        for queue in self.queues:
+            queue.withdraw_doorbell()
 
     def _collect(
         self, busy: list[Slot], timeout: float, bells: dict[int, QueueManager] | None = None

@@ -38,6 +38,7 @@ from redis.exceptions import (
     AuthenticationError,
     ClusterDownError,
     MovedError,
+    NoPermissionError,
     NoScriptError,
     ReadOnlyError,
     RedisClusterException,
@@ -68,6 +69,15 @@ KEEPALIVE = {
 _checked_servers: set[str] = set()
 
 
+def _refuses_functions(exc: ResponseError) -> bool:
+    """FUNCTION is unknown (Redis before 7) or forbidden (an ACL): use scripts instead.
+    Any other error (out of memory, busy, read-only) is a passing state of the server."""
+    if isinstance(exc, NoPermissionError):  # redis-py strips the NOPERM prefix
+        return True
+    text = str(exc).lower()
+    return "unknown command" in text or "unknown subcommand" in text
+
+
 def _missing(reply: Any) -> bool:
     """The server no longer has our scripts or library (restarted, failed over, flushed)."""
     return isinstance(reply, NoScriptError) or (
@@ -75,12 +85,18 @@ def _missing(reply: Any) -> bool:
     )
 
 
+def _unpooled(pool: Any) -> Any:
+    """A connection made as ``pool`` makes one (Sentinel's finds the master), but not
+    counted against its ``max_connections``: it is never returned to it."""
+    return pool.connection_class(**pool.connection_kwargs)
+
+
 def _ready(conn: Any) -> None:
     """Check a kept connection as the pool checks one it hands out: connected, and with
     nothing to read. Readable means the server closed it (a restart) or a stale reply: then
     connect again, so the first call after a restart does not fail for an old socket."""
+    conn.connect()  # a no-op when connected; a server that is down fails here, once
     try:
-        conn.connect()
         if conn.can_read():
             raise redis.ConnectionError("connection has unread data")
     except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -240,14 +256,18 @@ class RedisClient:
             try:
                 self._load_library()
                 return
-            except ResponseError as exc:  # Redis 6 has no FUNCTION; an ACL may forbid it
-                if _missing(exc) or "already exists" in str(exc):
+            except ResponseError as exc:
+                if not _refuses_functions(exc):
                     raise
-                self._functions = False
                 logger.info("Redis at {} does not take function libraries ({}); using "
                             "scripts (EVALSHA) instead", self.safe_url, exc)  # fmt: skip
-        for name, source in self._library.scripts.items():  # RedisCluster: on every master
-            self._sha[name] = str(self.redis.script_load(source))
+        # RedisCluster: on every master. All SHAs are known before the switch, so no call
+        # ever looks up a script that is not loaded.
+        self._sha = {
+            name: str(self.redis.script_load(source))
+            for name, source in self._library.scripts.items()
+        }
+        self._functions = False
 
     def _load_library(self) -> None:
         """FUNCTION LOAD on every master; a library of the same name holds the same code
@@ -290,7 +310,7 @@ class RedisClient:
         if node is self.redis and self._own_lock.acquire(blocking=False):
             try:
                 if self._own is None:
-                    self._own = node.connection_pool.make_connection()
+                    self._own = _unpooled(node.connection_pool)
                 _ready(self._own)
                 return _round_trip(self._own, command)
             finally:
@@ -391,7 +411,7 @@ class RedisClient:
         read later (see ``doorbell``), which a pooled connection must never be left with."""
 
         def make(node: Any) -> Any:
-            conn = node.connection_pool.make_connection()
+            conn = _unpooled(node.connection_pool)
             conn.connect()
             return conn
 

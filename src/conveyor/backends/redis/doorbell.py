@@ -11,12 +11,17 @@ for the answer: the worker selects on that socket with the pipes, and reads the 
 from __future__ import annotations
 
 import contextlib
-import select
+import time
 from typing import Any
 
 import redis
 
+from ...descriptors import ready
 from .client import RedisClient
+
+#: How long after its own timeout an outstanding BLPOP may go unanswered before the
+#: connection is taken for dead (a paused master, or one replaced in a failover).
+_ANSWER_GRACE = 1.0
 
 
 class WakeBell:
@@ -28,17 +33,21 @@ class WakeBell:
         self._wake_key = wake_key
         self._conn: Any = None
         self._asked = False
+        self._answer_by = 0.0  # when the server must have answered the outstanding BLPOP
 
     def arm(self, seconds: float) -> int | None:
         """The socket to wait on, with a ``BLPOP`` of up to ``seconds`` outstanding; None
         when the server cannot be reached (the caller's next claim reports the outage)."""
         seconds = min(max(seconds, 0.01), self._client.max_block)
+        if self._asked and time.monotonic() > self._answer_by:
+            self.close()  # no answer in time: a paused or replaced master; ask again
         try:
             if self._conn is None:
                 self._conn = self._client.dedicated_connection(self._route_key)
             if not self._asked:
                 self._conn.send_command("BLPOP", self._wake_key, f"{seconds:.3f}")
                 self._asked = True
+                self._answer_by = time.monotonic() + seconds + _ANSWER_GRACE
             sock = self._conn._sock  # redis-py keeps the socket here while connected
             return None if sock is None else int(sock.fileno())
         except (redis.RedisError, OSError):
@@ -53,8 +62,15 @@ class WakeBell:
     def wait(self, seconds: float) -> None:
         """Block until the outstanding ``BLPOP`` answers, or ``seconds``."""
         fd = self.arm(seconds)
-        if fd is not None and select.select([fd], [], [], max(seconds, 0.0))[0]:
+        if fd is not None and ready([fd], seconds):
             self.heard()
+
+    def withdraw(self) -> None:
+        """Take back an outstanding ``BLPOP`` (the worker will not wait for a while): Redis
+        hands each marker to the client that blocked first, so a BLPOP nobody is waiting
+        on would take the wake-up of a push from a worker that could run it."""
+        if self._asked:
+            self.close()  # the server drops a blocked command of a closed connection
 
     def heard(self) -> None:
         """Read the answer that made the socket readable; a broken connection is dropped

@@ -342,6 +342,10 @@ class RedisStore(QueueStore):
         if self._bell is not None:
             self._bell.heard()
 
+    def withdraw_doorbell(self) -> None:
+        if self._bell is not None:
+            self._bell.withdraw()
+
     def close(self) -> None:
         if self._bell is not None:
             self._bell.close()

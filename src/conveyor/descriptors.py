@@ -1,4 +1,4 @@
-"""Which of the worker's descriptors are ready: children's pipes, sentinels, doorbells.
+"""Which of a set of file descriptors are ready: a worker's pipes, sentinels and doorbells.
 
 ``multiprocessing.connection.wait`` builds and tears down a selector, with a key object
 per descriptor, on every call; the worker waits once per task, so that showed up among its
