@@ -37,7 +37,9 @@ class WakeBell:
 
     def arm(self, seconds: float) -> int | None:
         """The socket to wait on, with a ``BLPOP`` of up to ``seconds`` outstanding; None
-        when the server cannot be reached (the caller's next claim reports the outage)."""
+        when the connection broke (the caller's next claim finds out why). A server that
+        refuses a new connection raises ``BrokerUnavailableError``, as any call does: the
+        worker then rides out the outage."""
         seconds = min(max(seconds, 0.01), self._client.max_block)
         if self._asked and time.monotonic() > self._answer_by:
             self.close()  # no answer in time: a paused or replaced master; ask again
