@@ -77,13 +77,18 @@ def subscriber(queue_name: str) -> Iterator[Callable[[str], Subscriber]]:
 
 
 class RunningBridge:
-    def __init__(self, queue: QueueManager, state: Path, **options: Any) -> None:
+    def __init__(self, queue: QueueManager, state: Path, *, follow: bool = True,
+                 **options: Any) -> None:  # fmt: skip
         server = queue.server
         self.bridge = MqttBridge([server.events(queue.queue_name)], server.records,
                                  BrokerOptions(url=MQTT_URL, qos=1), state,
                                  result_ttl=3600, **options)  # fmt: skip
         self.bridge.start()
         self.thread = threading.Thread(target=self.bridge.run, daemon=True)
+        if follow:
+            self.follow()
+
+    def follow(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
@@ -162,5 +167,24 @@ def test_a_restarted_bridge_resumes_and_a_purged_record_is_cleared(
         assert cleared == {status_topic("conveyor", queue.queue_name, task_id)
                            for task_id in ("first", "second")}  # fmt: skip
         wait_until(lambda: not json.loads(state.read_text())["finished"], timeout=10)
+    finally:
+        bridge.stop()
+
+
+def test_events_between_start_and_the_first_read_are_published(
+    make_queue: Callable[..., QueueManager], subscriber: Callable[[str], Subscriber],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """A fresh bridge starts at the logs' tails as they were at ``start()``, not at its
+    first read: a task pushed in between (the API answering before the loop runs) keeps
+    its ``pushed`` status."""
+    queue = make_queue()
+    sub = subscriber("early")
+    bridge = RunningBridge(queue, tmp_path / "bridge.json", follow=False)
+    try:
+        assert queue.push("early", {}, 1)
+        run_task(queue, retry_once=False)
+        bridge.follow()
+        assert statuses(sub, until="success")[0] == ("pushed", "pending")
     finally:
         bridge.stop()

@@ -191,7 +191,12 @@ class MqttBridge:
         return mask_url(self.options.url)
 
     def start(self, connect_timeout: float = 10.0) -> None:
-        """Connect (the loop thread reconnects by itself afterwards)."""
+        """Pin where a log without a saved position starts (its tail now, not when
+        :meth:`run` first reads: events in between would be skipped), then connect (the
+        loop thread reconnects by itself afterwards)."""
+        for log in self.logs:
+            if not self.state.cursor.get(log.queue_name):
+                self.state.cursor[log.queue_name] = log.tail()
         try:
             self._client.connect_async(self._host, self._port, self.options.keepalive)
         except (OSError, ValueError) as exc:
