@@ -448,6 +448,11 @@ class QueueManager:
         when this backend has none. After it was readable, call ``heard_doorbell``."""
         return self._store.doorbell(seconds)
 
+    @property
+    def settles_in_child(self) -> bool:
+        """A forked child of this process may settle and claim on this manager itself."""
+        return self._store.settles_in_child
+
     def heard_doorbell(self) -> None:
         self._store.heard_doorbell()
 

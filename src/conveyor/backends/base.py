@@ -289,6 +289,10 @@ class QueueStore(ABC):
     """One queue's atomic transitions. Instances are used from one thread at a time."""
 
     queue_name: str
+    #: A forked child of the process may call ``settle`` on this store itself (its
+    #: connections are made anew in the child): a worker's child then acks its task and
+    #: claims the next one, leaving the worker out of the hand-off (see worker/direct.py).
+    settles_in_child: bool = False
 
     @abstractmethod
     def enqueue(self, tasks: Sequence[NewTask]) -> Enqueued:

@@ -7,7 +7,8 @@ connection, so leases and heartbeats keep flowing whatever a step does.
 
 Protocol (one JSON object per message):
   parent -> child  {"op": "run", "task_id", "data", "attempt", "queue", "type", "steps",
-                    "limits": {"max_bytes", "max_depth"}}     the queue's JSON policy
+                    "limits": {"max_bytes", "max_depth"},     the queue's JSON policy
+                    "token", "run"}       the lease's token; the run's number in this slot
                    {"op": "stop"}
                    {"op": "go"} / {"op": "yield"}  after a step of a run with "pause": true
                                    (preemption): go on, or return at once with no reply
@@ -15,6 +16,12 @@ Protocol (one JSON object per message):
                    {"op": "step", "name", "result"}       an intermediate step finished
                    {"op": "done", "result", "steps"}      the last step finished
                    {"op": "error", "reason", "type", "message", "traceback", "step"}
+                   {"op": "settled", "accepted", "run", "next"}  the child acked the task
+                                   itself and runs ``next`` (a claimed message, or null)
+                                   as run number ``run`` (see ``direct``)
+
+The cancel flag holds the number of the run to cancel (``CANCEL_ANY``: whatever runs), so
+a cancel meant for a task the child already settled cannot stop the next one.
 """
 
 from __future__ import annotations
@@ -32,12 +39,15 @@ from typing import Any
 from ..errors import TaskTypeError, TaskValidationError
 from ..pipeline import Pipeline, PipelineError, PipelineService, Step, StepContext
 from ..validation import DEFAULT_JSON_DEPTH, encode_json
+from .direct import ChildSettler
 
 #: Progress is sent at most this often per task, so a chatty step cannot flood the pipe. A
 #: task's first report is always sent (the throttle starts afresh with each task), and a
 #: report held back by it is sent when its step ends, so the last one is never dropped.
 _PROGRESS_INTERVAL = 0.2
 _PR_SET_PDEATHSIG = 1
+#: The cancel flag's value that stops any run (a thread slot given up on).
+CANCEL_ANY = -1
 
 
 def _die_with_parent() -> None:
@@ -52,6 +62,7 @@ def child_main(
     service: PipelineService,
     cancel_flag: Synchronized[int],
     shutdown_flag: Synchronized[int],
+    settler: ChildSettler | None = None,
 ) -> None:
     """Serve ``run`` requests until ``stop`` or until the parent goes away."""
     # The terminal's Ctrl+C and supervisor's group TERM reach every process in the group:
@@ -59,7 +70,7 @@ def child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
-    serve(conn, service, cancel_flag, shutdown_flag)
+    serve(conn, service, cancel_flag, shutdown_flag, settler)
 
 
 def serve(
@@ -67,20 +78,30 @@ def serve(
     service: PipelineService,
     cancel_flag: Synchronized[int],
     shutdown_flag: Synchronized[int],
+    settler: ChildSettler | None = None,
 ) -> None:
     """The request loop itself: in a child process, or in a thread of the worker
-    (``worker.pool: thread``), which speaks the same protocol over the same kind of pipe."""
+    (``worker.pool: thread``), which speaks the same protocol over the same kind of pipe.
+    With ``settler``, a successful run may be settled here and followed by the next task
+    (see ``direct``)."""
     runner = _Runner(conn, service, cancel_flag, shutdown_flag)
+    following: dict[str, Any] | None = None
     while True:
-        try:
-            request = json.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return
-        if request.get("op") != "run":
-            return
+        if following is not None:
+            request, following = following, None
+        else:
+            try:
+                request = json.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                return
+            if request.get("op") != "run":
+                return
         reply = runner.run(request)
         if reply is None:  # the task yielded (preempted); the parent knows
             continue
+        if (settler is not None and reply["op"] == "done" and not runner.sent
+                and settler.may_settle()):  # fmt: skip
+            reply, following = settler.settle(request, reply)
         try:
             conn.send_bytes(json.dumps(reply, default=str).encode())
         except OSError:
@@ -101,11 +122,14 @@ class _Runner:
         self.shutdown_flag = shutdown_flag
         self._last_progress = float("-inf")
         self._held: dict[str, Any] | None = None  # a throttled report, sent at the step's end
+        self.run_id = 0
+        self.sent = 0  # messages the current run sent before its reply
 
     def run(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """Run the task's remaining steps; the reply is ``done`` or ``error`` (None: the
         worker told it to yield at a step boundary)."""
         self._last_progress, self._held = float("-inf"), None  # never carried between tasks
+        self.run_id, self.sent = int(request.get("run", 0)), 0
         try:
             return self._run(request)
         finally:
@@ -122,11 +146,11 @@ class _Runner:
             for step in pipeline.steps:
                 if step.name in results:
                     continue  # finished in an earlier attempt: resume after it
-                if self.cancel_flag.value:
+                if self._cancelled():
                     return _error("canceled", "TaskCanceled", "canceled before step " + step.name)
                 step_name = step.name
                 result = step.function(self._context(request, results, step.name))
-                if self.cancel_flag.value:  # the contract: a canceled step's result is ignored
+                if self._cancelled():  # the contract: a canceled step's result is ignored
                     return _error("canceled", "TaskCanceled", "canceled during step " + step.name)
                 results[step.name] = _json_safe(result, step.name, request.get("limits") or {})
                 self._flush_progress()
@@ -165,9 +189,13 @@ class _Runner:
             queue=request.get("queue", ""),
             step=step,
             report_progress=self._progress,
-            is_cancelled=lambda: bool(self.cancel_flag.value),
+            is_cancelled=self._cancelled,
             is_shutting_down=lambda: bool(self.shutdown_flag.value),
         )
+
+    def _cancelled(self) -> bool:
+        flag = self.cancel_flag.value
+        return flag != 0 and (flag == CANCEL_ANY or self.run_id in (0, flag))
 
     def _progress(self, fraction: float, message: str | None) -> None:
         now = time.monotonic()
@@ -187,6 +215,7 @@ class _Runner:
             self._send(report)
 
     def _send(self, message: dict[str, Any]) -> None:
+        self.sent += 1
         self.conn.send_bytes(json.dumps(message).encode())
 
 

@@ -74,14 +74,19 @@ class Outbox:
     def __bool__(self) -> bool:
         return bool(self._entries)
 
-    def put(self, queue: QueueManager, message: Message, outcome: Outcome, ran: float = 0) -> None:
-        """Keep ``outcome`` until sent, replacing an earlier one of its kind."""
+    def put(
+        self, queue: QueueManager, message: Message, outcome: Outcome, ran: float = 0,
+        *, tried: bool = False,
+    ) -> None:  # fmt: skip
+        """Keep ``outcome`` until sent, replacing an earlier one of its kind. ``tried``: a
+        child already tried to send it (a refusal may be that copy's doing)."""
         key = (queue.queue_name, message.task_id, message.token or "")
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = Entry(queue, message)
         if outcome.op in FINAL_OPS:
             entry.final, entry.ran = outcome, ran
+            entry.failed_sends += tried
         elif outcome.op is Op.CHECKPOINT:
             entry.checkpoint = outcome
         else:
@@ -121,15 +126,18 @@ class Outbox:
             position += len(entry.outcomes())
             if entry.final is not None:  # the final outcome is an entry's last one
                 status = settled[position - 1].status
-                self._report(entry, entry.final.op, status is not None)
+                self.report(entry, entry.final.op, status is not None)
                 if status is not None and self._accepted is not None:
                     self._accepted(entry, entry.final.op, status)
         return claimed
 
-    def _report(self, entry: Entry, op: Op, accepted: bool) -> None:
+    def report(self, entry: Entry, op: Op, accepted: bool, *, by_child: bool = False) -> None:
+        """Log what became of a final outcome (``by_child``: one a child settled itself, see
+        ``direct``); count a refusal."""
         if accepted:
             if op is Op.ACK and info_enabled():
-                self._log(entry.message).info("succeeded in {:.3f}s", entry.ran)
+                how = " (settled by its child)" if by_child else ""
+                self._log(entry.message).info("succeeded in {:.3f}s{}", entry.ran, how)
             return
         self.refused += 1
         what = f"finished in {entry.ran:.3f}s but its result" if op is Op.ACK else f"its {op}"

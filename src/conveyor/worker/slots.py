@@ -16,7 +16,8 @@ from typing import Any
 from ..manager import QueueManager
 from ..models import Message
 from ..pipeline import Pipeline, PipelineError, PipelineService
-from .child import child_main
+from .child import CANCEL_ANY, child_main
+from .direct import ChildSettler
 
 
 @dataclass
@@ -32,6 +33,11 @@ class RunningTask:
     renewed: float = field(default_factory=time.monotonic)
     lease_lost: bool = False  # said once: a renewal found the lease gone
     pauses: bool = False  # the child waits for go/yield after each step (preemptible)
+    run: int = 0  # the run's number in its slot: what the cancel flag names
+
+    def cancel_asked(self, flag: int) -> bool:
+        """The slot's cancel flag names this run (or any)."""
+        return flag != 0 and flag in (CANCEL_ANY, self.run)
 
     def current_step(self) -> str | None:
         """The first step without a stored result: the one the child is running now."""
@@ -62,12 +68,16 @@ class Slot:
     """One child process. Replaced whenever it dies or is killed for a time limit."""
 
     def __init__(self, index: int, context: BaseContext, service: PipelineService,
-                 shutdown_flag: Synchronized[int]) -> None:  # fmt: skip
+                 shutdown_flag: Synchronized[int],
+                 settler: ChildSettler | None = None) -> None:  # fmt: skip
         self.index = index
         self._context = context
         self._service = service
         self._shutdown_flag = shutdown_flag
-        self.cancel_flag: Synchronized[int] = context.Value("b", 0)
+        self._settler = settler
+        #: The number of the run to cancel (see ``child``); 0: none.
+        self.cancel_flag: Synchronized[int] = context.Value("l", 0)
+        self.runs = 0  # runs started in this slot, by the worker or by the child itself
         self.task: RunningTask | None = None
         self.conn: Connection
         self.process: BaseProcess
@@ -77,7 +87,7 @@ class Slot:
         parent_end, child_end = multiprocessing.Pipe(duplex=True)
         self.process = self._context.Process(  # type: ignore[attr-defined]
             target=child_main,
-            args=(child_end, self._service, self.cancel_flag, self._shutdown_flag),
+            args=(child_end, self._service, self.cancel_flag, self._shutdown_flag, self._settler),
             name=f"conveyor-child-{self.index}",
             daemon=True,
         )
@@ -107,14 +117,27 @@ class Slot:
             pipeline = None  # the child reports the unknown pipeline as the task's failure
         self.cancel_flag.value = 0
         pauses = preempting and pipeline is not None and pipeline.preemptible
-        self.task = RunningTask(message, queue, pipeline, dict(message.steps), pauses=pauses)
+        self.runs += 1
+        self.task = RunningTask(message, queue, pipeline, dict(message.steps), pauses=pauses,
+                                run=self.runs)  # fmt: skip
         request = {
             "op": "run", "task_id": message.task_id, "data": message.data,
             "attempt": message.attempts, "queue": message.queue, "type": message.type,
             "steps": message.steps, "pause": pauses,
             "limits": {"max_bytes": queue.max_payload_bytes, "max_depth": queue.max_json_depth},
+            "token": message.token, "run": self.runs,
         }  # fmt: skip
         self.conn.send_bytes(json.dumps(request).encode())
+
+    def continued(self, message: Message, queue: QueueManager, service: PipelineService,
+                  run: int) -> None:  # fmt: skip
+        """The child settled its task and went on to ``message`` by itself (``direct``)."""
+        try:
+            pipeline: Pipeline | None = service.resolve(message.type)
+        except PipelineError:
+            pipeline = None
+        self.runs = run
+        self.task = RunningTask(message, queue, pipeline, dict(message.steps), run=run)
 
     def resume(self, *, yield_now: bool = False) -> None:
         """Answer a paused child: go on to the next step, or yield (return, no reply)."""

@@ -17,6 +17,10 @@ worker rides it out instead of exiting. Outcomes go through an outbox (``outbox`
 sent at each turn, or when the backend answers again; ``outage`` keeps the backend's
 state, its log lines and the reconnect backoff. While it is down, running children go on,
 nothing new starts, and leases, sweeps and heartbeats pause (see ``_loop``).
+
+Where the backend allows it, a child that finished a task acks it and claims the next one
+itself, and tells the loop afterwards (``direct``): the loop keeps leases, limits, hooks
+and logs, but no longer stands between one task and the next.
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ from ..errors import (
 )
 from ..lifecycle import Op
 from ..manager import QueueManager
-from ..models import Message
+from ..models import Message, TaskStatus
 from ..pipeline import PipelineError, PipelineService
 from ..validation import check_name
 from .backoff import Backoff
+from .direct import ChildSettler, message_from_fields
 from .heap import freeze_startup_heap, thaw_heap
 from .heartbeat import worker_info
 from .hooks import HookRunner, hook_name
@@ -126,6 +131,10 @@ class TaskWorker:
         self._upkeep: Upkeep | None = None  # sweeps and heartbeats off the loop (Redis)
         self._signals = StopSignals(self.stop, max_shutdown_wait)
         self._shutdown_flag = multiprocessing.get_context("fork").Value("b", 0)
+        # Whether a child may settle and claim by itself right now (see ``direct``): set
+        # each turn, cleared by ``stop``; no lock, so a signal handler may write it.
+        self._hand_off = multiprocessing.get_context("fork").Value("b", 0, lock=False)
+        self._settler: ChildSettler | None = None
         self.outbox = Outbox(self._log, self._after_outcome)
         self.hooks = HookRunner(self.options.hook_timeout)
         self.backend = OutageWatch(
@@ -150,8 +159,15 @@ class TaskWorker:
         self._signals.install()
         freeze_startup_heap()  # before forking: children share the frozen heap
         context = multiprocessing.get_context("fork")
+        if self._children_may_settle():
+            self._settler = ChildSettler(self.queues[0], self._hand_off, self._shutdown_flag)
         self._slots = make_slots(
-            self.options.pool, self.concurrency, context, self.service, self._shutdown_flag
+            self.options.pool,
+            self.concurrency,
+            context,
+            self.service,
+            self._shutdown_flag,
+            settler=self._settler,
         )
         names = ",".join(queue.queue_name for queue in self.queues)
         logger.info(
@@ -171,6 +187,17 @@ class TaskWorker:
             self._signals.restore()
             thaw_heap()
 
+    def _children_may_settle(self) -> bool:
+        """The plain case, where a child's own ack + claim is the very call the loop would
+        make (see ``direct``): a process pool on one queue whose backend works from a
+        forked child, with no reserved slots, preemption or job count to keep exact."""
+        options = self.options
+        return (
+            options.pool == "process" and len(self.queues) == 1 and options.reserve is None
+            and options.preemption is None and options.max_jobs is None
+            and self.queues[0].settles_in_child
+        )  # fmt: skip
+
     @property
     def refused(self) -> int:
         """Final outcomes the backend refused (their lease was lost): runs that may repeat."""
@@ -181,6 +208,7 @@ class TaskWorker:
         if self.stop_reason is None:
             self.stop_reason = reason
             self._drain_deadline = time.monotonic() + self.max_shutdown_wait
+            self._hand_off.value = 0
             self._shutdown_flag.value = 1
         else:
             self._force = True
@@ -202,6 +230,8 @@ class TaskWorker:
         """One pass: upkeep; wait for replies or take work; send what the runs reported
         (with claims for the slots that became free). True when the worker is done."""
         self._signals.log()
+        if self._settler is not None:
+            self._hand_off.value = self.backend.up and self.stop_reason is None
         self._maintain()
         busy = [slot for slot in self._slots if slot.busy]
         if self.stop_reason is not None:
@@ -343,7 +373,9 @@ class TaskWorker:
             if task.pauses:
                 self._at_step_boundary(slot)
         elif op == "done":
-            self._succeeded(slot, reply.get("result"))
+            self._succeeded(slot, reply.get("result"), tried=bool(reply.get("tried")))
+        elif op == "settled":
+            self._settled_by_child(slot, reply)
         elif op == "error":
             self._failed(slot, str(reply.get("reason", "error")), reply, reply.get("step"))
 
@@ -472,7 +504,7 @@ class TaskWorker:
 
     # -- settling --------------------------------------------------------------------------
 
-    def _succeeded(self, slot: Slot, result: Any) -> None:
+    def _succeeded(self, slot: Slot, result: Any, *, tried: bool = False) -> None:
         task = slot.task
         assert task is not None
         queue = task.queue
@@ -483,7 +515,27 @@ class TaskWorker:
             return
         slot.task = None
         self.processed += 1
-        self.outbox.put(queue, task.message, outcome, time.monotonic() - task.started)
+        self.outbox.put(queue, task.message, outcome, time.monotonic() - task.started,
+                        tried=tried)  # fmt: skip
+        self._check_limits()
+
+    def _settled_by_child(self, slot: Slot, notice: dict[str, Any]) -> None:
+        """The child acked its task and may run the next one already (see ``direct``)."""
+        task = slot.task
+        assert task is not None
+        slot.task = None
+        self.processed += 1
+        entry = Entry(task.queue, task.message, ran=time.monotonic() - task.started)
+        accepted = bool(notice.get("accepted"))
+        self.outbox.report(entry, Op.ACK, accepted, by_child=True)
+        if accepted:
+            self._after_outcome(entry, Op.ACK, TaskStatus.SUCCESS)
+        following = notice.get("next")
+        if isinstance(following, dict):
+            message = message_from_fields(following)
+            slot.continued(message, task.queue, self.service, int(notice["run"]))
+            if info_enabled():
+                self._log(message).info("started")
         self._check_limits()
 
     def _failed(self, slot: Slot, reason: str, error: dict[str, Any], step: Any) -> None:
@@ -491,7 +543,7 @@ class TaskWorker:
         assert task is not None
         slot.task = None
         verdict = after_error(
-            task, reason, error, step, cancel_asked=bool(slot.cancel_flag.value),
+            task, reason, error, step, cancel_asked=task.cancel_asked(slot.cancel_flag.value),
             stopping=self.stop_reason is not None, options=self.options,
         )  # fmt: skip
         self._settle(task.queue, task.message, verdict)

@@ -32,7 +32,8 @@ from typing import Literal
 
 from ..errors import ConfigError
 from ..pipeline import PipelineService
-from .child import serve
+from .child import CANCEL_ANY, serve
+from .direct import ChildSettler
 from .options import WorkerOptions
 from .slots import Slot
 
@@ -74,7 +75,7 @@ class _ThreadRun:
         return self._thread.is_alive()
 
     def kill(self) -> None:
-        self._cancel.value = 1
+        self._cancel.value = CANCEL_ANY
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -92,7 +93,7 @@ class ThreadSlot(Slot):
         parent_end, child_end = multiprocessing.Pipe(duplex=True)
         # Each thread has its own cancel flag: a thread given up on keeps its raised flag
         # (it stops before its next step), while the fresh one starts with a clear flag.
-        self.cancel_flag = self._context.Value("b", 0)
+        self.cancel_flag = self._context.Value("l", 0)
         readable, writable = os.pipe()
         args = (child_end, self._service, self.cancel_flag, self._shutdown_flag, writable)
         thread = threading.Thread(
@@ -137,15 +138,11 @@ def _thread_main(
         os.close(sentinel)  # the loop sees the end of the thread, as it sees a child's exit
 
 
-def slot_class(pool: Pool) -> type[Slot]:
-    """The slot type for ``worker.pool``."""
-    return ThreadSlot if pool == "thread" else Slot
-
-
 def make_slots(
     pool: Pool, count: int, context: BaseContext, service: PipelineService,
-    shutdown_flag: Synchronized[int],
+    shutdown_flag: Synchronized[int], *, settler: ChildSettler | None = None,
 ) -> list[Slot]:  # fmt: skip
-    """``count`` slots of the pool's kind."""
-    kind = slot_class(pool)
-    return [kind(index, context, service, shutdown_flag) for index in range(count)]
+    """``count`` slots of the pool's kind (``settler``: child processes only)."""
+    if pool == "thread":
+        return [ThreadSlot(index, context, service, shutdown_flag) for index in range(count)]
+    return [Slot(index, context, service, shutdown_flag, settler) for index in range(count)]

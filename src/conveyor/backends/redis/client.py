@@ -21,9 +21,11 @@ run twice, the second run is refused (an ack), or stores nothing new (a push of 
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import replace
@@ -67,6 +69,23 @@ KEEPALIVE = {
 }
 #: Servers already checked for persistence in this process: warn once, not per manager.
 _checked_servers: set[str] = set()
+
+
+#: Every live client, so that a forked child drops the connection it inherited (below).
+_clients: weakref.WeakSet[RedisClient] = weakref.WeakSet()
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked child: a kept connection's socket is the parent's, and a read or write
+    on it would mix the two processes' replies. Drop it (never close: the socket stays the
+    parent's); the child connects anew at its first call. redis-py's pools do the same by
+    their own pid check."""
+    for client in list(_clients):
+        client._own = None
+        client._own_lock = threading.Lock()  # a copy taken while another thread held it
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
 def _refuses_functions(exc: ResponseError) -> bool:
@@ -173,6 +192,7 @@ class RedisClient:
         #: The connection ``_call`` uses when no other thread does (see there).
         self._own: Any = None
         self._own_lock = threading.Lock()
+        _clients.add(self)
         self._slots: dict[str, int] = {}  # cluster: key -> slot, for the keys on_master sees
         with self.translate():  # at start: fail fast, the worker's start-up waits and retries
             self.redis.ping()

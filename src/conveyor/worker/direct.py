@@ -1,0 +1,110 @@
+"""The child settles its own success and claims the next task ("direct hand-off").
+
+Without it, every task crosses three processes in turn: the child replies ``done``, the
+worker sends the ack and the claim to the backend, waits, and hands the next task to the
+child. On two cores shared with the broker, that sequence (not any one part of it) bounds
+how many tasks a slot runs per second. With it, a child that finished a task with a
+result acks it and claims the next one itself, in the same single atomic call the worker
+would have made (``QueueManager.settle`` with ``claim=1``), tells the worker what it did,
+and starts the next task at once. The worker keeps everything else: leases and cancel
+flags, time limits, hooks, logs, counts, outages, shutdown.
+
+Nothing about a task changes: the same transition, the same fencing token (a late ack is
+refused, as the worker's would be), the same strict priority order (the claim takes the
+most urgent ready task at the moment this slot frees, as the worker's claim does).
+
+The child takes this path only when the worker allows it at that moment (a shared flag)
+and only for the plain case; anything else is the usual ``done`` reply:
+
+* the backend can be used from a forked child (``QueueStore.settles_in_child``: Redis);
+* a process pool, one queue, no reserved slots, no preemption, no ``max_jobs`` (a claim
+  the worker did not count could overshoot it): decided once, at start;
+* the worker is taking work, and the backend answers (an outage is the worker's to ride
+  out, with its outbox): the shared flag, updated every turn and cleared on stop;
+* the run sent nothing else to the worker (no progress, no step checkpoints): an outcome
+  waiting in the worker's outbox must reach the backend before the ack.
+
+A claim made by a child that dies before it told the worker is held by a lease that
+nobody renews: the task comes back when it runs out, as for any crashed worker.
+"""
+
+from __future__ import annotations
+
+from multiprocessing.sharedctypes import Synchronized
+from typing import Any
+
+from .. import outcomes as build
+from ..errors import ConveyorError, TaskTypeError, TaskValidationError
+from ..manager import QueueManager
+from ..models import Message
+
+
+class ChildSettler:
+    """The child's side: settle a ``done`` reply and claim the next task, if allowed."""
+
+    def __init__(self, queue: QueueManager, allowed: Synchronized[int],
+                 shutdown_flag: Synchronized[int]) -> None:  # fmt: skip
+        self.queue = queue
+        self.allowed = allowed
+        self.shutdown_flag = shutdown_flag
+
+    def may_settle(self) -> bool:
+        return bool(self.allowed.value) and not self.shutdown_flag.value
+
+    def settle(
+        self, request: dict[str, Any], reply: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Ack the finished run and claim the next task in one call. Returns the notice for
+        the worker and the next run's request (None: nothing claimed). When the call
+        fails, the notice is the ``done`` reply itself, marked ``tried`` (the ack may have
+        been applied: a refusal of the worker's copy is then not a lost lease)."""
+        queue = self.queue
+        lease = Message.model_construct(task_id=request["task_id"], token=request["token"])
+        try:
+            outcome = build.ack(lease, reply.get("result"), queue.max_payload_bytes,
+                                queue.max_json_depth)  # fmt: skip
+        except (TaskValidationError, TaskTypeError):
+            return reply, None  # the worker fails it as invalid_result, as always
+        try:
+            settled, claimed = queue.settle([outcome], claim=1)
+        except ConveyorError:
+            return {**reply, "tried": True}, None
+        run = int(request.get("run", 0)) + 1
+        following = claimed[0] if claimed else None
+        notice = {
+            "op": "settled", "accepted": settled[0].status is not None, "run": run,
+            "next": None if following is None else message_fields(following),
+        }  # fmt: skip
+        if following is None:
+            return notice, None
+        return notice, run_request(following, run, request.get("limits") or {})
+
+
+def run_request(message: Message, run: int, limits: dict[str, Any]) -> dict[str, Any]:
+    """The child protocol's ``run`` request for ``message`` (see ``child``)."""
+    return {
+        "op": "run", "task_id": message.task_id, "data": message.data,
+        "attempt": message.attempts, "queue": message.queue, "type": message.type,
+        "steps": message.steps, "pause": False, "limits": limits, "token": message.token,
+        "run": run,
+    }  # fmt: skip
+
+
+def message_fields(message: Message) -> dict[str, Any]:
+    """A claimed message as JSON for the worker (``message_from_fields`` reads it back)."""
+    return {
+        "task_id": message.task_id, "data": message.data, "priority": message.priority,
+        "queue": message.queue, "type": message.type, "attempts": message.attempts,
+        "max_retries": message.max_retries, "retry_backoff": message.retry_backoff,
+        "process_timeout": message.process_timeout, "created_at": message.created_at,
+        "steps": message.steps, "token": message.token,
+    }  # fmt: skip
+
+
+def message_from_fields(fields: dict[str, Any]) -> Message:
+    """The worker's copy of a message its child claimed (already checked by the child's
+    claim: no second validation on the hot path)."""
+    backoff = fields.get("retry_backoff")
+    if isinstance(backoff, list):
+        fields = {**fields, "retry_backoff": tuple(backoff)}
+    return Message.model_construct(**fields, leased=True)

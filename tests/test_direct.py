@@ -1,0 +1,168 @@
+"""A child that settles its own task and claims the next one (``worker/direct.py``).
+
+On Redis, a worker's child acks a task that succeeded and claims the next in one call,
+then tells the worker. These tests run real workers (``helpers/run_worker.py``) on the
+shared Redis and check that the worker still owns every task a child took that way: the
+order is strict by priority, the chained task's hard time limit kills it, a cancel reaches
+it (and only it), its lease is renewed past the visibility timeout. Then the two pieces it
+rests on, without a worker: a cancel names one run, and a forked child never uses the
+connection it inherited.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import backend_params, wait_until
+from conveyor import Pipeline, PipelineService, QueueManager, TaskStatus
+from conveyor.worker.child import CANCEL_ANY, serve
+from helpers.pipelines import runs
+from test_worker import StartWorker, _describe, start_worker, wait_runs, wait_status
+
+__all__ = ["start_worker"]  # the fixture, used by name below
+
+pytestmark = pytest.mark.parametrize("backend_name", backend_params("redis"))
+SUCCESS, FAILED, CANCELED = TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELED
+BY_CHILD = "(settled by its child)"
+
+
+def test_a_chained_drain_keeps_strict_priority_order(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    priorities = [(i * 7) % 11 for i in range(40)]
+    for i, priority in enumerate(priorities):
+        queue.push(f"o{i:02d}", {"dir": str(tmp_path), "priority": priority}, priority,
+                   type="ordered")  # fmt: skip
+    worker = start_worker()
+    wait_until(lambda: (tmp_path / "order.log").exists()
+               and len((tmp_path / "order.log").read_text().splitlines()) == 40,
+               timeout=30, message=lambda: worker.stderr()[-3000:])  # fmt: skip
+    seen = [int(line.split()[1]) for line in (tmp_path / "order.log").read_text().splitlines()]
+    assert seen == sorted(priorities, reverse=True)
+    for i in range(40):
+        wait_status(queue, f"o{i:02d}", SUCCESS, worker=worker)
+    log = worker.helper.stderr_path.read_text(errors="replace")
+    assert log.count(BY_CHILD) >= 39, "the child did not settle the tasks itself"
+
+
+def test_the_hard_time_limit_of_a_task_the_child_took_itself_is_enforced(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    data = {"dir": str(tmp_path)}
+    queue.push("good", {**data, "mode": "ok"}, priority=9, type="misbehave")
+    queue.push("bad", {**data, "mode": "hang"}, priority=1, type="misbehave", max_retries=0)
+    worker = start_worker()
+    assert wait_status(queue, "good", SUCCESS, worker=worker).status == SUCCESS
+    bad = wait_status(queue, "bad", FAILED, SUCCESS, worker=worker)
+    assert bad.dead_reason == "timeout", _describe(bad)
+    assert bad.started_at is not None and bad.finished_at is not None
+    assert (bad.finished_at - bad.started_at).total_seconds() < 5
+    assert BY_CHILD in worker.stderr()
+    bad_run, good_run = runs(tmp_path, "bad", "start")[0], runs(tmp_path, "good", "start")[0]
+    assert bad_run["pid"] == good_run["pid"], "the child did not go on to the next task itself"
+
+
+def test_a_cancel_reaches_the_task_the_child_took_itself_and_only_it(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    data = {"dir": str(tmp_path)}
+    queue.push("first", data, priority=9, type="quick")
+    queue.push("second", data, priority=5, type="cooperative")
+    queue.push("third", data, priority=1, type="quick")
+    worker = start_worker()
+    wait_runs(tmp_path, "second", "start", worker=worker)
+    assert queue.cancel("second")
+    second = wait_status(queue, "second", CANCELED, FAILED, SUCCESS, worker=worker)
+    assert second.status == CANCELED, _describe(second)
+    third = wait_status(queue, "third", SUCCESS, FAILED, CANCELED, worker=worker)
+    assert third.status == SUCCESS, _describe(third)
+
+
+def test_the_lease_of_a_task_the_child_took_itself_is_renewed(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    data = {"dir": str(tmp_path)}
+    queue.push("first", data, priority=9, type="quick")
+    queue.push("long", {**data, "seconds": 4}, priority=1, type="sleepy")
+    worker = start_worker(visibility_timeout=1.5)
+    record = wait_status(queue, "long", SUCCESS, FAILED, worker=worker, timeout=30)
+    assert record.status == SUCCESS and record.attempts == 1, _describe(record)
+    assert len(runs(tmp_path, "long", "start")) == 1, "the task ran twice: its lease ran out"
+    assert "lease lost" not in worker.stderr()
+    assert BY_CHILD in worker.stderr()
+
+
+# -- the pieces, without a worker --------------------------------------------------------------
+
+
+@pytest.fixture
+def child_loop() -> Iterator[tuple[Any, Any]]:
+    """``serve`` in a thread over a real pipe, with a shared cancel flag."""
+    quick = Pipeline("check")
+
+    @quick.step
+    def look(ctx: Any) -> bool:
+        return bool(ctx.cancelled)
+
+    context = multiprocessing.get_context("fork")
+    ours, theirs = multiprocessing.Pipe(duplex=True)
+    cancel, shutdown = context.Value("l", 0), context.Value("b", 0)
+    thread = threading.Thread(target=serve, args=(theirs, PipelineService([quick]), cancel,
+                                                   shutdown), daemon=True)  # fmt: skip
+    thread.start()
+    yield ours, cancel
+    ours.send_bytes(b'{"op": "stop"}')
+    thread.join(5)
+
+
+def _run(conn: Any, run: int) -> dict[str, Any]:
+    request = {"op": "run", "task_id": f"r{run}", "data": {}, "type": "check", "run": run}
+    conn.send_bytes(json.dumps(request).encode())
+    reply: dict[str, Any] = json.loads(conn.recv_bytes())
+    return reply
+
+
+def test_a_cancel_names_one_run_so_it_cannot_stop_the_next(
+    child_loop: tuple[Any, Any], backend_name: str
+) -> None:
+    conn, cancel = child_loop
+    cancel.value = 3  # meant for run 3, which the child already finished
+    assert _run(conn, 4)["op"] == "done"
+    assert _run(conn, 3)["op"] == "error"  # the run it names is canceled
+    cancel.value = CANCEL_ANY  # a thread slot given up on: whatever runs stops
+    assert _run(conn, 5)["op"] == "error"
+
+
+def test_a_forked_child_connects_anew_instead_of_using_the_inherited_connection(
+    queue: QueueManager,
+) -> None:
+    queue.head()  # the kept connection is open now
+    client = queue._store._client  # type: ignore[attr-defined]
+    assert client._own is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, make a call of its own, and leave without cleanup
+        os.close(read)
+        dropped = client._own is None
+        try:
+            queue.head()
+            worked = client._own is not None
+        except Exception:
+            worked = False
+        os.write(write, json.dumps([dropped, worked]).encode())
+        os._exit(0)
+    os.close(write)
+    answer = json.loads(os.read(read, 64))
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert answer == [True, True]
+    assert queue.push("after-fork", {}, 1)  # the parent's connection is untouched
+    assert queue.head() is not None
