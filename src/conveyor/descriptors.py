@@ -23,3 +23,11 @@ def ready(waitables: Iterable[Any], timeout: float) -> set[Any]:
         by_fd[fd] = item
         poller.register(fd, select.POLLIN)
     return {by_fd[fd] for fd, _ in poller.poll(max(timeout, 0.0) * 1000.0)}
+
+
+def readable_now(item: Any) -> bool:
+    """``Connection.poll()`` without its selector: is there something to read (or has the
+    other end gone) right now?"""
+    poller = select.poll()  # not select(): a descriptor may be numbered above 1023
+    poller.register(item if isinstance(item, int) else item.fileno(), select.POLLIN)
+    return bool(poller.poll(0))

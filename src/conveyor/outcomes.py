@@ -24,8 +24,13 @@ FINAL_OPS = frozenset({Op.ACK, Op.NACK, Op.HAND_BACK, Op.FAIL})
 
 def ack(message: Message, result: Any, max_bytes: int, max_depth: int) -> Outcome:
     """Finish as ``success`` with ``result`` (None: no result stored)."""
+    return ack_lease(message.task_id, message.token, result, max_bytes, max_depth)
+
+
+def ack_lease(task_id: str, token: str, result: Any, max_bytes: int, max_depth: int) -> Outcome:
+    """``ack`` for a lease known by its id and token only (a child holds no ``Message``)."""
     payload = None if result is None else encode_json("result", result, max_bytes, max_depth)
-    return Outcome(Op.ACK, message.task_id, message.token, payload)
+    return Outcome(Op.ACK, task_id, token, payload)
 
 
 def nack(

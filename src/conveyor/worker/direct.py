@@ -59,10 +59,9 @@ class ChildSettler:
         fails, the notice is the ``done`` reply itself, marked ``tried`` (the ack may have
         been applied: a refusal of the worker's copy is then not a lost lease)."""
         queue = self.queue
-        lease = Message.model_construct(task_id=request["task_id"], token=request["token"])
         try:
-            outcome = build.ack(lease, reply.get("result"), queue.max_payload_bytes,
-                                queue.max_json_depth)  # fmt: skip
+            outcome = build.ack_lease(request["task_id"], request["token"], reply.get("result"),
+                                      queue.max_payload_bytes, queue.max_json_depth)  # fmt: skip
         except (TaskValidationError, TaskTypeError):
             return reply, None  # the worker fails it as invalid_result, as always
         try:

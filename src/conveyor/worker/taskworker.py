@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from loguru import Logger
 
 from .. import outcomes as build
+from ..descriptors import readable_now
 from ..descriptors import ready as descriptors_ready
 from ..errors import (
     BrokerUnavailableError,
@@ -332,7 +333,7 @@ class TaskWorker:
     def _read_replies(self, slot: Slot) -> None:
         """Act on every reply waiting in the pipe (at least one: it was readable)."""
         first = True
-        while slot.busy and (first or slot.conn.poll()):
+        while slot.busy and (first or readable_now(slot.conn)):
             first = False
             try:
                 reply = _decode(slot.conn.recv_bytes())
