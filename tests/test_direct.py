@@ -25,7 +25,15 @@ from conftest import backend_params, wait_until
 from conveyor import Pipeline, PipelineService, QueueManager, TaskStatus
 from conveyor.worker.child import CANCEL_ANY, serve
 from helpers.pipelines import runs
-from test_worker import StartWorker, _describe, start_worker, wait_runs, wait_status
+from test_worker import (
+    SpawnHelper,
+    StartWorker,
+    _describe,
+    start_worker,
+    wait_runs,
+    wait_status,
+    worker_factory,
+)
 
 __all__ = ["start_worker"]  # the fixture, used by name below
 
@@ -98,6 +106,44 @@ def test_the_lease_of_a_task_the_child_took_itself_is_renewed(
     assert len(runs(tmp_path, "long", "start")) == 1, "the task ran twice: its lease ran out"
     assert "lease lost" not in worker.stderr()
     assert BY_CHILD in worker.stderr()
+
+
+def test_a_child_settling_past_the_time_limit_is_not_killed_for_it(
+    queue: QueueManager, spawn_helper: SpawnHelper, backend_url: str, queue_name: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The steps end inside the 1 s limit, but the child's own ack then waits 1 s for a
+    replica that is not there (``durability``): the run is over, so it is not killed."""
+    url = backend_url + ("&" if "?" in backend_url else "?") + "durability=replicas=1,timeout=1"
+    data = {"dir": str(tmp_path), "mode": "slow", "seconds": 0.5}
+    queue.push("first", data, priority=9, type="misbehave", max_retries=0)
+    queue.push("second", data, priority=5, type="misbehave", max_retries=0)
+    workers = worker_factory(spawn_helper, ["--url", url, "--queue", queue_name])
+    try:
+        worker = next(workers)()
+        for task_id in ("first", "second"):
+            record = wait_status(queue, task_id, SUCCESS, FAILED, worker=worker)
+            assert record.status == SUCCESS, _describe(record)
+        log = worker.helper.stderr_path.read_text(errors="replace")
+        assert "time limit" not in log and "lease lost" not in log and "refused" not in log
+        assert BY_CHILD in log
+    finally:
+        next(workers, None)
+
+
+def test_no_task_is_claimed_by_a_child_after_max_time(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """``max_time`` passes while a task runs and before the worker looks (its heartbeat is
+    5 s away): the child must not claim the next task on its way out."""
+    queue.push("running", {"dir": str(tmp_path), "seconds": 1.5}, priority=9, type="sleepy")
+    queue.push("waiting", {"dir": str(tmp_path), "seconds": 0}, priority=5, type="sleepy")
+    worker = start_worker(max_time=1.0, heartbeat=5)
+    assert wait_status(queue, "running", SUCCESS, worker=worker).status == SUCCESS
+    assert worker.wait(timeout=20) == 0
+    record = queue.get_task("waiting")
+    assert record is not None and record.status == TaskStatus.PENDING, _describe(record)
+    assert not runs(tmp_path, "waiting", "start")
 
 
 # -- the pieces, without a worker --------------------------------------------------------------

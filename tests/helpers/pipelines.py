@@ -155,7 +155,7 @@ misbehave = Pipeline("misbehave")
 
 @misbehave.step(timeout=1)
 def misbehaving(ctx: StepContext) -> dict[str, Any]:
-    """``data["mode"]``: ok | hang (sleep past the limit) | exit (os._exit(3)) | segv.
+    """``data["mode"]``: ok | slow | hang (sleep past the limit) | exit (os._exit(3)) | segv.
 
     ``exit_late`` closes every inherited descriptor (its pipe to the worker among them),
     then exits with 3 half a second later: the worker sees the pipe close before it can
@@ -165,6 +165,8 @@ def misbehaving(ctx: StepContext) -> dict[str, Any]:
     mode = ctx.data["mode"]
     if mode == "hang":
         time.sleep(30)
+    elif mode == "slow":  # inside the limit, by data["seconds"]
+        time.sleep(float(ctx.data["seconds"]))
     elif mode == "exit":
         os._exit(3)
     elif mode == "segv":

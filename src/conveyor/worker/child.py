@@ -2,8 +2,9 @@
 
 The worker keeps ``concurrency`` of these alive and talks to each over a pipe with JSON
 (no pickle): a step that crashes, leaks or hangs takes down only its child, which the
-worker kills and replaces. The child never touches the broker; the parent owns every
-connection, so leases and heartbeats keep flowing whatever a step does.
+worker kills and replaces. Leases and heartbeats are the parent's, so they keep flowing
+whatever a step does. On Redis a child also settles its own successes and claims its next
+task over a connection of its own (``direct``); everything else goes through the parent.
 
 Protocol (one JSON object per message):
   parent -> child  {"op": "run", "task_id", "data", "attempt", "queue", "type", "steps",
@@ -33,13 +34,13 @@ import signal
 import time
 import traceback
 from multiprocessing.connection import Connection
-from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 from ..errors import TaskTypeError, TaskValidationError
 from ..pipeline import Pipeline, PipelineError, PipelineService, Step, StepContext
 from ..validation import DEFAULT_JSON_DEPTH, encode_json
 from .direct import ChildSettler
+from .flags import Flag
 
 #: Progress is sent at most this often per task, so a chatty step cannot flood the pipe. A
 #: task's first report is always sent (the throttle starts afresh with each task), and a
@@ -60,8 +61,8 @@ def _die_with_parent() -> None:
 def child_main(
     conn: Connection,
     service: PipelineService,
-    cancel_flag: Synchronized[int],
-    shutdown_flag: Synchronized[int],
+    cancel_flag: Flag,
+    shutdown_flag: Flag,
     settler: ChildSettler | None = None,
 ) -> None:
     """Serve ``run`` requests until ``stop`` or until the parent goes away."""
@@ -76,8 +77,8 @@ def child_main(
 def serve(
     conn: Connection,
     service: PipelineService,
-    cancel_flag: Synchronized[int],
-    shutdown_flag: Synchronized[int],
+    cancel_flag: Flag,
+    shutdown_flag: Flag,
     settler: ChildSettler | None = None,
 ) -> None:
     """The request loop itself: in a child process, or in a thread of the worker
@@ -113,8 +114,8 @@ class _Runner:
         self,
         conn: Connection,
         service: PipelineService,
-        cancel_flag: Synchronized[int],
-        shutdown_flag: Synchronized[int],
+        cancel_flag: Flag,
+        shutdown_flag: Flag,
     ) -> None:
         self.conn = conn
         self.service = service

@@ -30,26 +30,40 @@ nobody renews: the task comes back when it runs out, as for any crashed worker.
 
 from __future__ import annotations
 
-from multiprocessing.sharedctypes import Synchronized
+import time
 from typing import Any
 
 from .. import outcomes as build
-from ..errors import ConveyorError, TaskTypeError, TaskValidationError
+from ..errors import TaskTypeError, TaskValidationError
 from ..manager import QueueManager
 from ..models import Message
+from .flags import Flag
 
 
 class ChildSettler:
     """The child's side: settle a ``done`` reply and claim the next task, if allowed."""
 
-    def __init__(self, queue: QueueManager, allowed: Synchronized[int],
-                 shutdown_flag: Synchronized[int]) -> None:  # fmt: skip
+    def __init__(self, queue: QueueManager, allowed: Flag, shutdown_flag: Flag,
+                 not_after: float | None = None) -> None:  # fmt: skip
         self.queue = queue
         self.allowed = allowed
         self.shutdown_flag = shutdown_flag
+        #: The worker's ``max_time`` end (epoch seconds): no claim of its own after it.
+        self.not_after = not_after
+        #: The slot's marker: the run this child is settling (set by ``for_slot``).
+        self.settling: Flag | None = None
+
+    def for_slot(self, settling: Flag) -> ChildSettler:
+        """This settler for one slot, telling the worker through ``settling`` which run
+        its child is settling (the steps are over: no time limit applies any more)."""
+        mine = ChildSettler(self.queue, self.allowed, self.shutdown_flag, self.not_after)
+        mine.settling = settling
+        return mine
 
     def may_settle(self) -> bool:
-        return bool(self.allowed.value) and not self.shutdown_flag.value
+        if not self.allowed.value or self.shutdown_flag.value:
+            return False
+        return self.not_after is None or time.time() < self.not_after
 
     def settle(
         self, request: dict[str, Any], reply: dict[str, Any]
@@ -59,6 +73,8 @@ class ChildSettler:
         fails, the notice is the ``done`` reply itself, marked ``tried`` (the ack may have
         been applied: a refusal of the worker's copy is then not a lost lease)."""
         queue = self.queue
+        if self.settling is not None:  # left set: the worker reads it until our notice
+            self.settling.value = int(request.get("run", 0))
         try:
             outcome = build.ack_lease(request["task_id"], request["token"], reply.get("result"),
                                       queue.max_payload_bytes, queue.max_json_depth)  # fmt: skip
@@ -66,7 +82,7 @@ class ChildSettler:
             return reply, None  # the worker fails it as invalid_result, as always
         try:
             settled, claimed = queue.settle([outcome], claim=1)
-        except ConveyorError:
+        except Exception:  # an outage, or anything unexpected: the worker's path takes it
             return {**reply, "tried": True}, None
         run = int(request.get("run", 0)) + 1
         following = claimed[0] if claimed else None

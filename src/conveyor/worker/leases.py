@@ -37,17 +37,8 @@ def renew_running(
         for slot, task, state in zip(running, tasks, states, strict=True):
             if extend:
                 task.renewed = now
-            if not state.held and not task.lease_lost and not _settled_meanwhile(slot):
+            if not state.held and not task.lease_lost and not slot.settling_itself(task):
                 task.lease_lost = True
                 log(task.message).warning("lease lost: another worker may run it")
             if state.cancel_requested:
                 slot.cancel_flag.value = task.run
-
-
-def _settled_meanwhile(slot: Slot) -> bool:
-    """A reply is waiting: the child may have settled its task itself (``direct``), which
-    ends the lease; say nothing now (a lease really lost is seen at the next renewal)."""
-    try:
-        return slot.conn.poll()
-    except (OSError, EOFError):
-        return False

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 from ..manager import QueueManager
@@ -18,6 +17,7 @@ from ..models import Message
 from ..pipeline import Pipeline, PipelineError, PipelineService
 from .child import CANCEL_ANY, child_main
 from .direct import ChildSettler
+from .flags import Flag, shared_flag
 
 
 @dataclass
@@ -68,15 +68,18 @@ class Slot:
     """One child process. Replaced whenever it dies or is killed for a time limit."""
 
     def __init__(self, index: int, context: BaseContext, service: PipelineService,
-                 shutdown_flag: Synchronized[int],
+                 shutdown_flag: Flag,
                  settler: ChildSettler | None = None) -> None:  # fmt: skip
         self.index = index
         self._context = context
         self._service = service
         self._shutdown_flag = shutdown_flag
-        self._settler = settler
         #: The number of the run to cancel (see ``child``); 0: none.
-        self.cancel_flag: Synchronized[int] = context.Value("l", 0)
+        self.cancel_flag = shared_flag(context)
+        #: The run whose success the child is settling itself (see ``direct``): its steps
+        #: are over, so its time limit no longer applies, and its lease may end any moment.
+        self.settling = shared_flag(context)
+        self._settler = None if settler is None else settler.for_slot(self.settling)
         self.runs = 0  # runs started in this slot, by the worker or by the child itself
         self.task: RunningTask | None = None
         self.conn: Connection
@@ -98,6 +101,11 @@ class Slot:
     @property
     def busy(self) -> bool:
         return self.task is not None
+
+    def settling_itself(self, task: RunningTask) -> bool:
+        """The child finished ``task`` and is settling it itself (or has: its notice is on
+        the way)."""
+        return task.run != 0 and self.settling.value == task.run
 
     def start(
         self,

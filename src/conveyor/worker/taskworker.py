@@ -56,6 +56,7 @@ from ..pipeline import PipelineError, PipelineService
 from ..validation import check_name
 from .backoff import Backoff
 from .direct import ChildSettler, message_from_fields
+from .flags import shared_flag
 from .heap import freeze_startup_heap, thaw_heap
 from .heartbeat import worker_info
 from .hooks import HookRunner, hook_name
@@ -76,6 +77,9 @@ from .verdicts import Verdict, after_error, after_shutdown
 _CANCEL_POLL = 1.0  # seconds between checks of running tasks' cancel flags (one call a queue)
 _SWEEP_INTERVAL = 5.0  # seconds between maintenance sweeps (timeouts, lost leases, retention)
 _BUSY_POLL = 0.05  # longest wait for results while a slot is free and the queue is empty
+#: How long past a hard limit a child settling its finished run is left to finish that
+#: call (longer than a Redis call can take: socket timeout, WAIT, a Sentinel failover).
+_SETTLE_GRACE = 60.0
 
 
 class TaskWorker:
@@ -131,10 +135,11 @@ class TaskWorker:
         self._next_sweep = 0.0
         self._upkeep: Upkeep | None = None  # sweeps and heartbeats off the loop (Redis)
         self._signals = StopSignals(self.stop, max_shutdown_wait)
-        self._shutdown_flag = multiprocessing.get_context("fork").Value("b", 0)
+        fork = multiprocessing.get_context("fork")
+        self._shutdown_flag = shared_flag(fork)
         # Whether a child may settle and claim by itself right now (see ``direct``): set
-        # each turn, cleared by ``stop``; no lock, so a signal handler may write it.
-        self._hand_off = multiprocessing.get_context("fork").Value("b", 0, lock=False)
+        # each turn, cleared by ``stop``.
+        self._hand_off = shared_flag(fork)
         self._settler: ChildSettler | None = None
         self.outbox = Outbox(self._log, self._after_outcome)
         self.hooks = HookRunner(self.options.hook_timeout)
@@ -161,7 +166,11 @@ class TaskWorker:
         freeze_startup_heap()  # before forking: children share the frozen heap
         context = multiprocessing.get_context("fork")
         if self._children_may_settle():
-            self._settler = ChildSettler(self.queues[0], self._hand_off, self._shutdown_flag)
+            max_time = self.options.max_time
+            self._settler = ChildSettler(
+                self.queues[0], self._hand_off, self._shutdown_flag,
+                None if max_time is None else self._started + max_time,
+            )  # fmt: skip
         self._slots = make_slots(
             self.options.pool,
             self.concurrency,
@@ -592,7 +601,7 @@ class TaskWorker:
                     slot.kill()
                 continue
             deadline = task.deadline()
-            if deadline is not None and now > deadline:
+            if deadline is not None and now > deadline and not self._settling(slot, task, now):
                 self._time_limit(slot)
         self.hooks.check()
         if not self.backend.up:
@@ -609,6 +618,15 @@ class TaskWorker:
             if self._upkeep is None:
                 self._heartbeat()
             self._check_limits()
+
+    def _settling(self, slot: Slot, task: RunningTask, now: float) -> bool:
+        """The run's steps are over and the child is settling it itself (``direct``): not
+        a run past its limit, unless that call has outlasted any client timeout."""
+        deadline = task.deadline()
+        return (
+            slot.settling_itself(task) and deadline is not None
+            and now <= deadline + _SETTLE_GRACE
+        )  # fmt: skip
 
     def _time_limit(self, slot: Slot) -> None:
         task = slot.task
@@ -658,6 +676,8 @@ class TaskWorker:
     # -- the end ------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        self._hand_off.value = 0  # also after an unexpected error: no child claims now
+        self._shutdown_flag.value = 1
         if self._upkeep is not None:
             self._upkeep.stop()
         for slot in self._slots:

@@ -27,13 +27,13 @@ import multiprocessing
 import os
 import threading
 from multiprocessing.context import BaseContext
-from multiprocessing.sharedctypes import Synchronized
 from typing import Literal
 
 from ..errors import ConfigError
 from ..pipeline import PipelineService
 from .child import CANCEL_ANY, serve
 from .direct import ChildSettler
+from .flags import Flag, shared_flag
 from .options import WorkerOptions
 from .slots import Slot
 
@@ -64,7 +64,7 @@ class _ThreadRun:
     ``sentinel`` becomes readable when it ends, ``kill`` gives up on it (a thread cannot be
     stopped from outside: it is told to stop before its next step and left to finish)."""
 
-    def __init__(self, target: threading.Thread, sentinel: int, cancel: Synchronized[int]):
+    def __init__(self, target: threading.Thread, sentinel: int, cancel: Flag):
         self._thread = target
         self.sentinel = sentinel
         self._cancel = cancel
@@ -93,7 +93,7 @@ class ThreadSlot(Slot):
         parent_end, child_end = multiprocessing.Pipe(duplex=True)
         # Each thread has its own cancel flag: a thread given up on keeps its raised flag
         # (it stops before its next step), while the fresh one starts with a clear flag.
-        self.cancel_flag = self._context.Value("l", 0)
+        self.cancel_flag = shared_flag(self._context)
         readable, writable = os.pipe()
         args = (child_end, self._service, self.cancel_flag, self._shutdown_flag, writable)
         thread = threading.Thread(
@@ -125,8 +125,8 @@ class ThreadSlot(Slot):
 def _thread_main(
     conn: multiprocessing.connection.Connection,
     service: PipelineService,
-    cancel_flag: Synchronized[int],
-    shutdown_flag: Synchronized[int],
+    cancel_flag: Flag,
+    shutdown_flag: Flag,
     sentinel: int,
 ) -> None:
     try:
@@ -140,7 +140,7 @@ def _thread_main(
 
 def make_slots(
     pool: Pool, count: int, context: BaseContext, service: PipelineService,
-    shutdown_flag: Synchronized[int], *, settler: ChildSettler | None = None,
+    shutdown_flag: Flag, *, settler: ChildSettler | None = None,
 ) -> list[Slot]:  # fmt: skip
     """``count`` slots of the pool's kind (``settler``: child processes only)."""
     if pool == "thread":

@@ -108,11 +108,12 @@ def claim_result(reply: list[Any]) -> ClaimResult:
 class RedisStore(QueueStore):
     """The transitions of one queue, on a server's shared client."""
 
-    settles_in_child = True  # the client drops inherited connections at fork
-
     def __init__(self, client: RedisClient, queue_name: str, config: StoreConfig) -> None:
         self.queue_name = queue_name
         self._client = client
+        # The client drops its kept connection at fork; redis-py's Cluster client holds
+        # locks (slot map, initialisation) that another thread may hold at the fork.
+        self.settles_in_child = client.cluster is None
         self.keys = QueueKeys.for_queue(queue_name)
         mode = "broker" if config.broker_leases else ""
         if config.aging_interval is not None and not config.broker_leases:
