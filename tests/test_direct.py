@@ -146,6 +146,20 @@ def test_no_task_is_claimed_by_a_child_after_max_time(
     assert not runs(tmp_path, "waiting", "start")
 
 
+def test_a_child_killed_while_reading_its_cancel_flag_never_wedges_the_worker(
+    queue: QueueManager, start_worker: StartWorker
+) -> None:
+    """Kill a child at its hard limit while it polls ``ctx.cancelled`` without pause: had
+    the flag a lock shared across processes, some kill would leave it taken, and the
+    worker's next write of the flag would block for good."""
+    for i in range(12):
+        queue.push(f"p{i}", {}, priority=5, type="poller", max_retries=0)
+    worker = start_worker()
+    for i in range(12):
+        record = wait_status(queue, f"p{i}", FAILED, SUCCESS, worker=worker, timeout=30)
+        assert record.dead_reason == "timeout", _describe(record)
+
+
 # -- the pieces, without a worker --------------------------------------------------------------
 
 

@@ -296,3 +296,14 @@ def second(ctx: StepContext) -> Any:
 def third(ctx: StepContext) -> Any:
     record(ctx, "third")
     return {"done": ctx.data["mode"]}
+
+
+# -- poller: a step that reads its cancel flag in a tight loop until its hard limit kills it --
+
+poller = Pipeline("poller")
+
+
+@poller.step(timeout=0.3)
+def poll_cancel(ctx: StepContext) -> None:
+    while not ctx.cancelled:
+        pass
