@@ -78,6 +78,23 @@ def test_the_hard_time_limit_of_a_task_the_child_took_itself_is_enforced(
     assert bad_run["pid"] == good_run["pid"], "the child did not go on to the next task itself"
 
 
+def test_a_child_that_dies_in_a_task_it_took_itself_fails_that_task(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """The worker reads the child's notices before it looks at the child's death, so the
+    crash is the task the child was running, not the one it had finished."""
+    data = {"dir": str(tmp_path)}
+    queue.push("good", {**data, "mode": "ok"}, priority=9, type="misbehave")
+    queue.push("bad", {**data, "mode": "exit"}, priority=1, type="misbehave", max_retries=0)
+    worker = start_worker()
+    bad = wait_status(queue, "bad", FAILED, SUCCESS, worker=worker, timeout=15)
+    assert bad.dead_reason == "crashed", _describe(bad)
+    good = queue.get_task("good")
+    assert good is not None and good.status == SUCCESS, _describe(good)
+    log = worker.helper.stderr_path.read_text(errors="replace")
+    assert "refused" not in log and BY_CHILD in log
+
+
 def test_a_cancel_reaches_the_task_the_child_took_itself_and_only_it(
     queue: QueueManager, start_worker: StartWorker, tmp_path: Path
 ) -> None:

@@ -103,6 +103,12 @@ def serve(
         if (settler is not None and reply["op"] == "done" and not runner.sent
                 and settler.may_settle()):  # fmt: skip
             reply, following = settler.settle(request, reply)
+            if following is not None:  # on to the next task: the worker reads this later
+                try:
+                    settler.tell(reply)
+                except OSError:
+                    return
+                continue
         try:
             conn.send_bytes(json.dumps(reply, default=str).encode())
         except OSError:

@@ -12,6 +12,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from ..descriptors import readable_now
 from ..manager import QueueManager
 from ..models import Message
 from ..pipeline import Pipeline, PipelineError, PipelineService
@@ -83,20 +84,45 @@ class Slot:
         self.runs = 0  # runs started in this slot, by the worker or by the child itself
         self.task: RunningTask | None = None
         self.conn: Connection
+        #: Notices of runs the child went on from by itself (see ``direct``), or None.
+        self.notices: Connection | None = None
         self.process: BaseProcess
         self.spawn()
 
     def spawn(self) -> None:
         parent_end, child_end = multiprocessing.Pipe(duplex=True)
+        settler, writer = self._settler, None
+        if settler is not None:
+            self.notices, writer = multiprocessing.Pipe(duplex=False)
+            settler = settler.for_child(writer)
         self.process = self._context.Process(  # type: ignore[attr-defined]
             target=child_main,
-            args=(child_end, self._service, self.cancel_flag, self._shutdown_flag, self._settler),
+            args=(child_end, self._service, self.cancel_flag, self._shutdown_flag, settler),
             name=f"conveyor-child-{self.index}",
             daemon=True,
         )
         self.process.start()
         child_end.close()
+        if writer is not None:
+            writer.close()
         self.conn = parent_end
+
+    def read_notices(self) -> list[dict[str, Any]]:
+        """The notices waiting on the notice pipe, in order (none once the child is gone)."""
+        found: list[dict[str, Any]] = []
+        while self.notices is not None and readable_now(self.notices):
+            try:
+                notice = json.loads(self.notices.recv_bytes())
+            except (EOFError, OSError, ValueError):
+                break  # the child died (mid-notice, perhaps): its death says the rest
+            if isinstance(notice, dict):
+                found.append(notice)
+        return found
+
+    def _close_notices(self) -> None:
+        if self.notices is not None:
+            self.notices.close()
+            self.notices = None
 
     @property
     def busy(self) -> bool:
@@ -138,14 +164,16 @@ class Slot:
         self.conn.send_bytes(json.dumps(request).encode())
 
     def continued(self, message: Message, queue: QueueManager, service: PipelineService,
-                  run: int) -> None:  # fmt: skip
-        """The child settled its task and went on to ``message`` by itself (``direct``)."""
+                  run: int, started: float) -> None:  # fmt: skip
+        """The child settled its task and went on to ``message`` by itself (``direct``) at
+        ``started`` (monotonic)."""
         try:
             pipeline: Pipeline | None = service.resolve(message.type)
         except PipelineError:
             pipeline = None
         self.runs = run
-        self.task = RunningTask(message, queue, pipeline, dict(message.steps), run=run)
+        self.task = RunningTask(message, queue, pipeline, dict(message.steps), started=started,
+                                step_started=started, renewed=started, run=run)  # fmt: skip
 
     def resume(self, *, yield_now: bool = False) -> None:
         """Answer a paused child: go on to the next step, or yield (return, no reply)."""
@@ -156,6 +184,7 @@ class Slot:
         self.process.kill()
         self.process.join(5)
         self.conn.close()
+        self._close_notices()
         self.spawn()
 
     def stop(self, timeout: float) -> None:
@@ -167,3 +196,4 @@ class Slot:
             self.process.kill()
             self.process.join(timeout)
         self.conn.close()
+        self._close_notices()
