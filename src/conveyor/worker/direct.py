@@ -104,6 +104,7 @@ class ChildSettler:
                                       queue.max_payload_bytes, queue.max_json_depth)  # fmt: skip
         except (TaskValidationError, TaskTypeError):
             return reply, None  # the worker fails it as invalid_result, as always
+        asked = time.monotonic()  # the next task's lease counts from about here
         try:
             settled, claimed = queue.settle([outcome], claim=1)
         except Exception:  # an outage, or anything unexpected: the worker's path takes it
@@ -114,6 +115,7 @@ class ChildSettler:
             "op": "settled", "accepted": settled[0].status is not None, "run": run,
             "next": None if following is None else message_fields(following),
             "at": time.monotonic(),  # the next run's start (the clock is system-wide)
+            "leased": asked,
         }  # fmt: skip
         if following is None:
             return notice, None

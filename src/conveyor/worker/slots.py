@@ -129,9 +129,9 @@ class Slot:
         return self.task is not None
 
     def settling_itself(self, task: RunningTask) -> bool:
-        """The child finished ``task`` and is settling it itself (or has: its notice is on
-        the way)."""
-        return task.run != 0 and self.settling.value == task.run
+        """The child finished ``task`` and is settling it itself, or has (its notice is on
+        the way, perhaps behind others: run numbers only grow within a slot)."""
+        return task.run != 0 and self.settling.value >= task.run
 
     def start(
         self,
@@ -164,16 +164,16 @@ class Slot:
         self.conn.send_bytes(json.dumps(request).encode())
 
     def continued(self, message: Message, queue: QueueManager, service: PipelineService,
-                  run: int, started: float) -> None:  # fmt: skip
-        """The child settled its task and went on to ``message`` by itself (``direct``) at
-        ``started`` (monotonic)."""
+                  run: int, *, started: float, leased: float) -> None:  # fmt: skip
+        """The child settled its task and went on to ``message`` by itself (``direct``):
+        claimed at ``leased``, started at ``started`` (monotonic)."""
         try:
             pipeline: Pipeline | None = service.resolve(message.type)
         except PipelineError:
             pipeline = None
         self.runs = run
         self.task = RunningTask(message, queue, pipeline, dict(message.steps), started=started,
-                                step_started=started, renewed=started, run=run)  # fmt: skip
+                                step_started=started, renewed=leased, run=run)  # fmt: skip
 
     def resume(self, *, yield_now: bool = False) -> None:
         """Answer a paused child: go on to the next step, or yield (return, no reply)."""

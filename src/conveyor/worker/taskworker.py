@@ -556,7 +556,8 @@ class TaskWorker:
         assert task is not None
         slot.task = None
         self.processed += 1
-        entry = Entry(task.queue, task.message, ran=time.monotonic() - task.started)
+        ended = float(notice.get("at") or time.monotonic())  # read up to a tick later
+        entry = Entry(task.queue, task.message, ran=max(0.0, ended - task.started))
         accepted = bool(notice.get("accepted"))
         self.outbox.report(entry, Op.ACK, accepted, by_child=True)
         if accepted:
@@ -564,8 +565,9 @@ class TaskWorker:
         following = notice.get("next")
         if isinstance(following, dict):
             message = message_from_fields(following)
-            started = float(notice.get("at") or time.monotonic())
-            slot.continued(message, task.queue, self.service, int(notice["run"]), started)
+            leased = float(notice.get("leased") or ended)
+            slot.continued(message, task.queue, self.service, int(notice["run"]), started=ended,
+                           leased=leased)  # fmt: skip
             if info_enabled():
                 self._log(message).info("started")
         self._check_limits()
@@ -603,10 +605,12 @@ class TaskWorker:
         """The grace period is over: stop running steps and hand their tasks back (or fail)."""
         logger.warning("shutdown: {} task(s) still running after the wait; interrupting", len(busy))
         for slot in busy:
-            task = slot.task
-            assert task is not None
             slot.process.kill()
             slot.process.join(5)
+            self._read_notices([slot])  # what it settled and went on to before it died
+            task = slot.task
+            if task is None:
+                continue
             slot.task = None
             self._settle(task.queue, task.message, after_shutdown(task.message, self.options))
 
