@@ -632,3 +632,12 @@ def test_blocked_reserve_wakes_promptly_when_another_manager_pushes(
     # tell a broken wake-up apart. A consumer with no wake-up answers ~0.7 s after each of
     # these pushes; one prompt answer out of three rules that out without failing on a stall.
     assert min(latencies) < 0.5, f"no prompt wake-up: latencies {latencies}"
+
+
+def test_only_a_single_redis_server_lets_a_worker_child_settle_its_own_tasks(
+    queue: QueueManager, backend_name: str
+) -> None:
+    """The direct hand-off (worker/direct.py) needs connections a forked child can remake:
+    redis-py's Cluster client holds locks another thread may hold at the fork, SQLite and
+    PostgreSQL connections cannot cross it, RabbitMQ deliveries belong to one channel."""
+    assert queue.settles_in_child is (backend_name == "redis")
