@@ -60,22 +60,17 @@ class ChildSettler:
         self.shutdown_flag = shutdown_flag
         #: The worker's ``max_time`` end (epoch seconds): no claim of its own after it.
         self.not_after = not_after
-        #: The slot's marker: the run this child is settling (set by ``for_slot``).
+        #: The slot's marker: the run this child is settling (set by ``for_child``).
         self.settling: Flag | None = None
         #: The child's end of its slot's notice pipe (set by ``for_child``).
         self.notices: Connection | None = None
 
-    def for_slot(self, settling: Flag) -> ChildSettler:
-        """This settler for one slot, telling the worker through ``settling`` which run
-        its child is settling (the steps are over: no time limit applies any more)."""
+    def for_child(self, settling: Flag, notices: Connection) -> ChildSettler:
+        """This settler for one child process: it tells the worker through its slot's
+        ``settling`` marker which run it is settling (the steps are over: no time limit
+        applies any more), and sends notices on its own pipe."""
         mine = ChildSettler(self.queue, self.allowed, self.shutdown_flag, self.not_after)
-        mine.settling = settling
-        return mine
-
-    def for_child(self, notices: Connection) -> ChildSettler:
-        """This slot's settler for one child process, with its own notice pipe."""
-        mine = ChildSettler(self.queue, self.allowed, self.shutdown_flag, self.not_after)
-        mine.settling, mine.notices = self.settling, notices
+        mine.settling, mine.notices = settling, notices
         return mine
 
     def tell(self, notice: dict[str, Any]) -> None:

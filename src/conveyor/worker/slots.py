@@ -80,7 +80,7 @@ class Slot:
         #: The run whose success the child is settling itself (see ``direct``): its steps
         #: are over, so its time limit no longer applies, and its lease may end any moment.
         self.settling = shared_flag(context)
-        self._settler = None if settler is None else settler.for_slot(self.settling)
+        self._settler = settler
         self.runs = 0  # runs started in this slot, by the worker or by the child itself
         self.task: RunningTask | None = None
         self.conn: Connection
@@ -94,7 +94,7 @@ class Slot:
         settler, writer = self._settler, None
         if settler is not None:
             self.notices, writer = multiprocessing.Pipe(duplex=False)
-            settler = settler.for_child(writer)
+            settler = settler.for_child(self.settling, writer)
         self.process = self._context.Process(  # type: ignore[attr-defined]
             target=child_main,
             args=(child_end, self._service, self.cancel_flag, self._shutdown_flag, settler),
