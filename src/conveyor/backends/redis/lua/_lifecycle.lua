@@ -42,7 +42,7 @@
 -- defined between calls: so nothing that depends on one call may be computed at load.
 local QUEUE, TTL, BROKER, GRACE, AGING, NOW
 local K_PREEMPTIONS, K_EVENTS, K_COUNTERS, K_PARKED, K_KEYRUN, DONE_KEY, STATUS_INDEX
-local aged_tick
+local aged_tick, begun
 local A = 5 -- the first of a script's own ARGV
 local WAKE_CAP = 1000
 local SCAN_LIMIT = 100 -- bounded work per call: promote, reap or time out at most this many
@@ -65,7 +65,7 @@ local function start_call(keys, argv)
   K_PARKED, K_KEYRUN = KEYS[16], KEYS[17]
   DONE_KEY = {success = KEYS[7], failed = KEYS[8], canceled = KEYS[9], timeout = KEYS[10]}
   STATUS_INDEX = {pending = KEYS[1], scheduled = KEYS[2], processing = KEYS[3]}
-  aged_tick = 0
+  aged_tick, begun = 0, false
   NOW = now_seconds()
 end
 
@@ -101,9 +101,11 @@ end
 
 -- Every transition (and progress, checkpoint) is an event in the queue's stream, in the same
 -- script as the change. `n` numbers a queue's events without gaps, so a reader can tell when
--- trimming took events it had not read; the counters only ever go up (/metrics).
+-- trimming took events it had not read; the counters only ever go up (/metrics). Returns
+-- the task's history, read in the same call (one call less per transition).
 local function emit(key, event, attempt, note)
-  local f = redis.call('HMGET', key, 'status', 'progress', 'worker', 'progress_message')
+  local f = redis.call('HMGET', key, 'status', 'progress', 'worker', 'progress_message',
+    'history')
   if event == EV.PROGRESS then note = f[4] end
   local n = redis.call('HINCRBY', K_COUNTERS, 'events', 1)
   redis.call('HINCRBY', K_COUNTERS, event, 1)
@@ -111,16 +113,16 @@ local function emit(key, event, attempt, note)
     'task', string.sub(key, #KEYS[4] + 1), 'event', event, 'status', f[1] or '',
     'attempt', tonumber(attempt) or 0, 'progress', f[2] or '0', 'at', fmt(NOW),
     'worker', f[3] or '', 'note', note or '')
+  return f[5]
 end
 
 -- The one place a transition is recorded: the task's history, and the event stream.
 local function record(key, event, attempt, note)
-  emit(key, event, attempt, note)
+  local history = emit(key, event, attempt, note)
   if UNRECORDED[event] then return end
   local line = {at = tonumber(fmt(NOW)), event = event, attempt = whole(attempt) or 0}
   if note and note ~= '' then line.note = note end
   local encoded = cjson.encode(line)
-  local history = redis.call('HGET', key, 'history')
   if history and history ~= '' then encoded = history .. '\n' .. encoded end
   redis.call('HSET', key, 'history', encoded)
 end
@@ -205,11 +207,12 @@ local function bump_ticket(key)
 end
 
 -- Finish a task (success, failed, canceled, timeout): index it and let it expire if kept.
-local function finish(key, id, from, status)
+-- `stale`, when given, is one more field to delete with the lease's.
+local function finish(key, id, from, status, stale)
   leave(id, from)
   if DONE_KEY[from] then redis.call('ZREM', DONE_KEY[from], id) end
   redis.call('HSET', key, 'status', status, 'finished_at', fmt(NOW), 'updated_at', fmt(NOW))
-  redis.call('HDEL', key, 'token', 'expire_at')
+  redis.call('HDEL', key, 'token', 'expire_at', stale or 'token')
   redis.call('ZADD', DONE_KEY[status], NOW, id)
   if status == ST.FAILED then
     redis.call('PERSIST', key) -- the dead-letter list is kept until purged or retried
@@ -418,8 +421,11 @@ end
 -- Every transition starts here: due tasks enter the line and expired waiting tasks time
 -- out first, so whatever the transition does (a push, a nack, a claim, a cancel) sees the
 -- state a reader already shows, on every backend alike. In broker mode only `due` promotes:
--- each task must be published as it becomes pending.
+-- each task must be published as it becomes pending. Once per call: its clock does not
+-- move, so a second look (a settle's claim) would find nothing new.
 local function begin()
+  if begun then return end
+  begun = true
   if not BROKER then promote_due(PROMOTE_ALL) end
   sweep_expired(SCAN_LIMIT)
 end
@@ -544,21 +550,22 @@ local function keyed_full(key)
 end
 
 -- A keyed task was taken (a claim, a preemption's claim): it holds a slot of its key.
-local function keyed_taken(key, id)
-  local name = keyed(key)
+-- `name`: its key when the caller read it already (false: it has none).
+local function keyed_taken(key, id, name)
+  if name == nil then name = keyed(key) end
   if name then redis.call('SADD', K_KEYRUN .. name, id) end
 end
 
 -- May the pending task at the head run now? If its key is full, park it (false). If it may
 -- and its key keeps room after it, re-admit the key's next parked task too (a raised or
--- mixed limit never strands one).
+-- mixed limit never strands one). Also returns the task's key (false: none).
 local function keyed_admit(key, id)
   local name = keyed(key)
-  if not name then return true end
+  if not name then return true, false end
   local running, smallest = keyed_running(name)
   local limit = tonumber(redis.call('HGET', key, 'max_concurrency'))
   if smallest and (not limit or smallest < limit) then limit = smallest end
-  if not limit then return true end
+  if not limit then return true, name end
   if running >= limit then
     local score = redis.call('ZSCORE', KEYS[1], id)
     redis.call('ZREM', KEYS[1], id)
@@ -569,7 +576,7 @@ local function keyed_admit(key, id)
     return false
   end
   if running + 1 < limit then keyed_readmit(name) end
-  return true
+  return true, name
 end
 
 -- The claim: {wait_hint, unclaimed, skipped ('1': entries were retired and the claim
@@ -597,14 +604,17 @@ local function claim(spec)
       retired = retired + 1
     elseif spec.min_priority and num(key, 'priority') < spec.min_priority then
       break
-    elseif not keyed_admit(key, id) then
-      retired = retired + 1 -- parked: its key is full; the claim goes on
     else
-      redis.call('ZREM', KEYS[1], id)
-      taken = taken + 1
-      local token = spec.tokens[taken]
-      claimed_reply(out, key, id, token, take(key, id, token, spec.lease, spec.consumer))
-      keyed_taken(key, id)
+      local admitted, name = keyed_admit(key, id)
+      if not admitted then
+        retired = retired + 1 -- parked: its key is full; the claim goes on
+      else
+        redis.call('ZREM', KEYS[1], id)
+        taken = taken + 1
+        local token = spec.tokens[taken]
+        claimed_reply(out, key, id, token, take(key, id, token, spec.lease, spec.consumer))
+        keyed_taken(key, id, name)
+      end
     end
   end
   if redis.call('ZCARD', KEYS[1]) == 0 then

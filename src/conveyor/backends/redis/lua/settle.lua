@@ -25,10 +25,13 @@ for j = 0, n - 1 do
     end
   elseif held(key, token) then
     if op == OP.ACK then
-      if payload ~= '' then redis.call('HSET', key, 'result', payload) end
-      redis.call('HSET', key, 'progress', 1)
-      redis.call('HDEL', key, 'progress_message') -- an earlier step's note would mislead
-      finish(key, id, ST.PROCESSING, ST.SUCCESS)
+      if payload ~= '' then
+        redis.call('HSET', key, 'result', payload, 'progress', 1)
+      else
+        redis.call('HSET', key, 'progress', 1)
+      end
+      -- an earlier step's progress note would mislead
+      finish(key, id, ST.PROCESSING, ST.SUCCESS, 'progress_message')
       record(key, EV.SUCCEEDED, num(key, 'attempts'))
       status = ST.SUCCESS
     elseif op == OP.NACK or op == OP.HAND_BACK then
