@@ -42,7 +42,7 @@
 -- defined between calls: so nothing that depends on one call may be computed at load.
 local QUEUE, TTL, BROKER, GRACE, AGING, NOW
 local K_PREEMPTIONS, K_EVENTS, K_COUNTERS, K_PARKED, K_KEYRUN, DONE_KEY, STATUS_INDEX
-local aged_tick, begun
+local aged_tick, begun, now_text
 local A = 5 -- the first of a script's own ARGV
 local WAKE_CAP = 1000
 local SCAN_LIMIT = 100 -- bounded work per call: promote, reap or time out at most this many
@@ -65,11 +65,17 @@ local function start_call(keys, argv)
   K_PARKED, K_KEYRUN = KEYS[16], KEYS[17]
   DONE_KEY = {success = KEYS[7], failed = KEYS[8], canceled = KEYS[9], timeout = KEYS[10]}
   STATUS_INDEX = {pending = KEYS[1], scheduled = KEYS[2], processing = KEYS[3]}
-  aged_tick, begun = 0, false
+  aged_tick, begun, now_text = 0, false, nil
   NOW = now_seconds()
 end
 
+-- A time as stored (microseconds). NOW's text is kept for the call: a transition writes it
+-- several times (updated_at, the event, the history line), and formatting is not free.
 local function fmt(x)
+  if x == NOW then
+    now_text = now_text or string.format('%.6f', x)
+    return now_text
+  end
   return string.format('%.6f', x)
 end
 
