@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import signal
 import threading
 import time
 import uuid
@@ -258,3 +259,25 @@ def test_a_doorbell_unanswered_past_its_timeout_asks_again(
         server.resume()
     wait_until(lambda: queue.doorbell(0.05) is not None, 20, interval=0.2,
                message="a new doorbell once the server answers")  # fmt: skip
+
+
+def test_an_idle_worker_stops_at_once_on_sigterm(
+    start_worker: StartWorker, server: PrivateRedis
+) -> None:
+    """An idle worker waits on the doorbell and on a pipe its signal handler rings: SIGTERM
+    ends the wait at once. In a blocking claim, the signal's handler ran but the claim went
+    on blocking (a wait resumes after a handler), here for up to 30 s."""
+    worker = start_worker(concurrency=1, idle_block=30)
+    client = redis.Redis.from_url(server.url)
+    try:
+        wait_until(
+            lambda: any(c.get("cmd") == "blpop" for c in client.client_list()), 30,
+            message="the idle worker to block on the doorbell",
+        )  # fmt: skip
+        sent = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+        took = time.monotonic() - sent
+    finally:
+        client.close()
+    assert took < 10, f"an idle worker took {took:.1f}s to stop after SIGTERM"

@@ -449,6 +449,11 @@ class QueueManager:
         return self._store.doorbell(seconds)
 
     @property
+    def has_doorbell(self) -> bool:
+        """``doorbell`` gives a file descriptor to wait on (Redis, PostgreSQL)."""
+        return self._store.has_doorbell
+
+    @property
     def settles_in_child(self) -> bool:
         """A forked child of this process may settle and claim on this manager itself."""
         return self._store.settles_in_child

@@ -293,6 +293,8 @@ class QueueStore(ABC):
     #: connections are made anew in the child): a worker's child then acks its task and
     #: claims the next one, leaving the worker out of the hand-off (see worker/direct.py).
     settles_in_child: bool = False
+    #: ``doorbell`` gives a file descriptor (else the caller waits in ``wait``).
+    has_doorbell: bool = False
 
     @abstractmethod
     def enqueue(self, tasks: Sequence[NewTask]) -> Enqueued:

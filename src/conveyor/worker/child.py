@@ -41,6 +41,7 @@ from ..pipeline import Pipeline, PipelineError, PipelineService, Step, StepConte
 from ..validation import DEFAULT_JSON_DEPTH, encode_json
 from .direct import ChildSettler
 from .flags import Flag
+from .signals import forget_wakeup_fd
 
 #: Progress is sent at most this often per task, so a chatty step cannot flood the pipe. A
 #: task's first report is always sent (the throttle starts afresh with each task), and a
@@ -70,6 +71,7 @@ def child_main(
     # only the worker decides when a running step must end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    forget_wakeup_fd()
     _die_with_parent()
     serve(conn, service, cancel_flag, shutdown_flag, settler)
 

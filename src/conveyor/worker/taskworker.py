@@ -270,19 +270,22 @@ class TaskWorker:
             self._withdraw_doorbells()
             self._collect(busy, timeout=self._idle_wait())
             return
-        found = self._reserve(0.0 if busy else self.options.idle_block)
+        # An idle worker with a doorbell on every queue waits on them, not in a blocking
+        # claim: a signal then ends the wait at once, and a push to any queue wakes it.
+        rings = not busy and all(queue.has_doorbell for queue in self.queues)
+        found = self._reserve(0.0 if busy or rings else self.options.idle_block)
         if found is not None:
             self._dispatch(free, *found)
-        elif busy:
-            bells, wait = self._doorbells()
+        elif busy or rings:
+            bells, wait = self._doorbells(self._idle_wait() if busy else self.options.idle_block)
             self._collect(busy, timeout=wait, bells=bells)
 
-    def _doorbells(self) -> tuple[dict[int, QueueManager] | None, float]:
-        """Each queue's doorbell, so that a push ends the wait for replies, and how long to
-        wait: until the next task is due or the idle wait is over. Without a doorbell on
-        every queue: none, and a short wait (the caller claims again after it)."""
+    def _doorbells(self, longest: float) -> tuple[dict[int, QueueManager] | None, float]:
+        """Each queue's doorbell, so that a push ends the wait, and how long to wait: until
+        the next task is due, or ``longest``. Without a doorbell on every queue: none, and
+        a short wait (the caller claims again after it)."""
         bells: dict[int, QueueManager] = {}
-        wait = self._idle_wait()
+        wait = longest
         for queue in self.queues:
             hint = queue.wait_hint
             seconds = wait if hint is None else max(0.001, min(wait, hint))
@@ -324,13 +327,16 @@ class TaskWorker:
         self, busy: list[Slot], timeout: float, bells: dict[int, QueueManager] | None = None
     ) -> None:
         """Wait for replies from busy children (or their death), and with ``bells`` for a
-        push too, up to ``timeout``; act on the replies."""
-        if not busy:
-            time.sleep(timeout)
-            return
+        push too, up to ``timeout`` or a signal; act on the replies."""
+        signals = self._signals.fd
         waitables: list[Any] = [slot.conn for slot in busy] + [
             slot.process.sentinel for slot in busy
         ]
+        if signals is not None:
+            waitables.append(signals)
+        if not waitables:
+            time.sleep(timeout)
+            return
         if self._notices_flowing:
             timeout = min(timeout, NOTICE_TICK)
         else:
@@ -338,6 +344,8 @@ class TaskWorker:
         if bells:
             waitables += bells
         ready = descriptors_ready(waitables, timeout)
+        if signals in ready:
+            self._signals.heard()
         for fd, queue in (bells or {}).items():
             if fd in ready:
                 queue.heard_doorbell()

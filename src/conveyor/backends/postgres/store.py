@@ -76,6 +76,8 @@ def _claim_result(found: dict[str, Any] | None) -> ClaimResult:
 class PostgresStore(QueueStore):
     """The transitions of one queue in a server's schema."""
 
+    has_doorbell = True
+
     def __init__(
         self, database: Database, listener: Listener, queue_name: str, config: StoreConfig
     ) -> None:

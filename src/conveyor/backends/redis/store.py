@@ -108,6 +108,8 @@ def claim_result(reply: list[Any]) -> ClaimResult:
 class RedisStore(QueueStore):
     """The transitions of one queue, on a server's shared client."""
 
+    has_doorbell = True
+
     def __init__(self, client: RedisClient, queue_name: str, config: StoreConfig) -> None:
         self.queue_name = queue_name
         self._client = client
