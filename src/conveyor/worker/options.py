@@ -19,7 +19,9 @@ class WorkerOptions:
     max_time: float | None = None
     memory_mb: float | None = None
     heartbeat_interval: float = 5.0
-    idle_block: float = 1.0  # longest blocking reserve: bounds how late a signal is seen
+    # An idle worker's longest wait for work. Without a doorbell (SQLite, RabbitMQ) it is a
+    # blocking claim, which bounds how late a signal is seen; with one, a signal ends it.
+    idle_block: float = 1.0
     worker_id: str | None = None
     retry: RetryDefaults = field(default_factory=RetryDefaults)
     # Reconnecting to an unreachable backend: backoff doubling from the first to the cap.
