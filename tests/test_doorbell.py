@@ -281,3 +281,51 @@ def test_an_idle_worker_stops_at_once_on_sigterm(
     finally:
         client.close()
     assert took < 10, f"an idle worker took {took:.1f}s to stop after SIGTERM"
+
+
+def test_a_stop_asked_through_the_backend_ends_an_idle_wait_at_once(
+    queue: QueueManager, start_worker: StartWorker, server: PrivateRedis
+) -> None:
+    """The heartbeat thread that hears ``conveyor stop`` rings the loop's pipe: an idle
+    worker stops then, not when its doorbell's block (5 s here) runs out."""
+    worker = start_worker(concurrency=1, idle_block=30, heartbeat=0.2)
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        wait_until(
+            lambda: any(
+                c.get("cmd") == "blpop" and int(c.get("idle", 9)) == 0
+                for c in client.client_list()
+            ),
+            30, message="the idle worker to send a fresh BLPOP",
+        )  # fmt: skip
+        sent = time.monotonic()
+        assert queue.request_stop(worker.id) == 1
+        assert worker.wait(timeout=60) == 0
+        took = time.monotonic() - sent
+    finally:
+        client.close()
+    assert took < 3, f"an idle worker took {took:.1f}s to stop after a stop request"
+
+
+def test_a_withdrawn_doorbell_that_took_a_wake_up_puts_it_back(
+    queue: QueueManager, server: PrivateRedis
+) -> None:
+    """A worker that fills up takes its BLPOP back. If a push's marker had reached it
+    already, closing the connection would throw the marker away, and another idle worker
+    would sleep through that push: the marker goes back on the list instead."""
+    wake = QueueKeys.for_queue(QUEUE).wake
+    client = redis.Redis.from_url(server.url)
+    try:
+        fd = queue.doorbell(4.0)
+        assert fd is not None
+        wait_until(
+            lambda: any(c.get("cmd") == "blpop" for c in client.client_list()), 30,
+            message="the doorbell's BLPOP to block",
+        )  # fmt: skip
+        queue.push("woken", {})
+        assert select.select([fd], [], [], 30)[0], "the push did not ring the doorbell"
+        queue.withdraw_doorbell()
+        assert client.llen(wake) == 1, "the wake-up the doorbell took was lost"
+        assert not any(c.get("cmd") == "blpop" for c in client.client_list())
+    finally:
+        client.close()

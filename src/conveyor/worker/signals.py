@@ -51,6 +51,12 @@ class StopSignals:
         self._pipe = (read_end, write_end)
         self._previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
 
+    def ring(self) -> None:
+        """End the loop's wait as a signal would (a stop asked from another thread)."""
+        if self._pipe is not None:
+            with contextlib.suppress(OSError):  # full: it rings already
+                os.write(self._pipe[1], b"\0")
+
     def heard(self) -> None:
         """Empty the pipe, so that the next wait blocks again."""
         if self._pipe is not None:

@@ -167,6 +167,18 @@ class TaskWorker:
         if self.options.pool == "thread":
             check_thread_pool(self.options, self.service)
         self._signals.install()
+        try:  # the handlers and their pipe go back whatever happens from here
+            self._begin()
+            try:
+                self._loop()
+            finally:
+                self._finish()
+        finally:
+            self._signals.restore()
+            thaw_heap()
+
+    def _begin(self) -> None:
+        """Fork the children (after freezing the start-up heap) and start the upkeep."""
         freeze_startup_heap()  # before forking: children share the frozen heap
         context = multiprocessing.get_context("fork")
         if self._children_may_settle():
@@ -194,12 +206,6 @@ class TaskWorker:
                 heartbeat_interval=self.options.heartbeat_interval, sweep_interval=_SWEEP_INTERVAL,
             )  # fmt: skip
             self._upkeep.start()
-        try:
-            self._loop()
-        finally:
-            self._finish()
-            self._signals.restore()
-            thaw_heap()
 
     def _children_may_settle(self) -> bool:
         """The plain case, where a child's own ack + claim is the very call the loop would
@@ -226,6 +232,7 @@ class TaskWorker:
             self._shutdown_flag.value = 1
         else:
             self._force = True
+        self._signals.ring()  # the loop's wait ends now, whichever thread asked
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -334,6 +341,8 @@ class TaskWorker:
         ]
         if signals is not None:
             waitables.append(signals)
+        if bells:
+            waitables += bells
         if not waitables:
             time.sleep(timeout)
             return
@@ -341,8 +350,6 @@ class TaskWorker:
             timeout = min(timeout, NOTICE_TICK)
         else:
             waitables += [slot.notices for slot in busy if slot.notices is not None]
-        if bells:
-            waitables += bells
         ready = descriptors_ready(waitables, timeout)
         if signals in ready:
             self._signals.heard()

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from ...descriptors import ready
+from ...descriptors import readable_now, ready
 from .client import RedisClient
 
 #: How long after its own timeout an outstanding BLPOP may go unanswered before the
@@ -70,9 +70,22 @@ class WakeBell:
     def withdraw(self) -> None:
         """Take back an outstanding ``BLPOP`` (the worker will not wait for a while): Redis
         hands each marker to the client that blocked first, so a BLPOP nobody is waiting
-        on would take the wake-up of a push from a worker that could run it."""
-        if self._asked:
+        on would take the wake-up of a push from a worker that could run it. One that was
+        answered already is read instead, and a marker it took is put back for the others
+        (closing would throw it away, and another idle worker would sleep through a push)."""
+        if not self._asked:
+            return
+        sock = None if self._conn is None else self._conn._sock
+        if sock is None or not readable_now(sock):
             self.close()  # the server drops a blocked command of a closed connection
+            return
+        self._asked = False
+        try:
+            if self._conn.read_response() is not None:
+                self._conn.send_command("RPUSH", self._wake_key, "1")
+                self._conn.read_response()
+        except (redis.RedisError, OSError):
+            self.close()
 
     def heard(self) -> None:
         """Read the answer that made the socket readable; a broken connection is dropped

@@ -110,8 +110,12 @@ end
 -- trimming took events it had not read; the counters only ever go up (/metrics). Returns
 -- the task's history, read in the same call (one call less per transition).
 local function emit(key, event, attempt, note)
-  local f = redis.call('HMGET', key, 'status', 'progress', 'worker', 'progress_message',
-    'history')
+  local f
+  if UNRECORDED[event] then -- progress, checkpoints: no history line, so no need to read it
+    f = redis.call('HMGET', key, 'status', 'progress', 'worker', 'progress_message')
+  else
+    f = redis.call('HMGET', key, 'status', 'progress', 'worker', 'progress_message', 'history')
+  end
   if event == EV.PROGRESS then note = f[4] end
   local n = redis.call('HINCRBY', K_COUNTERS, 'events', 1)
   redis.call('HINCRBY', K_COUNTERS, event, 1)
