@@ -261,50 +261,36 @@ def test_a_doorbell_unanswered_past_its_timeout_asks_again(
                message="a new doorbell once the server answers")  # fmt: skip
 
 
-def test_an_idle_worker_stops_at_once_on_sigterm(
-    start_worker: StartWorker, server: PrivateRedis
-) -> None:
-    """An idle worker waits on the doorbell and on a pipe its signal handler rings: SIGTERM
-    ends the wait at once. In a blocking claim, the signal's handler ran but the claim went
-    on blocking (a wait resumes after a handler), here for up to 30 s."""
-    worker = start_worker(concurrency=1, idle_block=30)
-    client = redis.Redis.from_url(server.url)
-    try:
-        wait_until(
-            lambda: any(c.get("cmd") == "blpop" for c in client.client_list()), 30,
-            message="the idle worker to block on the doorbell",
-        )  # fmt: skip
-        sent = time.monotonic()
-        worker.signal(signal.SIGTERM)
-        assert worker.wait(timeout=60) == 0
-        took = time.monotonic() - sent
-    finally:
-        client.close()
-    assert took < 10, f"an idle worker took {took:.1f}s to stop after SIGTERM"
+def _blocking(client: redis.Redis, *, fresh: bool = False) -> bool:
+    """A client of the server blocks in BLPOP (``fresh``: sent within the last second)."""
+    return any(
+        c.get("cmd") == "blpop" and (not fresh or int(c.get("idle", 9)) == 0)
+        for c in client.client_list()
+    )
 
 
-def test_a_stop_asked_through_the_backend_ends_an_idle_wait_at_once(
-    queue: QueueManager, start_worker: StartWorker, server: PrivateRedis
+@pytest.mark.parametrize("how", ["SIGTERM", "conveyor stop"])
+def test_an_idle_worker_stops_at_once(
+    how: str, queue: QueueManager, start_worker: StartWorker, server: PrivateRedis
 ) -> None:
-    """The heartbeat thread that hears ``conveyor stop`` rings the loop's pipe: an idle
-    worker stops then, not when its doorbell's block (5 s here) runs out."""
+    """An idle worker waits on the doorbell and on a pipe that its signal handler, and the
+    heartbeat thread that hears a stop request, ring: the stop ends the wait at once. In a
+    blocking claim, the handler ran but the claim went on blocking (a wait resumes after a
+    handler), here for up to 30 s; a stop request waited for the doorbell's block (5 s)."""
     worker = start_worker(concurrency=1, idle_block=30, heartbeat=0.2)
     client = redis.Redis.from_url(server.url, decode_responses=True)
     try:
-        wait_until(
-            lambda: any(
-                c.get("cmd") == "blpop" and int(c.get("idle", 9)) == 0
-                for c in client.client_list()
-            ),
-            30, message="the idle worker to send a fresh BLPOP",
-        )  # fmt: skip
+        wait_until(lambda: _blocking(client, fresh=True), 30, message="a fresh BLPOP")
         sent = time.monotonic()
-        assert queue.request_stop(worker.id) == 1
+        if how == "SIGTERM":
+            worker.signal(signal.SIGTERM)
+        else:
+            assert queue.request_stop(worker.id) == 1
         assert worker.wait(timeout=60) == 0
         took = time.monotonic() - sent
     finally:
         client.close()
-    assert took < 3, f"an idle worker took {took:.1f}s to stop after a stop request"
+    assert took < 3, f"an idle worker took {took:.1f}s to stop after {how}"
 
 
 def test_a_withdrawn_doorbell_that_took_a_wake_up_puts_it_back(
@@ -318,14 +304,11 @@ def test_a_withdrawn_doorbell_that_took_a_wake_up_puts_it_back(
     try:
         fd = queue.doorbell(4.0)
         assert fd is not None
-        wait_until(
-            lambda: any(c.get("cmd") == "blpop" for c in client.client_list()), 30,
-            message="the doorbell's BLPOP to block",
-        )  # fmt: skip
+        wait_until(lambda: _blocking(client), 30, message="the doorbell's BLPOP to block")
         queue.push("woken", {})
         assert select.select([fd], [], [], 30)[0], "the push did not ring the doorbell"
         queue.withdraw_doorbell()
         assert client.llen(wake) == 1, "the wake-up the doorbell took was lost"
-        assert not any(c.get("cmd") == "blpop" for c in client.client_list())
+        assert not _blocking(client)
     finally:
         client.close()
