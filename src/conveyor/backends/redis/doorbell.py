@@ -78,25 +78,24 @@ class WakeBell:
         sock = None if self._conn is None else self._conn._sock
         if sock is None or not readable_now(sock):
             self.close()  # the server drops a blocked command of a closed connection
-            return
-        self._asked = False
-        try:
-            if self._conn.read_response() is not None:
+        elif self.heard() is not None and self._conn is not None:
+            try:
                 self._conn.send_command("RPUSH", self._wake_key, "1")
                 self._conn.read_response()
-        except (redis.RedisError, OSError):
-            self.close()
+            except (redis.RedisError, OSError):
+                self.close()
 
-    def heard(self) -> None:
-        """Read the answer that made the socket readable; a broken connection is dropped
-        (and made again at the next ``arm``)."""
+    def heard(self) -> Any:
+        """Read the answer that made the socket readable: a wake marker, or None (the block
+        timed out, or the connection broke: it is dropped and made again at ``arm``)."""
         if self._conn is None or not self._asked:
-            return
+            return None
         self._asked = False
         try:
-            self._conn.read_response()
+            return self._conn.read_response()
         except (redis.RedisError, OSError):
             self.close()
+            return None
 
     def close(self) -> None:
         conn, self._conn, self._asked = self._conn, None, False
