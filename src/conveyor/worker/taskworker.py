@@ -264,6 +264,7 @@ class TaskWorker:
                 return True
             self._collect(busy, timeout=0.2)
         elif not self.backend.up:  # no new work: only replies, until the next try
+            self._withdraw_doorbells()  # what a doorbell took goes back, for other workers
             self._collect(busy, timeout=min(0.2, self.backend.until_next_try()))
         else:
             self._work(busy)
@@ -280,11 +281,11 @@ class TaskWorker:
         # An idle worker with a doorbell on every queue waits on them, not in a blocking
         # claim: a signal then ends the wait at once, and a push to any queue wakes it.
         rings = not busy and all(queue.has_doorbell for queue in self.queues)
-        found = self._reserve(0.0 if busy or rings else self.options.idle_block)
+        found = self._reserve(0.0 if busy or rings else self._idle_block())
         if found is not None:
             self._dispatch(free, *found)
         elif busy or rings:
-            bells, wait = self._doorbells(self._idle_wait() if busy else self.options.idle_block)
+            bells, wait = self._doorbells(self._idle_wait() if busy else self._idle_block())
             self._collect(busy, timeout=wait, bells=bells)
 
     def _doorbells(self, longest: float) -> tuple[dict[int, QueueManager] | None, float]:
@@ -685,6 +686,15 @@ class TaskWorker:
 
     def _idle_wait(self) -> float:
         return min(0.5, self.options.heartbeat_interval)
+
+    def _idle_block(self) -> float:
+        """How long an idle worker waits for work: ``idle_block``, but not past its next
+        heartbeat when the loop beats itself (no upkeep thread): the heartbeat is also where
+        a stop request is heard, and a late one lets the worker's registration lapse."""
+        if self._upkeep is not None:
+            return self.options.idle_block
+        until_beat = self._next_heartbeat - time.monotonic()
+        return max(0.01, min(self.options.idle_block, until_beat))
 
     def _heartbeat(self) -> None:
         info = worker_info(
