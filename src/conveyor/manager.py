@@ -450,7 +450,7 @@ class QueueManager:
 
     @property
     def has_doorbell(self) -> bool:
-        """``doorbell`` gives a file descriptor to wait on (Redis, PostgreSQL)."""
+        """``doorbell`` gives a file descriptor to wait on (Redis, PostgreSQL, RabbitMQ)."""
         return self._store.has_doorbell
 
     @property

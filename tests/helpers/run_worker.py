@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: helpe
 from conveyor import PipelineService, QueueManager, RetryDefaults, TaskWorker, WorkerOptions
 from conveyor.logs import configure_logging
 from conveyor.settings import LoggingSettings
+from conveyor.worker.reserve import Reserve
 
 
 def main() -> int:
@@ -40,6 +41,7 @@ def main() -> int:
     parser.add_argument("--retry-backoff", type=float, default=0.1)
     parser.add_argument("--jitter", type=float, default=0.0)
     parser.add_argument("--pool", choices=["process", "thread"], default="process")
+    parser.add_argument("--reserve", help="PRIORITY:SLOTS, slots kept for urgent work")
     args = parser.parse_args()
 
     configure_logging(LoggingSettings(level="DEBUG"))
@@ -55,6 +57,7 @@ def main() -> int:
         heartbeat_interval=args.heartbeat,
         idle_block=args.idle_block,
         pool=args.pool,
+        reserve=None if args.reserve is None else Reserve(*map(int, args.reserve.split(":"))),
         retry=RetryDefaults(
             max_retries=args.max_retries, retry_backoff=args.retry_backoff, jitter=args.jitter
         ),

@@ -15,7 +15,10 @@ Design (the decisions the issue left open, and why):
   prefetch 100, a priority-10 task can wait behind 99 priority-0 ones). While the queue is
   empty, ``wait`` subscribes a consumer with prefetch 1 as a doorbell: the message it
   receives is the next one handed out, and it is cancelled when the wait ends, so an idle
-  ``QueueManager`` holds nothing.
+  ``QueueManager`` holds nothing. A worker, which also waits on its children and its
+  signals, gets the same doorbell as a pipe (``doorbell``) that the delivery writes to.
+  A slot kept for urgent work gets none (any message would ring it, and ring it again once
+  given back): it polls the task store's head, and gives back what a doorbell took.
 * **State lives in a task store**: any backend whose table row says it can keep records
   (``task_store=sqlite:///...`` or ``redis://...``; default ``sqlite:///conveyor-rabbitmq.db``),
   used through its public seams only, in *broker mode* (``StoreConfig.broker_leases``): the

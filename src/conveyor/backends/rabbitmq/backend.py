@@ -42,7 +42,7 @@ from ..base import (
     TicketClaim,
 )
 from .calls import Delivery, Outgoing
-from .link import Link
+from .link import Doorbell, Link
 from .topology import Topology, limit_text
 
 _MAX_SKIPS = 500  # dropped tickets skipped per claim before yielding to the caller
@@ -94,6 +94,10 @@ class RabbitMQQueue(QueueStore):
         # marks only cost a duplicate message, which the store drops.
         self._confirmed: list[Ticket] = []
         self._confirmed_at = 0.0
+        self._doorbell: Doorbell | None = None
+        # The last claim was for a reserved slot (it had a floor): a doorbell would ring for
+        # every push, urgent or not (see ``doorbell``).
+        self._holding_back = False
 
     # -- producing ------------------------------------------------------------------------
 
@@ -142,13 +146,15 @@ class RabbitMQQueue(QueueStore):
 
     def claim(self, spec: ClaimSpec) -> ClaimResult:
         hint = self._publish_due()
+        self._holding_back = spec.min_priority is not None
         if spec.min_priority is not None and not self._urgent_ready(spec.min_priority):
+            self.link.give_back(self.topology)  # what a doorbell took is not for this slot
             return ClaimResult([], hint)  # a reserved slot: nothing urgent enough is ready
         claimed: list[Claimed] = []
         for _ in range(_MAX_SKIPS):
             if len(claimed) >= max(1, spec.count):
                 return ClaimResult(claimed)
-            delivery = self.link.get(self.topology)
+            delivery = self._head(spec)
             if delivery is None:
                 return ClaimResult(claimed, None if claimed else hint)
             ticket = self._ticket_of(delivery)
@@ -163,6 +169,14 @@ class RabbitMQQueue(QueueStore):
                 raise
             claimed += self._hold(delivery, ticket, spec, result)
         return ClaimResult(claimed, 0.0, skipped=not claimed)
+
+    def _head(self, spec: ClaimSpec) -> Delivery | None:
+        """The broker's head. For a reserved slot, a message a doorbell received earlier is
+        given back first (the give-back runs before the get on the I/O thread): it may be
+        an ordinary one, and the store's ticket claim does not look at priorities."""
+        if spec.min_priority is not None:
+            self.link.give_back(self.topology)
+        return self.link.get(self.topology)
 
     def _urgent_ready(self, min_priority: int) -> bool:
         """A reserved slot's check, read from the task store: the broker's head of line is
@@ -181,7 +195,7 @@ class RabbitMQQueue(QueueStore):
         refused = (Settled(None), ClaimResult([]))
         if not self._urgent_ready(yielded.min_priority):
             return refused
-        delivery = self.link.get(self.topology)
+        delivery = self._head(spec)
         ticket = self._ticket_of(delivery) if delivery is not None else None
         if delivery is None or ticket is None:
             return refused
@@ -226,6 +240,28 @@ class RabbitMQQueue(QueueStore):
             self._held[ticket.task_id] = (result.claimed[0].token, delivery)
         return result.claimed
 
+    has_doorbell = True
+
+    def doorbell(self, seconds: float) -> int | None:
+        """The pipe a doorbell consumer rings (``Link.doorbell``). None for a reserved slot
+        (the last claim had a floor): the consumer rings for any message, and one that is
+        not urgent enough would ring again once given back; the worker then polls the task
+        store's head instead."""
+        if self._holding_back:
+            self.withdraw_doorbell()  # and give back what it received
+            return None
+        if self._doorbell is None:
+            self._doorbell = self.link.doorbell(self.topology)
+        return self._doorbell.fd()
+
+    def heard_doorbell(self) -> None:
+        if self._doorbell is not None:
+            self._doorbell.heard()
+
+    def withdraw_doorbell(self) -> None:
+        if self._doorbell is not None:
+            self._doorbell.withdraw()
+
     def wait(self, timeout: float) -> None:
         hint = self._due_at
         if hint is not None:
@@ -244,10 +280,12 @@ class RabbitMQQueue(QueueStore):
         self._publish_due()
         claimed: ClaimResult | None = None
         reserved = then is not None and then.min_priority is not None
+        if then is not None:
+            self._holding_back = reserved
         if reserved and then is not None and not self._urgent_ready(then.min_priority or 0):
             settled, _ = self.settle(outcomes)  # a reserved slot, and nothing urgent is ready
             return settled, ClaimResult([])
-        delivery = self.link.get(self.topology) if then is not None and then.count == 1 else None
+        delivery = self._head(then) if then is not None and then.count == 1 else None
         ticket = self._ticket_of(delivery) if delivery is not None else None
         if then is not None and delivery is not None and ticket is not None:
             try:
@@ -337,6 +375,9 @@ class RabbitMQQueue(QueueStore):
 
     def close(self) -> None:
         """Note what the broker confirmed, so consumers need not publish it again."""
+        if self._doorbell is not None:
+            self._doorbell.close()
+            self._doorbell = None
         try:
             self._note_confirmed(force=True)
         except Exception as exc:  # the store is gone: a consumer republishes them later

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -43,13 +45,18 @@ class Call:
 
     ``resolve``/``fail`` return False when the caller already gave up (timed out), so the
     I/O thread can keep what it got (e.g. stash a delivery) instead of losing it.
+
+    With ``ring``, finishing also writes a byte to that file descriptor (a pipe the caller
+    waits on with others). The write happens under the call's lock, so once ``abandon``
+    has returned no write can follow, and the caller may close the pipe.
     """
 
-    __slots__ = ("_done", "_lock", "abandoned", "error", "value")
+    __slots__ = ("_done", "_lock", "_ring", "abandoned", "error", "value")
 
-    def __init__(self) -> None:
+    def __init__(self, ring: int | None = None) -> None:
         self._done = threading.Event()
         self._lock = threading.Lock()
+        self._ring = ring
         self.abandoned = False
         self.value: Any = None
         self.error: BaseException | None = None
@@ -59,7 +66,7 @@ class Call:
             if self.abandoned or self._done.is_set():
                 return False
             self.value = value
-            self._done.set()
+            self._finish()
             return True
 
     def fail(self, error: BaseException) -> bool:
@@ -67,8 +74,19 @@ class Call:
             if self.abandoned or self._done.is_set():
                 return False
             self.error = error
-            self._done.set()
+            self._finish()
             return True
+
+    def _finish(self) -> None:
+        self._done.set()
+        if self._ring is not None:
+            with contextlib.suppress(OSError):  # full: it rings already
+                os.write(self._ring, b"\0")
+
+    def settled(self) -> bool:
+        """Done, and its ring written (taken under the lock the writer holds)."""
+        with self._lock:
+            return self._done.is_set()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; True once done (the caller still owns the call)."""

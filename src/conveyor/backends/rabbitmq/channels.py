@@ -116,7 +116,9 @@ class Channels:
         """
         return self._await(self._submit(start, topology), deadline)
 
-    def _submit(self, start: Start, topology: Topology | None = None) -> Call:
+    def _submit(
+        self, start: Start, topology: Topology | None = None, call: Call | None = None
+    ) -> Call:
         """Hand ``start`` to the I/O thread; ``_await`` its answer (the caller may work
         meanwhile)."""
         if self._closed:
@@ -126,7 +128,7 @@ class Channels:
                 f"this RabbitMQ connection ({self.safe_url}) was opened in process {self._pid}; "
                 "a forked child must open its own QueueManager"
             )
-        call = Call()
+        call = call or Call()
         self._post(lambda: self._when_ready(call, start, topology))
         return call
 

@@ -9,6 +9,7 @@ link serves every queue of a server: each operation names the queue's topology.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -140,6 +141,23 @@ class Link(Channels):
         self._post(lambda: self._when_ready(call, partial(self._start_wait, queue=queue), topology))
         call.wait(max(timeout, 0.0))
         self._post(lambda: self._end_wait(call, queue))
+
+    def doorbell(self, topology: Topology) -> Doorbell:
+        """A pipe that ``wait``'s consumer rings, for a caller that waits on other things
+        too (a worker also watches its children and its signals)."""
+        return Doorbell(self, topology)
+
+    def ring_on_message(self, topology: Topology, ring: int) -> Call:
+        start = partial(self._start_wait, queue=topology.queue)
+        return self._submit(start, topology, Call(ring))
+
+    def stop_ringing(self, call: Call, topology: Topology) -> None:
+        self._post(lambda: self._end_wait(call, topology.queue))
+
+    def give_back(self, topology: Topology) -> None:
+        """Requeue what a doorbell received and nobody took (the caller will not claim it
+        soon): it keeps its place in line, and other consumers can have it."""
+        self._post(lambda: self._give_back(topology.queue))
 
     def ack(self, delivery: Delivery) -> None:
         """Settle a delivery (no answer awaited; sent within _ACK_DELAY seconds); dropped if
@@ -294,6 +312,10 @@ class Link(Channels):
     ) -> None:
         redelivered = bool(method.redelivered)
         delivery = Delivery(self._epoch, method.delivery_tag, redelivered, body, queue)
+        if self._doorbells.get(queue) != method.consumer_tag:
+            # Sent before the broker saw our cancel: nobody waits for it any more.
+            self._settle(delivery, True)
+            return
         self._stash.setdefault(queue, deque()).append(delivery)
         self._doorbell_gone(queue, cancel=True)
 
@@ -318,6 +340,11 @@ class Link(Channels):
             rung.remove(call)
         if not rung and queue in self._doorbells:
             self._doorbell_gone(queue, cancel=self._sub is not None and self._sub.is_open)
+
+    def _give_back(self, queue: str) -> None:
+        stash = self._stash.pop(queue, deque())
+        while stash:
+            self._settle(stash.popleft(), True)
 
     def _settle(self, delivery: Delivery, requeue: bool | None) -> None:
         if delivery.epoch != self._epoch or self._sub is None or not self._sub.is_open:
@@ -353,3 +380,59 @@ class Link(Channels):
             call.resolve(int(frame.method.message_count))
 
         self._sub.queue_declare(queue, passive=True, callback=counted)
+
+
+class Doorbell:
+    """A file descriptor that becomes readable when a queue may hold a message.
+
+    While it is asked for (``fd``), a consumer with prefetch 1 is subscribed, as in
+    ``Link.wait``: the message it receives is kept for the next ``get`` (so it is the head
+    at the moment it was handed out), and the consumer is cancelled once it rang or is
+    ``withdraw``n. A lost channel rings it too: the caller's next claim meets the outage.
+    """
+
+    def __init__(self, link: Link, topology: Topology) -> None:
+        self._link, self._topology = link, topology
+        self._pipe: tuple[int, int] | None = None
+        self._call: Call | None = None
+        self._asked = False  # a consumer was subscribed since the last withdraw
+
+    def fd(self) -> int:
+        if self._pipe is None:
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            os.set_blocking(write_end, False)
+            self._pipe = (read_end, write_end)
+        if self._call is None:
+            self._call = self._link.ring_on_message(self._topology, self._pipe[1])
+            self._asked = True
+        return self._pipe[0]
+
+    def heard(self) -> None:
+        """Empty the pipe; a doorbell that rang is subscribed again by the next ``fd``."""
+        if self._pipe is not None:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._pipe[0], 512):
+                    pass
+        if self._call is not None and self._call.settled():
+            self._call = None
+
+    def withdraw(self) -> None:
+        """Cancel the consumer, and give back a message it received that was not claimed:
+        the caller will not claim soon (its slots are busy, or it stops), and a message
+        held here would wait, unacked, where no other consumer can have it."""
+        call, self._call = self._call, None
+        if not self._asked:
+            return  # nothing subscribed since the last withdraw
+        self._asked = False
+        if call is not None and call.abandon():
+            self._link.stop_ringing(call, self._topology)
+        self._link.give_back(self._topology)
+        self.heard()
+
+    def close(self) -> None:
+        self.withdraw()  # no write can follow an abandoned call: the pipe may go
+        if self._pipe is not None:
+            for end in self._pipe:
+                os.close(end)
+            self._pipe = None
