@@ -470,3 +470,31 @@ def test_processes_opening_a_fresh_file_at_once(db_path: str) -> None:
         process.join(60)
         assert process.exitcode == 0
     assert SqliteBackend(db_path, QUEUE).size() == 200
+
+
+def test_a_readable_interrupt_fd_ends_a_blocking_reserve_within_a_poll(tmp_path: Path) -> None:
+    """A worker sets its signal pipe as the manager's ``interrupt_fd``: a blocking reserve
+    polls it with the database (every 5 ms) and returns None, instead of waiting for its
+    one-second slice (or, without it, for the whole block)."""
+    from conveyor import QueueManager
+
+    manager = QueueManager.from_url(f"sqlite:///{tmp_path}/q.db", queue_name=QUEUE)
+    read_end, write_end = os.pipe()
+    try:
+        manager.interrupt_fd = read_end
+        started = time.monotonic()
+        assert manager.reserve(timeout=0.3) is None
+        assert time.monotonic() - started >= 0.3, "nothing was written: the block runs out"
+        os.write(write_end, b"\0")
+        started = time.monotonic()
+        assert manager.reserve(timeout=30) is None
+        took = time.monotonic() - started
+        assert took < 0.5, f"the reserve went on for {took:.2f}s after the pipe was written"
+        assert manager.push("after", {}, 5)
+        manager.interrupt_fd = None  # the caller empties it; here it is simply unset
+        message = manager.reserve(timeout=5)
+        assert message is not None and message.task_id == "after"
+    finally:
+        manager.close()
+        os.close(read_end)
+        os.close(write_end)

@@ -635,6 +635,23 @@ def test_a_running_worker_is_registered_and_request_stop_drains_it(
     assert all(info.get("id") != worker.id for info in queue.workers())
 
 
+def test_an_idle_worker_acts_on_sigterm_at_once(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """Idle after a task, with a 30 s block and the next heartbeat 20 s away, the worker
+    stops at once on SIGTERM on every backend: it waits on a doorbell beside its signal
+    pipe, or (SQLite) in a claim whose polls also look at that pipe. A claim that only
+    polled the database went on for the rest of its block after the handler ran."""
+    worker = start_worker(idle_block=30, heartbeat=20)
+    queue.push("warm-up", {"dir": str(tmp_path), "seconds": 0}, type="sleepy")
+    wait_status(queue, "warm-up", SUCCESS, worker=worker)  # now idle, waiting for work
+    sent = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    took = time.monotonic() - sent
+    assert took < 3, f"an idle worker took {took:.1f}s to act on SIGTERM"
+
+
 # -- 15. python worker.py ----------------------------------------------------------------------
 
 

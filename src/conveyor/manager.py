@@ -441,6 +441,20 @@ class QueueManager:
             if result.wait_hint is not None:
                 slice_ = min(slice_, max(result.wait_hint, 0.001))
             self._store.wait(slice_)
+            if self._store.interrupted():
+                return None  # the caller is stopping: not a wait to resume
+
+    @property
+    def interrupt_fd(self) -> int | None:
+        """A file descriptor that ends a blocking ``reserve`` early once readable (a worker
+        sets its signal pipe here, so a signal is acted on at once rather than when the
+        block ends); None to wait the whole block. Backends that wait on a doorbell or a
+        blocking broker call ignore it."""
+        return self._store.interrupt_fd
+
+    @interrupt_fd.setter
+    def interrupt_fd(self, fd: int | None) -> None:
+        self._store.interrupt_fd = fd
 
     def doorbell(self, seconds: float) -> int | None:
         """For a worker that must also watch its children: a file descriptor that becomes

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..descriptors import readable_now
 from ..errors import BackendError
 from ..lifecycle import Op, TaskStatus
 
@@ -295,6 +296,13 @@ class QueueStore(ABC):
     settles_in_child: bool = False
     #: ``doorbell`` gives a file descriptor (else the caller waits in ``wait``).
     has_doorbell: bool = False
+    #: Readable once the caller is stopping (a worker's signal pipe): a store whose
+    #: ``wait`` polls anyway returns at once then (see ``interrupted``).
+    interrupt_fd: int | None = None
+
+    def interrupted(self) -> bool:
+        """Has ``interrupt_fd`` become readable? (The caller empties it, not the store.)"""
+        return self.interrupt_fd is not None and readable_now(self.interrupt_fd)
 
     @abstractmethod
     def enqueue(self, tasks: Sequence[NewTask]) -> Enqueued:

@@ -19,8 +19,8 @@ class WorkerOptions:
     max_time: float | None = None
     memory_mb: float | None = None
     heartbeat_interval: float = 5.0
-    # An idle worker's longest wait for work. Without a doorbell (SQLite) it is a blocking
-    # claim, which bounds how late a signal is seen; with one, a signal ends it.
+    # An idle worker's longest wait for work: on a doorbell, or (SQLite) in a blocking claim
+    # that also polls the worker's signal pipe; a signal ends either at once.
     idle_block: float = 1.0
     worker_id: str | None = None
     retry: RetryDefaults = field(default_factory=RetryDefaults)

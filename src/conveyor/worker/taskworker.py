@@ -168,12 +168,16 @@ class TaskWorker:
             check_thread_pool(self.options, self.service)
         self._signals.install()
         try:  # the handlers and their pipe go back whatever happens from here
+            for queue in self.queues:  # a blocking claim (no doorbell) ends on a signal too
+                queue.interrupt_fd = self._signals.fd
             self._begin()
             try:
                 self._loop()
             finally:
                 self._finish()
         finally:
+            for queue in self.queues:  # before the pipe closes: its number may be reused
+                queue.interrupt_fd = None
             self._signals.restore()
             thaw_heap()
 
@@ -287,6 +291,8 @@ class TaskWorker:
         elif busy or rings:
             bells, wait = self._doorbells(self._idle_wait() if busy else self._idle_block())
             self._collect(busy, timeout=wait, bells=bells)
+        else:  # a signal may have ended the blocking claim: read its byte, or the next
+            self._signals.heard()  # claim would end at once too (see ``interrupt_fd``)
 
     def _doorbells(self, longest: float) -> tuple[dict[int, QueueManager] | None, float]:
         """Each queue's doorbell, so that a push ends the wait, and how long to wait: until

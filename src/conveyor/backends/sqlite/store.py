@@ -538,7 +538,8 @@ class SqliteStore(QueueStore):
 
     def wait(self, timeout: float) -> None:
         """Poll ``PRAGMA data_version`` (cheap: shared memory) every 5 ms; a push made in this
-        process wakes it at once through a condition variable."""
+        process wakes it at once through a condition variable, and a stopping worker's
+        signal pipe (``interrupt_fd``) within a poll."""
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -547,7 +548,7 @@ class SqliteStore(QueueStore):
                     return
                 if self._database.wait_push(self._seen_pushes, min(_POLL_SECONDS, remaining)):
                     return
-                if self._database.data_version() != self._seen_version:
+                if self._database.data_version() != self._seen_version or self.interrupted():
                     return
         finally:
             self._seen_version = self._database.data_version()
