@@ -162,3 +162,24 @@ def test_a_reserved_slot_claims_the_urgent_task_not_the_message_a_doorbell_holds
     message = queue.reserve(timeout=0)
     assert message is not None and message.task_id == "ordinary"
     queue.ack(message)
+
+
+def test_a_blocking_reserve_with_a_floor_leaves_ordinary_messages_alone(
+    queue: QueueManager,
+) -> None:
+    """Waiting for urgent work, a blocking reserve looks at the store's head; it does not
+    subscribe a doorbell, which would take the ordinary head, give it back and take it
+    again for the whole wait. The broker never delivered the message: not redelivered."""
+    assert queue.push("ordinary", {}, 0)
+    assert queue.reserve(timeout=0.5, min_priority=8) is None
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        method, _, _ = channel.basic_get(f"conveyor.{queue.queue_name}", auto_ack=False)
+        assert method is not None and not method.redelivered, "a consumer had the message"
+        channel.basic_reject(method.delivery_tag, requeue=True)
+    finally:
+        connection.close()
+    message = queue.reserve(timeout=5)
+    assert message is not None and message.task_id == "ordinary"
+    queue.ack(message)

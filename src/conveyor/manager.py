@@ -448,8 +448,8 @@ class QueueManager:
     def interrupt_fd(self) -> int | None:
         """A file descriptor that ends a blocking ``reserve`` early once readable (a worker
         sets its signal pipe here, so a signal is acted on at once rather than when the
-        block ends); None to wait the whole block. Backends that wait on a doorbell or a
-        blocking broker call ignore it."""
+        block ends); None to wait the whole block. SQLite looks at it with each poll of
+        the database; the other backends between their wait slices (up to a second)."""
         return self._store.interrupt_fd
 
     @interrupt_fd.setter

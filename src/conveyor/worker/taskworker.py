@@ -25,6 +25,7 @@ and logs, but no longer stands between one task and the next.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -166,6 +167,7 @@ class TaskWorker:
                 queue.check_time_limit(pipeline.hard_limit(), f"pipeline {pipeline.name!r}")
         if self.options.pool == "thread":
             check_thread_pool(self.options, self.service)
+        interrupts = [queue.interrupt_fd for queue in self.queues]
         self._signals.install()
         try:  # the handlers and their pipe go back whatever happens from here
             for queue in self.queues:  # a blocking claim (no doorbell) ends on a signal too
@@ -176,8 +178,8 @@ class TaskWorker:
             finally:
                 self._finish()
         finally:
-            for queue in self.queues:  # before the pipe closes: its number may be reused
-                queue.interrupt_fd = None
+            for queue, fd in zip(self.queues, interrupts, strict=True):
+                queue.interrupt_fd = fd  # before the pipe closes: its number may be reused
             self._signals.restore()
             thaw_heap()
 
@@ -741,6 +743,8 @@ class TaskWorker:
             self._upkeep.stop()
         for slot in self._slots:
             slot.stop(timeout=2)
+        with contextlib.suppress(ConveyorError):  # also after an unexpected error: what a
+            self._withdraw_doorbells()  # doorbell took goes back before the manager closes
         self._send_last()
         self.hooks.wait(min(self.options.hook_timeout, 5.0))
         if self.backend.up:

@@ -18,7 +18,9 @@ Design (the decisions the issue left open, and why):
   ``QueueManager`` holds nothing. A worker, which also waits on its children and its
   signals, gets the same doorbell as a pipe (``doorbell``) that the delivery writes to.
   A slot kept for urgent work gets none (any message would ring it, and ring it again once
-  given back): it polls the task store's head, and gives back what a doorbell took.
+  given back): it polls the task store's head, and a message below its floor that the
+  broker hands it (one a doorbell took earlier, or the head while the urgent message is
+  with another consumer) goes back to its place.
 * **State lives in a task store**: any backend whose table row says it can keep records
   (``task_store=sqlite:///...`` or ``redis://...``; default ``sqlite:///conveyor-rabbitmq.db``),
   used through its public seams only, in *broker mode* (``StoreConfig.broker_leases``): the

@@ -50,6 +50,7 @@ _DUE_RECHECK = 0.25  # seconds between looks for due scheduled tasks (per consum
 _DUE_BATCH = 500  # scheduled tasks published per look
 _MARKS_BATCH, _MARKS_AGE = 256, 1.0  # confirmed tickets noted in the store in batches
 _RELEASING = frozenset({Op.ACK, Op.NACK, Op.HAND_BACK, Op.FAIL})
+_FLOOR_POLL = 0.05  # seconds between looks at the store's head for a claim with a floor
 
 
 def _message(ticket: Ticket) -> Outgoing:
@@ -148,7 +149,6 @@ class RabbitMQQueue(QueueStore):
         hint = self._publish_due()
         self._holding_back = spec.min_priority is not None
         if spec.min_priority is not None and not self._urgent_ready(spec.min_priority):
-            self.link.give_back(self.topology)  # what a doorbell took is not for this slot
             return ClaimResult([], hint)  # a reserved slot: nothing urgent enough is ready
         claimed: list[Claimed] = []
         for _ in range(_MAX_SKIPS):
@@ -171,12 +171,18 @@ class RabbitMQQueue(QueueStore):
         return ClaimResult(claimed, 0.0, skipped=not claimed)
 
     def _head(self, spec: ClaimSpec) -> Delivery | None:
-        """The broker's head. For a reserved slot, a message a doorbell received earlier is
-        given back first (the give-back runs before the get on the I/O thread): it may be
-        an ordinary one, and the store's ticket claim does not look at priorities."""
-        if spec.min_priority is not None:
-            self.link.give_back(self.topology)
-        return self.link.get(self.topology)
+        """The broker's head, or None. For a reserved slot, a message below its floor goes
+        back to its place: the store's head was urgent, but the head the broker handed us
+        may not be (a doorbell received it earlier, or the urgent message is with another
+        consumer), and the store's ticket claim does not look at priorities. The head is
+        asked once more after that (the requeue reaches the broker first)."""
+        floor = spec.min_priority
+        for _ in range(2):
+            delivery = self.link.get(self.topology)
+            if delivery is None or floor is None or delivery.priority >= floor:
+                return delivery
+            self.link.reject(delivery, requeue=True)
+        return None
 
     def _urgent_ready(self, min_priority: int) -> bool:
         """A reserved slot's check, read from the task store: the broker's head of line is
@@ -266,6 +272,9 @@ class RabbitMQQueue(QueueStore):
         hint = self._due_at
         if hint is not None:
             timeout = min(timeout, max(0.001, hint - time.monotonic()))
+        if self._holding_back:  # a doorbell would ring for the ordinary head again and again
+            time.sleep(min(timeout, _FLOOR_POLL))
+            return
         self.link.wait(self.topology, timeout)
 
     # -- settling -------------------------------------------------------------------------

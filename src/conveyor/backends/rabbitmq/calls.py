@@ -30,6 +30,7 @@ class Delivery:
     redelivered: bool
     body: bytes
     queue: str = ""  # the broker queue it came from
+    priority: int = 0  # the message's AMQP priority: the task's declared priority
 
 
 @dataclass(frozen=True, slots=True)

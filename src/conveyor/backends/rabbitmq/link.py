@@ -285,7 +285,10 @@ class Link(Channels):
     def _on_get_ok(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         call, queue = self._gets.popleft()
         self._get_busy = False
-        delivery = Delivery(self._epoch, method.delivery_tag, bool(method.redelivered), body, queue)
+        delivery = Delivery(
+            self._epoch, method.delivery_tag, bool(method.redelivered), body, queue,
+            properties.priority or 0,
+        )  # fmt: skip
         if not call.resolve(delivery):
             self._stash.setdefault(queue, deque()).append(delivery)  # its caller gave up
         self._next_get()
@@ -311,7 +314,9 @@ class Link(Channels):
         self, queue: str, channel: Any, method: Any, properties: Any, body: bytes
     ) -> None:
         redelivered = bool(method.redelivered)
-        delivery = Delivery(self._epoch, method.delivery_tag, redelivered, body, queue)
+        delivery = Delivery(
+            self._epoch, method.delivery_tag, redelivered, body, queue, properties.priority or 0
+        )
         if self._doorbells.get(queue) != method.consumer_tag:
             # Sent before the broker saw our cancel: nobody waits for it any more.
             self._settle(delivery, True)
