@@ -25,7 +25,7 @@ from conveyor import QueueManager, TaskStatus
 from conveyor.backends.redis.keys import QueueKeys
 from helpers.pipelines import runs
 from helpers.private_redis import PrivateRedis
-from test_worker import StartWorker, wait_status, worker_factory
+from test_worker import StartWorker, Worker, wait_status, worker_factory
 
 QUEUE = "bell"
 
@@ -58,36 +58,40 @@ def _calls(server: PrivateRedis) -> int:
         client.close()
 
 
-def _hold_a_slot(queue: QueueManager, tmp_path: Path) -> None:
+def hold_a_slot(queue: QueueManager, tmp_path: Path) -> None:
+    """Push a gated task ("held") and wait until a slot runs it."""
     queue.push("held", {"dir": str(tmp_path)}, type="gate")
     wait_until(lambda: runs(tmp_path, "held", "gate_open"), 30, message="held to start")
+
+
+def a_push_starts_beside_the_held_task(queue: QueueManager, worker: Worker, tmp_path: Path) -> None:
+    """A task pushed now runs to success while "held" still runs; then "held" finishes."""
+    queue.push("quick", {"dir": str(tmp_path), "seconds": 0}, type="sleepy")
+    wait_status(queue, "quick", TaskStatus.SUCCESS, worker=worker)
+    assert not runs(tmp_path, "held", "after_gate"), "quick had to wait for the busy slot"
+    (tmp_path / "held.go").touch()
+    wait_status(queue, "held", TaskStatus.SUCCESS, worker=worker)
 
 
 def test_a_free_slot_waits_on_the_doorbell_not_in_a_claim_loop(
     queue: QueueManager, start_worker: StartWorker, server: PrivateRedis, tmp_path: Path
 ) -> None:
     worker = start_worker(concurrency=2, idle_block=0.5)
-    _hold_a_slot(queue, tmp_path)
+    hold_a_slot(queue, tmp_path)
     before = _calls(server)
     time.sleep(1.0)  # not a synchronisation: the window in which idle operations are counted
     idle = _calls(server) - before
     # Claiming every 50 ms would be ~20 operations in this second; the doorbell times out
     # every 0.5 s (idle_block), each followed by one claim.
     assert idle < 8, f"{idle} operations in one idle second: the free slot polls"
-
-    queue.push("quick", {"dir": str(tmp_path), "seconds": 0}, type="sleepy")
-    wait_status(queue, "quick", TaskStatus.SUCCESS, worker=worker)
-    assert not runs(tmp_path, "held", "after_gate"), "quick had to wait for the busy slot"
-
-    (tmp_path / "held.go").touch()
-    wait_status(queue, "held", TaskStatus.SUCCESS, worker=worker)
+    a_push_starts_beside_the_held_task(queue, worker, tmp_path)
 
 
 def test_a_server_restart_while_the_doorbell_waits_loses_nothing(
     queue: QueueManager, start_worker: StartWorker, server: PrivateRedis, tmp_path: Path
 ) -> None:
     worker = start_worker(concurrency=2, idle_block=0.5)
-    _hold_a_slot(queue, tmp_path)
+    hold_a_slot(queue, tmp_path)
     server.kill()  # the doorbell's BLPOP is outstanding: its socket reads EOF
     server.start()
     queue.push("after", {"dir": str(tmp_path), "seconds": 0}, type="sleepy")
@@ -193,12 +197,8 @@ def test_postgres_worker_with_a_busy_slot_starts_a_pushed_task(
     start = next(factory)
     try:
         worker = start(concurrency=2, idle_block=0.5)
-        _hold_a_slot(pg_queue, tmp_path)
-        pg_queue.push("quick", {"dir": str(tmp_path), "seconds": 0}, type="sleepy")
-        wait_status(pg_queue, "quick", TaskStatus.SUCCESS, worker=worker)
-        assert not runs(tmp_path, "held", "after_gate")
-        (tmp_path / "held.go").touch()
-        wait_status(pg_queue, "held", TaskStatus.SUCCESS, worker=worker)
+        hold_a_slot(pg_queue, tmp_path)
+        a_push_starts_beside_the_held_task(pg_queue, worker, tmp_path)
     finally:
         with contextlib.suppress(StopIteration):
             next(factory)
@@ -281,15 +281,20 @@ def test_an_idle_worker_stops_at_once(
     client = redis.Redis.from_url(server.url, decode_responses=True)
     try:
         wait_until(lambda: _blocking(client, fresh=True), 30, message="a fresh BLPOP")
-        sent = time.monotonic()
-        if how == "SIGTERM":
-            worker.signal(signal.SIGTERM)
-        else:
-            assert queue.request_stop(worker.id) == 1
-        assert worker.wait(timeout=60) == 0
-        took = time.monotonic() - sent
+        stops_at_once(how, worker, queue)
     finally:
         client.close()
+
+
+def stops_at_once(how: str, worker: Worker, queue: QueueManager) -> None:
+    """Stop an idle worker by SIGTERM or ``conveyor stop`` (``how``): it exits 0 at once."""
+    sent = time.monotonic()
+    if how == "SIGTERM":
+        worker.signal(signal.SIGTERM)
+    else:
+        assert queue.request_stop(worker.id) == 1
+    assert worker.wait(timeout=60) == 0
+    took = time.monotonic() - sent
     assert took < 3, f"an idle worker took {took:.1f}s to stop after {how}"
 
 

@@ -10,7 +10,6 @@ consumers are counted by the broker (a passive declare), the only witness that m
 from __future__ import annotations
 
 import select
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from conftest import RABBITMQ_URL, Helper, rabbitmq_url, require_rabbitmq_server, wait_until
 from conveyor import QueueManager, TaskStatus
-from helpers.pipelines import runs
+from test_doorbell import a_push_starts_beside_the_held_task, hold_a_slot, stops_at_once
 from test_worker import StartWorker, wait_status, worker_factory
 
 pytestmark = pytest.mark.rabbitmq
@@ -57,11 +56,6 @@ def _broker_queue(queue: QueueManager) -> tuple[int, int]:
         connection.close()
 
 
-def _hold_a_slot(queue: QueueManager, tmp_path: Path, name: str = "held") -> None:
-    queue.push(name, {"dir": str(tmp_path)}, type="gate")
-    wait_until(lambda: runs(tmp_path, name, "gate_open"), 30, message=f"{name} to start")
-
-
 @pytest.mark.parametrize("how", ["SIGTERM", "conveyor stop"])
 def test_an_idle_rabbitmq_worker_stops_at_once(
     how: str, queue: QueueManager, start_worker: StartWorker
@@ -73,14 +67,7 @@ def test_an_idle_rabbitmq_worker_stops_at_once(
     heartbeat = 20 if how == "SIGTERM" else 0.2
     worker = start_worker(concurrency=1, idle_block=30, heartbeat=heartbeat)
     wait_until(lambda: _broker_queue(queue)[1] == 1, 30, message="the doorbell consumer")
-    sent = time.monotonic()
-    if how == "SIGTERM":
-        worker.signal(signal.SIGTERM)
-    else:
-        assert queue.request_stop(worker.id) == 1
-    assert worker.wait(timeout=60) == 0
-    took = time.monotonic() - sent
-    assert took < 3, f"an idle worker took {took:.1f}s to stop after {how}"
+    stops_at_once(how, worker, queue)
     assert _broker_queue(queue)[1] == 0
 
 
@@ -90,13 +77,9 @@ def test_a_free_slot_waits_on_a_doorbell_consumer_and_starts_a_push(
     """With one slot busy, the free one waits on a consumer (it used to ask the broker for
     the head every 50 ms); a push starts while the other task still runs."""
     worker = start_worker(concurrency=2, idle_block=0.5)
-    _hold_a_slot(queue, tmp_path)
+    hold_a_slot(queue, tmp_path)
     wait_until(lambda: _broker_queue(queue)[1] == 1, 30, message="a doorbell consumer")
-    queue.push("quick", {"dir": str(tmp_path), "seconds": 0}, type="sleepy")
-    wait_status(queue, "quick", TaskStatus.SUCCESS, worker=worker)
-    assert not runs(tmp_path, "held", "after_gate"), "quick had to wait for the busy slot"
-    (tmp_path / "held.go").touch()
-    wait_status(queue, "held", TaskStatus.SUCCESS, worker=worker)
+    a_push_starts_beside_the_held_task(queue, worker, tmp_path)
 
 
 def test_a_reserved_slot_leaves_ordinary_work_in_the_broker(
@@ -106,7 +89,7 @@ def test_a_reserved_slot_leaves_ordinary_work_in_the_broker(
     an ordinary push stays ready in the broker, for other workers, until a slot may take
     it; an urgent one starts in the reserved slot."""
     worker = start_worker(concurrency=2, reserve="8:1", idle_block=0.5)
-    _hold_a_slot(queue, tmp_path)
+    hold_a_slot(queue, tmp_path)
     queue.push("ordinary", {"dir": str(tmp_path), "seconds": 0}, 0, type="sleepy")
     wait_until(lambda: _broker_queue(queue) == (1, 0), 30, message="ordinary ready, no consumer")
     deadline = time.monotonic() + 1.0  # a window: the message stays in the broker meanwhile
@@ -118,6 +101,13 @@ def test_a_reserved_slot_leaves_ordinary_work_in_the_broker(
     (tmp_path / "held.go").touch()
     wait_status(queue, "ordinary", TaskStatus.SUCCESS, worker=worker)
     wait_status(queue, "held", TaskStatus.SUCCESS, worker=worker)
+
+
+def _take(queue: QueueManager, task_id: str, min_priority: int | None = None) -> None:
+    """Reserve (without blocking) and ack the task expected at the head."""
+    message = queue.reserve(timeout=0, min_priority=min_priority)
+    assert message is not None and message.task_id == task_id, message
+    queue.ack(message)
 
 
 def _rings(fd: int) -> bool:
@@ -142,9 +132,7 @@ def test_a_withdrawn_doorbell_gives_back_the_message_it_received(queue: QueueMan
     _rung_with(queue, "rung", 3)
     queue.withdraw_doorbell()
     wait_until(lambda: _broker_queue(queue) == (1, 0), 30, message="the message given back")
-    message = queue.reserve(timeout=0)
-    assert message is not None and message.task_id == "rung"
-    queue.ack(message)
+    _take(queue, "rung")
 
 
 def test_a_reserved_slot_claims_the_urgent_task_not_the_message_a_doorbell_holds(
@@ -152,16 +140,12 @@ def test_a_reserved_slot_claims_the_urgent_task_not_the_message_a_doorbell_holds
 ) -> None:
     """The doorbell received an ordinary message; then an urgent task came. A claim with a
     floor takes the urgent one (the store's ticket claim does not look at priorities, so
-    the held message goes back first), and the ordinary one waits in the broker."""
+    a held message below the floor goes back), and the ordinary one waits in the broker."""
     _rung_with(queue, "ordinary", 0)
     assert queue.push("urgent", {}, 9)
-    message = queue.reserve(timeout=0, min_priority=8)
-    assert message is not None and message.task_id == "urgent"
-    queue.ack(message)
+    _take(queue, "urgent", min_priority=8)
     wait_until(lambda: _broker_queue(queue) == (1, 0), 30, message="ordinary back in line")
-    message = queue.reserve(timeout=0)
-    assert message is not None and message.task_id == "ordinary"
-    queue.ack(message)
+    _take(queue, "ordinary")
 
 
 def test_a_blocking_reserve_with_a_floor_leaves_ordinary_messages_alone(
