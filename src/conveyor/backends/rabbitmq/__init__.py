@@ -38,7 +38,8 @@ Design (the decisions the issue left open, and why):
   queue (a 60 s message blocks a 1 s one behind it), so exact delays would need a queue per
   delay value; the store already has an ordered due index, and ``cancel``, ``scheduled``
   counts and re-drives then work as on the other backends. The cost: a due task is published
-  by a running consumer (as with Celery's ``eta``), within 0.25 s of its due time.
+  by a running consumer (as with Celery's ``eta``), within 0.25 s of its due time (an idle
+  worker: when the earliest task it knows of is due, and at least once per ``idle_block``).
 * **The lease is the unacked delivery.** It ends when the consumer's channel or connection
   closes (the broker requeues the message, flagged redelivered), not after
   ``visibility_timeout``: a consumer that stays connected keeps its tasks, ``extend`` reports
