@@ -317,10 +317,6 @@ class Link(Channels):
         delivery = Delivery(
             self._epoch, method.delivery_tag, redelivered, body, queue, properties.priority or 0
         )
-        if self._doorbells.get(queue) != method.consumer_tag:
-            # Sent before the broker saw our cancel: nobody waits for it any more.
-            self._settle(delivery, True)
-            return
         self._stash.setdefault(queue, deque()).append(delivery)
         self._doorbell_gone(queue, cancel=True)
 
