@@ -1,12 +1,13 @@
 """A child that settles its own task and claims the next one (``worker/direct.py``).
 
-On Redis, a worker's child acks a task that succeeded and claims the next in one call,
-then tells the worker. These tests run real workers (``helpers/run_worker.py``) on the
-shared Redis and check that the worker still owns every task a child took that way: the
-order is strict by priority, the chained task's hard time limit kills it, a cancel reaches
-it (and only it), its lease is renewed past the visibility timeout. Then the two pieces it
-rests on, without a worker: a cancel names one run, and a forked child never uses the
-connection it inherited.
+On Redis, and on RabbitMQ over a Redis task store, a worker's child acks a task that
+succeeded and claims the next in one call, then tells the worker. These tests run real
+workers (``helpers/run_worker.py``) on the shared Redis (and RabbitMQ) and check that the
+worker still owns every task a child took that way: the order is strict by priority, the
+chained task's hard time limit kills it, a cancel reaches it (and only it), its lease is
+renewed past the visibility timeout; on RabbitMQ, a failed task the child took itself is
+retried at once and its delivery let go. Then the two pieces it rests on, without a
+worker: a cancel names one run, and a forked child never uses the connection it inherited.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,11 +39,15 @@ from test_worker import (
 
 __all__ = ["start_worker"]  # the fixture, used by name below
 
-pytestmark = pytest.mark.parametrize("backend_name", backend_params("redis"))
+#: Redis, and RabbitMQ over a Redis task store (a child settles on a link of its own).
+BOTH = pytest.mark.parametrize("backend_name", backend_params("redis", "rabbitmq-redis"))
+REDIS = pytest.mark.parametrize("backend_name", backend_params("redis"))
+RABBITMQ = pytest.mark.parametrize("backend_name", backend_params("rabbitmq-redis"))
 SUCCESS, FAILED, CANCELED = TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELED
 BY_CHILD = "(settled by its child)"
 
 
+@BOTH
 def test_a_chained_drain_keeps_strict_priority_order(
     queue: QueueManager, start_worker: StartWorker, tmp_path: Path
 ) -> None:
@@ -61,6 +67,7 @@ def test_a_chained_drain_keeps_strict_priority_order(
     assert log.count(BY_CHILD) >= 39, "the child did not settle the tasks itself"
 
 
+@BOTH
 def test_the_hard_time_limit_of_a_task_the_child_took_itself_is_enforced(
     queue: QueueManager, start_worker: StartWorker, tmp_path: Path
 ) -> None:
@@ -78,6 +85,7 @@ def test_the_hard_time_limit_of_a_task_the_child_took_itself_is_enforced(
     assert bad_run["pid"] == good_run["pid"], "the child did not go on to the next task itself"
 
 
+@BOTH
 def test_a_child_that_dies_in_a_task_it_took_itself_fails_that_task(
     queue: QueueManager, start_worker: StartWorker, tmp_path: Path
 ) -> None:
@@ -95,6 +103,7 @@ def test_a_child_that_dies_in_a_task_it_took_itself_fails_that_task(
     assert "refused" not in log and BY_CHILD in log
 
 
+@BOTH
 def test_a_cancel_reaches_the_task_the_child_took_itself_and_only_it(
     queue: QueueManager, start_worker: StartWorker, tmp_path: Path
 ) -> None:
@@ -111,6 +120,7 @@ def test_a_cancel_reaches_the_task_the_child_took_itself_and_only_it(
     assert third.status == SUCCESS, _describe(third)
 
 
+@BOTH
 def test_the_lease_of_a_task_the_child_took_itself_is_renewed(
     queue: QueueManager, start_worker: StartWorker, tmp_path: Path
 ) -> None:
@@ -125,6 +135,7 @@ def test_the_lease_of_a_task_the_child_took_itself_is_renewed(
     assert BY_CHILD in worker.stderr()
 
 
+@REDIS
 def test_a_child_settling_past_the_time_limit_is_not_killed_for_it(
     queue: QueueManager, spawn_helper: SpawnHelper, backend_url: str, queue_name: str,
     tmp_path: Path,
@@ -148,6 +159,7 @@ def test_a_child_settling_past_the_time_limit_is_not_killed_for_it(
         next(workers, None)
 
 
+@BOTH
 def test_no_task_is_claimed_by_a_child_after_max_time(
     queue: QueueManager, start_worker: StartWorker, tmp_path: Path
 ) -> None:
@@ -163,6 +175,7 @@ def test_no_task_is_claimed_by_a_child_after_max_time(
     assert not runs(tmp_path, "waiting", "start")
 
 
+@BOTH
 def test_a_child_killed_while_reading_its_cancel_flag_never_wedges_the_worker(
     queue: QueueManager, start_worker: StartWorker
 ) -> None:
@@ -207,6 +220,7 @@ def _run(conn: Any, run: int) -> dict[str, Any]:
     return reply
 
 
+@REDIS
 def test_a_cancel_names_one_run_so_it_cannot_stop_the_next(
     child_loop: tuple[Any, Any], backend_name: str
 ) -> None:
@@ -218,6 +232,7 @@ def test_a_cancel_names_one_run_so_it_cannot_stop_the_next(
     assert _run(conn, 5)["op"] == "error"
 
 
+@REDIS
 def test_a_forked_child_connects_anew_instead_of_using_the_inherited_connection(
     queue: QueueManager,
 ) -> None:
@@ -243,3 +258,43 @@ def test_a_forked_child_connects_anew_instead_of_using_the_inherited_connection(
     assert answer == [True, True]
     assert queue.push("after-fork", {}, 1)  # the parent's connection is untouched
     assert queue.head() is not None
+
+
+@RABBITMQ
+def test_a_retry_of_a_task_the_child_took_itself_is_published_at_once(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path, queue_name: str
+) -> None:
+    """On RabbitMQ the child holds the delivery of a task it claimed itself; when that
+    task fails, the worker settles it, so the worker publishes its retry's new ticket
+    (not a consumer, ``publish_grace`` = 30 s later), and the child lets the old delivery
+    go once the worker hands it the next task: it runs twice, not three times."""
+    data = {"dir": str(tmp_path)}
+    queue.push("good", {**data, "mode": "ok"}, priority=9, type="misbehave")
+    queue.push("wobbly", {**data, "fail_times": 1}, priority=1, type="flaky", max_retries=2,
+               retry_backoff=0)  # fmt: skip
+    worker = start_worker(concurrency=1)
+    record = wait_status(queue, "wobbly", SUCCESS, FAILED, worker=worker, timeout=15)
+    assert record.status == SUCCESS and record.attempts == 2, _describe(record)
+    log = worker.helper.stderr_path.read_text(errors="replace")
+    assert BY_CHILD in log  # "good" was settled by the child, which then took "wobbly"
+    queue.push("last", {**data, "mode": "ok"}, priority=5, type="misbehave")
+    wait_status(queue, "last", SUCCESS, worker=worker)
+    assert len(runs(tmp_path, "wobbly", "wobble")) == 2
+    assert len(runs(tmp_path, "wobbly", "finish")) == 1
+    assert "refused" not in worker.helper.stderr_path.read_text(errors="replace")
+    # Nothing is held at rest: the failed try's delivery was let go, not kept by the child.
+    wait_until(lambda: _unacked(f"conveyor.{queue_name}") == 0, 15,
+               message=lambda: f"unacked: {_unacked(f'conveyor.{queue_name}')}")  # fmt: skip
+
+
+def _unacked(broker_queue: str) -> int:
+    """Deliveries of a broker queue that a consumer holds (``rabbitmqctl``)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name",
+         "messages_unacknowledged"], capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    for line in listed.stdout.splitlines():
+        name, _, count = line.partition("\t")
+        if name == broker_queue:
+            return int(count)
+    return 0

@@ -472,6 +472,15 @@ class QueueManager:
         """A forked child of this process may settle and claim on this manager itself."""
         return self._store.settles_in_child
 
+    def release_held(self) -> None:
+        """In a worker's child that settles by itself (``settles_in_child``), before a task
+        the worker hands it: what it claimed before was settled by the worker."""
+        self._store.release_held()
+
+    def settled_by_child(self, message: Message, accepted: bool) -> None:
+        """In the worker: its child acked ``message`` itself (see worker/direct.py)."""
+        self._store.settled_by_child(message.task_id, message.token, accepted)
+
     def heard_doorbell(self) -> None:
         self._store.heard_doorbell()
 

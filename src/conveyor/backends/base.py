@@ -395,6 +395,16 @@ class QueueStore(ABC):
         the store has none (the worker then claims again every few milliseconds)."""
         return None
 
+    def release_held(self) -> None:  # noqa: B027 (only RabbitMQ holds deliveries)
+        """In a worker's child that settles by itself: the worker settled the tasks this
+        process claimed; let go of what this process still holds for them."""
+
+    def settled_by_child(  # noqa: B027 (only RabbitMQ holds deliveries)
+        self, task_id: str, token: str | None, accepted: bool
+    ) -> None:
+        """In the worker: its child acked this task itself (``accepted``: the store took
+        the ack); let go of what the worker holds for it."""
+
     def heard_doorbell(self) -> None:  # noqa: B027 (only stores with a doorbell act)
         """Take what made the doorbell readable, so that the next ``doorbell`` waits anew."""
 

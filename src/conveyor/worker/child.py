@@ -99,6 +99,8 @@ def serve(
                 return
             if request.get("op") != "run":
                 return
+            if settler is not None:
+                settler.worker_runs_next()
         reply = runner.run(request)
         if reply is None:  # the task yielded (preempted); the parent knows
             continue

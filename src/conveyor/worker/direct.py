@@ -16,7 +16,8 @@ most urgent ready task at the moment this slot frees, as the worker's claim does
 The child takes this path only when the worker allows it at that moment (a shared flag)
 and only for the plain case; anything else is the usual ``done`` reply:
 
-* the backend can be used from a forked child (``QueueStore.settles_in_child``: Redis);
+* the backend can be used from a forked child (``QueueStore.settles_in_child``: Redis,
+  and RabbitMQ over a Redis task store);
 * a process pool, one queue, no reserved slots, no preemption, no ``max_jobs`` (a claim
   the worker did not count could overshoot it): decided once, at start;
 * the worker is taking work, and the backend answers (an outage is the worker's to ride
@@ -26,6 +27,20 @@ and only for the plain case; anything else is the usual ``done`` reply:
 
 A claim made by a child that dies before it told the worker is held by a lease that
 nobody renews: the task comes back when it runs out, as for any crashed worker.
+
+On RabbitMQ the lease is the unacked delivery, and the child's claim is a delivery on a
+link the child opened itself (after the fork; the worker's I/O thread did not come
+along). So a task the child took is held by the child's channel: the child acks it when
+it settles it itself; the worker acks the deliveries it claimed when the child's notice
+says the child settled them (``settled_by_child``). A task the child took that ends on the
+worker's path (a failure, a retry) is settled in the store by the worker, which also
+publishes its new ticket; its old delivery goes back to the queue (and is dropped there as
+stale) when the worker hands the child its next task (``worker_runs_next``), not before:
+back in the queue while the store still says it runs, it would be taken for a crashed
+holder's. The child's death gives its deliveries back at once (the broker requeues
+them); a task the worker kills for its time limit can so be claimed by another worker
+before the worker stored the timeout (a few milliseconds), and then counts as a crashed
+run (the worker's outcome is refused by fencing), as it would after any crash.
 
 The notice of a run that went on to a next task is sent on a pipe of its own, which the
 worker does not wait on while such notices keep coming: it reads them at each turn, at
@@ -38,6 +53,7 @@ it) goes on the slot's usual pipe, which wakes it at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from multiprocessing.connection import Connection
@@ -78,6 +94,12 @@ class ChildSettler:
         worker reads at its own pace (see the module's doc)."""
         assert self.notices is not None
         self.notices.send_bytes(json.dumps(notice).encode())
+
+    def worker_runs_next(self) -> None:
+        """The worker hands this child a task: whatever the child claimed itself before
+        has ended on the worker's path and is settled; let go of its broker delivery."""
+        with contextlib.suppress(Exception):  # a lost link dropped it already
+            self.queue.release_held()
 
     def may_settle(self) -> bool:
         if not self.allowed.value or self.shutdown_flag.value:

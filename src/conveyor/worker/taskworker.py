@@ -583,6 +583,7 @@ class TaskWorker:
         ended = float(notice.get("at") or time.monotonic())  # read up to a tick later
         entry = Entry(task.queue, task.message, ran=max(0.0, ended - task.started))
         accepted = bool(notice.get("accepted"))
+        task.queue.settled_by_child(task.message, accepted)
         self.outbox.report(entry, Op.ACK, accepted, by_child=True)
         if accepted:
             self._after_outcome(entry, Op.ACK, TaskStatus.SUCCESS)

@@ -48,6 +48,11 @@ Design (the decisions the issue left open, and why):
   task was claimed with, redelivered, means its holder died: the store counts the expiry (poison at
   ``max_deliveries``) and mints a new fencing token, so the old holder's late ack is refused
   by the store, and its delivery tag, from a closed channel, is dropped, never acked.
+* **A worker's child settles its own success** (worker/direct.py) when the task store can
+  be used from a forked child (Redis): it opens a link of its own, acks its task in the
+  store and claims the next with ``basic.get`` on its own channel, which then holds that
+  delivery (its lease). The worker still settles everything else, and acks the deliveries
+  it claimed once the child says it settled them.
 * **Heartbeats flow while a task runs**: the connection is owned by an I/O thread
   (``channels``; the maintainers' advice in pika #418, #564, #930, #1104), which also
   reconnects with backoff; calls cross to it through ``add_callback_threadsafe``.

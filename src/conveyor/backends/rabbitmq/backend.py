@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -99,6 +100,10 @@ class RabbitMQQueue(QueueStore):
         # The last claim was for a reserved slot (it had a floor): a doorbell would ring for
         # every push, urgent or not (see ``doorbell``).
         self._holding_back = False
+        # A worker's forked child settles and claims on a link of its own (see
+        # ``_own_link``): possible when the task store works from a forked child too.
+        self.settles_in_child = store.settles_in_child
+        self._pid = os.getpid()
 
     # -- producing ------------------------------------------------------------------------
 
@@ -286,6 +291,7 @@ class RabbitMQQueue(QueueStore):
         taken first (``basic.get`` needs no free prefetch slot) so that settling this task
         and claiming the next is one store step: one broker round trip and one store write
         per task on a worker's hot path."""
+        self._own_link()
         self._publish_due()
         claimed: ClaimResult | None = None
         reserved = then is not None and then.min_priority is not None
@@ -321,9 +327,15 @@ class RabbitMQQueue(QueueStore):
         return settled, claimed
 
     def _release(self, outcome: Outcome, effect: Settled) -> None:
-        """Settle our delivery of a task at the broker, as the store's outcome says."""
+        """Settle our delivery of a task at the broker, as the store's outcome says. A
+        task whose delivery another process holds (a worker and its child, see
+        ``release_held``) still gets its new ticket published here."""
         held = self._held.get(outcome.task_id)
         if held is None or (outcome.token is not None and held[0] != outcome.token):
+            if effect.status == TaskStatus.PENDING and effect.ticket is not None:
+                self._publish([effect.ticket])
+            elif effect.status == TaskStatus.SCHEDULED:
+                self._next_due_check = 0.0
             return
         del self._held[outcome.task_id]
         if effect.status is None:
@@ -340,6 +352,37 @@ class RabbitMQQueue(QueueStore):
         elif effect.status == TaskStatus.SCHEDULED:
             self._next_due_check = 0.0
         self.link.ack(held[1])
+
+    # -- a worker's child settling by itself (worker/direct.py) -----------------------------
+
+    def _own_link(self) -> None:
+        """In a forked child, open a link of its own on first use: the parent's I/O thread
+        did not come along, and the deliveries it holds are the parent's to settle."""
+        if self._pid == os.getpid():
+            return
+        self.link = self.link.for_this_process()
+        self._pid = os.getpid()
+        self._held, self._confirmed, self._doorbell = {}, [], None
+
+    def release_held(self) -> None:
+        """A worker's child, asked to run a task by the worker: the tasks it claimed itself
+        before have ended on the worker's path (a failure, a retry), settled in the store
+        by the worker. Their deliveries, held on this process's channel, go back to the
+        queue, where the store drops them as stale (or, for a task handed back, keeps their
+        place). Not before: a delivery back in the queue while its task still runs in the
+        store would be taken for a crashed holder's, and run again."""
+        if self._pid != os.getpid():
+            return  # never settled here: what ``_held`` names is the parent's
+        held, self._held = self._held, {}
+        for _, delivery in held.values():
+            self.link.reject(delivery, requeue=True)
+
+    def settled_by_child(self, task_id: str, token: str | None, accepted: bool) -> None:
+        """The worker: its child acked this task in the store itself; settle the delivery
+        the worker holds for it (if the worker claimed it) as that ack says."""
+        effect = Settled(TaskStatus.SUCCESS if accepted else None)
+        with contextlib.suppress(BrokerUnavailableError):
+            self._release(Outcome(Op.ACK, task_id, token), effect)
 
     def renew(self, leases: Sequence[tuple[str, str]], seconds: float | None) -> list[LeaseState]:
         """The lease is the unacked delivery: lost when its channel closed, not by time."""

@@ -61,6 +61,7 @@ class Link(Channels):
     """
 
     def __init__(self, url: BrokerUrl, *, connect_timeout: float, name: str) -> None:
+        self.url = url
         # The I/O thread's own state (set before the thread starts).
         self._next_tag, self._unconfirmed = 1, dict[int, tuple[_Batch, Outgoing]]()
         # basic.get answers carry no queue name: one get is in flight at a time, the rest
@@ -80,6 +81,14 @@ class Link(Channels):
         except BaseException:
             self.close()
             raise
+
+    def for_this_process(self) -> Link:
+        """A new link to the same broker, for a forked child: this one's I/O thread stayed
+        in the parent, and its connection and delivery tags are the parent's."""
+        return Link(
+            self.url, connect_timeout=self._connect_timeout,
+            name=f"{self.name} child pid {os.getpid()}",
+        )  # fmt: skip
 
     # -- the caller's side -------------------------------------------------------------------
 
