@@ -85,6 +85,28 @@ def test_the_hard_time_limit_of_a_task_the_child_took_itself_is_enforced(
     assert bad_run["pid"] == good_run["pid"], "the child did not go on to the next task itself"
 
 
+@RABBITMQ
+def test_a_task_the_child_took_itself_is_not_run_again_when_killed_for_its_time_limit(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """On RabbitMQ the child's channel holds the delivery of a task it took itself, and
+    killing the child puts it back in the queue at once: the worker stores the timeout
+    first, so another worker waiting on the queue finds a stale message, not a task whose
+    holder died."""
+    data = {"dir": str(tmp_path)}
+    queue.push("good", {**data, "mode": "ok"}, priority=9, type="misbehave")
+    queue.push("bad", {**data, "mode": "hang"}, priority=1, type="misbehave", max_retries=0)
+    first = start_worker(concurrency=1)
+    wait_until(lambda: runs(tmp_path, "bad", "start"), 15, message=first.stderr)
+    second = start_worker(concurrency=1)  # idle: its doorbell waits on the queue
+    bad = wait_status(queue, "bad", FAILED, SUCCESS, worker=first)
+    assert bad.dead_reason == "timeout", _describe(bad)
+    assert BY_CHILD in first.stderr()  # "bad" was the child's own claim
+    queue.push("after", {**data, "mode": "ok"}, priority=5, type="misbehave")
+    wait_status(queue, "after", SUCCESS, worker=second)  # the second worker was listening
+    assert len(runs(tmp_path, "bad", "start")) == 1, second.stderr()[-3000:]
+
+
 @BOTH
 def test_a_child_that_dies_in_a_task_it_took_itself_fails_that_task(
     queue: QueueManager, start_worker: StartWorker, tmp_path: Path
@@ -297,4 +319,4 @@ def _unacked(broker_queue: str) -> int:
         name, _, count = line.partition("\t")
         if name == broker_queue:
             return int(count)
-    return 0
+    raise AssertionError(f"rabbitmqctl lists no queue {broker_queue!r}:\n{listed.stdout}")

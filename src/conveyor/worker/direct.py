@@ -37,10 +37,13 @@ worker's path (a failure, a retry) is settled in the store by the worker, which 
 publishes its new ticket; its old delivery goes back to the queue (and is dropped there as
 stale) when the worker hands the child its next task (``worker_runs_next``), not before:
 back in the queue while the store still says it runs, it would be taken for a crashed
-holder's. The child's death gives its deliveries back at once (the broker requeues
-them); a task the worker kills for its time limit can so be claimed by another worker
-before the worker stored the timeout (a few milliseconds), and then counts as a crashed
-run (the worker's outcome is refused by fencing), as it would after any crash.
+holder's. For the same reason the worker stores a time limit's outcome before it kills
+the child, whose death gives its deliveries back at once. A child that crashes, or that
+the worker kills at the end of a shutdown's grace period, gives them back before the
+worker stored anything: another worker can take such a task within those milliseconds,
+and it then counts as a lost delivery (the worker's outcome is refused by fencing), as
+after any crash. The child's heartbeats flow from its own I/O thread: a step that holds
+the GIL for two heartbeat intervals loses the child's connection, and with it the lease.
 
 The notice of a run that went on to a next task is sent on a pipe of its own, which the
 worker does not wait on while such notices keep coming: it reads them at each turn, at

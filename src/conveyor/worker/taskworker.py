@@ -682,16 +682,27 @@ class TaskWorker:
         )  # fmt: skip
 
     def _time_limit(self, slot: Slot) -> None:
+        """Fail (or retry) the run, store that, then kill its child. The store comes first:
+        on RabbitMQ a task the child claimed itself is held by the child's channel (see
+        ``direct``), and the child's death puts the delivery back in the queue at once;
+        there, while the store still said the task runs, the next claim would take it for
+        a crashed holder's and run it again."""
         task = slot.task
         assert task is not None
         step = task.current_step()
-        slot.kill()
         error = {
             "type": "TimeLimitExceeded",
             "message": f"step {step!r} ran past its hard time limit and was killed",
             "traceback": None,
         }
         self._failed(slot, "timeout", error, step)
+        try:
+            if self.backend.up:
+                self.outbox.send(task.queue)  # no claim: the slot's child is the old one yet
+        except BrokerUnavailableError as exc:
+            self.backend.lost(exc)
+        finally:
+            slot.kill()
 
     def _idle_wait(self) -> float:
         return min(0.5, self.options.heartbeat_interval)

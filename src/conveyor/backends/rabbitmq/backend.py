@@ -104,6 +104,7 @@ class RabbitMQQueue(QueueStore):
         # ``_own_link``): possible when the task store works from a forked child too.
         self.settles_in_child = store.settles_in_child
         self._pid = os.getpid()
+        self._child_link = False  # this process is a child that opened a link of its own
 
     # -- producing ------------------------------------------------------------------------
 
@@ -167,10 +168,10 @@ class RabbitMQQueue(QueueStore):
                 continue
             try:
                 result = self.store.claim(replace(spec, ticket=ticket, count=1))
-            except BrokerUnavailableError:
+            except Exception as exc:
                 self.link.reject(delivery, requeue=True)  # not ours: back to the queue at once
-                if claimed:  # held already: hand them out; the next call meets the outage
-                    return ClaimResult(claimed)
+                if claimed and isinstance(exc, BrokerUnavailableError):
+                    return ClaimResult(claimed)  # hand them out; the next call meets the outage
                 raise
             claimed += self._hold(delivery, ticket, spec, result)
         return ClaimResult(claimed, 0.0, skipped=not claimed)
@@ -212,7 +213,7 @@ class RabbitMQQueue(QueueStore):
             return refused
         try:
             settled, result = self.store.preempt(yielded, replace(spec, ticket=ticket, count=1))
-        except BrokerUnavailableError:
+        except Exception:
             self.link.reject(delivery, requeue=True)  # not claimed: back to the queue
             raise
         if settled.status is None:
@@ -305,7 +306,7 @@ class RabbitMQQueue(QueueStore):
         if then is not None and delivery is not None and ticket is not None:
             try:
                 settled, result = self.store.settle(outcomes, replace(then, ticket=ticket))
-            except BrokerUnavailableError:
+            except Exception:  # nothing applied: a worker's child lives on after any error
                 self.link.reject(delivery, requeue=True)  # not claimed: back to the queue
                 raise
             assert result is not None
@@ -361,7 +362,7 @@ class RabbitMQQueue(QueueStore):
         if self._pid == os.getpid():
             return
         self.link = self.link.for_this_process()
-        self._pid = os.getpid()
+        self._pid, self._child_link = os.getpid(), True
         self._held, self._confirmed, self._doorbell = {}, [], None
 
     def release_held(self) -> None:
@@ -371,8 +372,8 @@ class RabbitMQQueue(QueueStore):
         queue, where the store drops them as stale (or, for a task handed back, keeps their
         place). Not before: a delivery back in the queue while its task still runs in the
         store would be taken for a crashed holder's, and run again."""
-        if self._pid != os.getpid():
-            return  # never settled here: what ``_held`` names is the parent's
+        if not self._child_link or self._pid != os.getpid():
+            return  # never settled here: what ``_held`` names is the worker's
         held, self._held = self._held, {}
         for _, delivery in held.values():
             self.link.reject(delivery, requeue=True)
