@@ -309,6 +309,25 @@ def test_a_retry_of_a_task_the_child_took_itself_is_published_at_once(
                message=lambda: f"unacked: {_unacked(f'conveyor.{queue_name}')}")  # fmt: skip
 
 
+@RABBITMQ
+def test_an_idle_child_lets_go_of_a_failed_task_it_took_itself(
+    queue: QueueManager, start_worker: StartWorker, tmp_path: Path, queue_name: str
+) -> None:
+    """The child's channel holds the delivery of a task it claimed itself; when that task
+    fails and no next task follows, the worker tells the idle child once the failure is
+    stored, so no delivery stays unacked (until the child's next task, or its exit)."""
+    data = {"dir": str(tmp_path)}
+    queue.push("good", {**data, "mode": "ok"}, priority=9, type="misbehave")
+    queue.push("doomed", data, priority=1, type="doomed", max_retries=0)
+    worker = start_worker(concurrency=1)
+    record = wait_status(queue, "doomed", FAILED, SUCCESS, worker=worker)
+    assert record.status == FAILED, _describe(record)
+    assert BY_CHILD in worker.stderr()  # the child settled "good" and took "doomed"
+    wait_until(lambda: _unacked(f"conveyor.{queue_name}") == 0, 15,
+               message=lambda: f"unacked: {_unacked(f'conveyor.{queue_name}')}")  # fmt: skip
+    assert worker.running()  # not let go by its exit
+
+
 def _unacked(broker_queue: str) -> int:
     """Deliveries of a broker queue that a consumer holds (``rabbitmqctl``)."""
     listed = subprocess.run(

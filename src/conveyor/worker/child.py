@@ -97,10 +97,14 @@ def serve(
                 request = json.loads(conn.recv_bytes())
             except (EOFError, OSError):
                 return
+            if request.get("op") == "release":  # see ``Slot.let_go``
+                if settler is not None:
+                    settler.let_go()
+                continue
             if request.get("op") != "run":
                 return
             if settler is not None:
-                settler.worker_runs_next()
+                settler.let_go()
         reply = runner.run(request)
         if reply is None:  # the task yielded (preempted); the parent knows
             continue

@@ -35,7 +35,8 @@ it settles it itself; the worker acks the deliveries it claimed when the child's
 says the child settled them (``settled_by_child``). A task the child took that ends on the
 worker's path (a failure, a retry) is settled in the store by the worker, which also
 publishes its new ticket; its old delivery goes back to the queue (and is dropped there as
-stale) when the worker hands the child its next task (``worker_runs_next``), not before:
+stale) when the worker hands the child its next task, or tells it to (``let_go``; the
+worker does once that outcome is stored and the slot stays idle), not before:
 back in the queue while the store still says it runs, it would be taken for a crashed
 holder's. For the same reason the worker stores a time limit's outcome before it kills
 the child, whose death gives its deliveries back at once. A child that crashes, or that
@@ -98,9 +99,10 @@ class ChildSettler:
         assert self.notices is not None
         self.notices.send_bytes(json.dumps(notice).encode())
 
-    def worker_runs_next(self) -> None:
-        """The worker hands this child a task: whatever the child claimed itself before
-        has ended on the worker's path and is settled; let go of its broker delivery."""
+    def let_go(self) -> None:
+        """The worker hands this child a task, or says so (``release``): whatever the
+        child claimed itself before has ended on the worker's path and is settled in the
+        store; let go of its broker delivery."""
         with contextlib.suppress(Exception):  # a lost link dropped it already
             self.queue.release_held()
 

@@ -82,6 +82,9 @@ class Slot:
         self.settling = shared_flag(context)
         self._settler = settler
         self.runs = 0  # runs started in this slot, by the worker or by the child itself
+        #: The child claimed a task itself since the worker last handed it one: on
+        #: RabbitMQ its channel holds that delivery until the child is told (``let_go``).
+        self.child_claimed = False
         self.task: RunningTask | None = None
         self.conn: Connection
         #: Notices of runs the child went on from by itself (see ``direct``), or None.
@@ -90,6 +93,7 @@ class Slot:
         self.spawn()
 
     def spawn(self) -> None:
+        self.child_claimed = False
         parent_end, child_end = multiprocessing.Pipe(duplex=True)
         settler, writer = self._settler, None
         if settler is not None:
@@ -150,6 +154,7 @@ class Slot:
         except PipelineError:
             pipeline = None  # the child reports the unknown pipeline as the task's failure
         self.cancel_flag.value = 0
+        self.child_claimed = False  # the run request lets go of them (see ``let_go``)
         pauses = preempting and pipeline is not None and pipeline.preemptible
         self.runs += 1
         self.task = RunningTask(message, queue, pipeline, dict(message.steps), pauses=pauses,
@@ -171,9 +176,18 @@ class Slot:
             pipeline: Pipeline | None = service.resolve(message.type)
         except PipelineError:
             pipeline = None
-        self.runs = run
+        self.runs, self.child_claimed = run, True
         self.task = RunningTask(message, queue, pipeline, dict(message.steps), started=started,
                                 step_started=started, renewed=leased, run=run)  # fmt: skip
+
+    def let_go(self) -> None:
+        """Tell an idle child that what it claimed itself is settled (the worker stored
+        the outcome), so it lets go of the delivery its channel still holds (RabbitMQ;
+        elsewhere the child has nothing to let go). No reply."""
+        if self.child_claimed and not self.busy:
+            self.child_claimed = False
+            with contextlib.suppress(OSError):  # the child is gone: its deliveries went too
+                self.conn.send_bytes(b'{"op": "release"}')
 
     def resume(self, *, yield_now: bool = False) -> None:
         """Answer a paused child: go on to the next step, or yield (return, no reply)."""

@@ -491,6 +491,7 @@ class TaskWorker:
         heartbeat are renewed at once.
         """
         if self.backend.up and not self.outbox:
+            self._let_children_go()
             return
         if not self.backend.up:
             if not self.backend.may_try():
@@ -502,6 +503,14 @@ class TaskWorker:
             count, floor = self._claims(queue)
             for message in self.outbox.send(queue, count, floor):
                 self._dispatch(next(s for s in self._slots if not s.busy), message, queue)
+        self._let_children_go()
+
+    def _let_children_go(self) -> None:
+        """Every outcome is stored: idle children let go of what they claimed themselves
+        (see ``direct``), instead of holding it until their next task."""
+        if self._settler is not None:
+            for slot in self._slots:
+                slot.let_go()
 
     def _claims(self, queue: QueueManager) -> tuple[int, int | None]:
         """How many tasks to claim with the outcomes, and their minimum priority: one per
