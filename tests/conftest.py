@@ -245,18 +245,24 @@ def delete_rabbitmq_queues(queue_name: str) -> None:
             connection.close()
 
 
+def rabbitmqctl_rows(listing: str, *columns: str) -> list[list[str]]:
+    """``rabbitmqctl <listing> <columns>`` on the test broker, one list of fields per row
+    (e.g. ``rabbitmqctl_rows("list_queues", "name", "messages_unacknowledged")``)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", listing, *columns, "-q", "--no-table-headers"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return [line.split("\t") for line in listed.stdout.splitlines() if line]
+
+
 def close_rabbitmq_connection(manager: QueueManager) -> None:
     """Have the broker close one manager's connection (a real fault: its deliveries are
     requeued), found by the ``connection_name`` the backend gives it."""
     name = manager.server.link.name  # type: ignore[attr-defined]  # a RabbitMQServer
-    listed = subprocess.run(
-        ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q",
-         "--no-table-headers"], capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
     pids = [
-        line.split("\t", 1)[0]
-        for line in listed.stdout.splitlines()
-        if f'{{"connection_name","{name}"}}' in line
+        pid
+        for pid, properties in rabbitmqctl_rows("list_connections", "pid", "client_properties")
+        if f'{{"connection_name","{name}"}}' in properties
     ]
     assert pids, f"the broker lists no connection named {name!r}"
     for pid in pids:

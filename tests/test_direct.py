@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from conftest import backend_params, wait_until
+from conftest import backend_params, rabbitmqctl_rows, wait_until
 from conveyor import Pipeline, PipelineService, QueueManager, TaskStatus
 from conveyor.worker.child import CANCEL_ANY, serve
 from helpers.pipelines import runs
@@ -330,12 +329,8 @@ def test_an_idle_child_lets_go_of_a_failed_task_it_took_itself(
 
 def _unacked(broker_queue: str) -> int:
     """Deliveries of a broker queue that a consumer holds (``rabbitmqctl``)."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name",
-         "messages_unacknowledged"], capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    for line in listed.stdout.splitlines():
-        name, _, count = line.partition("\t")
+    rows = rabbitmqctl_rows("list_queues", "name", "messages_unacknowledged")
+    for name, count in rows:
         if name == broker_queue:
             return int(count)
-    raise AssertionError(f"rabbitmqctl lists no queue {broker_queue!r}:\n{listed.stdout}")
+    raise AssertionError(f"rabbitmqctl lists no queue {broker_queue!r}: {rows}")

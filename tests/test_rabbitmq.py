@@ -25,6 +25,7 @@ from conftest import (
     Helper,
     close_rabbitmq_connection,
     rabbitmq_url,
+    rabbitmqctl_rows,
     require_rabbitmq_server,
     require_redis_server,
     wait_until,
@@ -72,29 +73,21 @@ def backend_url(store: str, tmp_path: Path) -> str:
 
 def broker_connections(name_prefix: str) -> dict[str, str]:
     """``connection_name`` -> broker pid of the connections whose name starts with a prefix."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q",
-         "--no-table-headers"], capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
     found = {}
-    for line in listed.stdout.splitlines():
-        marker = '{"connection_name","'
-        if marker in line:
-            name = line.split(marker, 1)[1].split('"', 1)[0]
+    marker = '{"connection_name","'
+    for pid, properties in rabbitmqctl_rows("list_connections", "pid", "client_properties"):
+        if marker in properties:
+            name = properties.split(marker, 1)[1].split('"', 1)[0]
             if name.startswith(name_prefix):
-                found[name] = line.split("\t", 1)[0]
+                found[name] = pid
     return found
 
 
 def heartbeat_of(name: str) -> int:
     """The heartbeat timeout (s) the broker negotiated with one connection."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "list_connections", "timeout", "client_properties", "-q",
-         "--no-table-headers"], capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    for line in listed.stdout.splitlines():
-        if f'{{"connection_name","{name}"}}' in line:
-            return int(line.split("\t", 1)[0])
+    for timeout, properties in rabbitmqctl_rows("list_connections", "timeout", "client_properties"):
+        if f'{{"connection_name","{name}"}}' in properties:
+            return int(timeout)
     raise AssertionError(f"no connection named {name!r}")
 
 
