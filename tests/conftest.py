@@ -252,7 +252,7 @@ def rabbitmqctl_rows(listing: str, *columns: str) -> list[list[str]]:
         ["rabbitmqctl", listing, *columns, "-q", "--no-table-headers"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
-    return [line.split("\t") for line in listed.stdout.splitlines() if line]
+    return [line.split("\t", len(columns) - 1) for line in listed.stdout.splitlines() if line]
 
 
 def close_rabbitmq_connection(manager: QueueManager) -> None:

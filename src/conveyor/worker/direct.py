@@ -39,9 +39,10 @@ stale) when the worker hands the child its next task, or tells it to (``let_go``
 worker does once that outcome is stored and the slot stays idle), not before:
 back in the queue while the store still says it runs, it would be taken for a crashed
 holder's. For the same reason the worker stores a time limit's outcome before it kills
-the child, whose death gives its deliveries back at once. A child that crashes, or that
-the worker kills at the end of a shutdown's grace period, gives them back before the
-worker stored anything: another worker can take such a task within those milliseconds,
+the child (frozen meanwhile), whose death gives its deliveries back at once, and stores
+its last outcomes before its children exit. A child that crashes, or that the worker
+kills at the end of a shutdown's grace period or for a time limit during an outage,
+gives them back before the worker stored anything: another worker can take such a task within those milliseconds,
 and it then counts as a lost delivery (the worker's outcome is refused by fencing), as
 after any crash. The child's heartbeats flow from its own I/O thread: a step that holds
 the GIL for two heartbeat intervals loses the child's connection, and with it the lease.

@@ -29,6 +29,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import time
 import uuid
@@ -695,7 +696,15 @@ class TaskWorker:
         on RabbitMQ a task the child claimed itself is held by the child's channel (see
         ``direct``), and the child's death puts the delivery back in the queue at once;
         there, while the store still said the task runs, the next claim would take it for
-        a crashed holder's and run it again."""
+        a crashed holder's and run it again. The child is frozen meanwhile, so that it
+        neither goes on with the step nor settles the run and claims a next task; what
+        it did before that is read first (the limit may concern a run that is over).
+        During an outage nothing can be stored first: the child is killed at once."""
+        pid = slot.process.pid  # None: a thread of the worker, not a process
+        frozen = pid is not None and self.backend.up and _send_signal(pid, signal.SIGSTOP)
+        if frozen and pid is not None and not self._still_past_limit(slot):
+            _send_signal(pid, signal.SIGCONT)
+            return
         task = slot.task
         assert task is not None
         step = task.current_step()
@@ -706,12 +715,23 @@ class TaskWorker:
         }
         self._failed(slot, "timeout", error, step)
         try:
-            if self.backend.up:
+            if frozen:
                 self.outbox.send(task.queue)  # no claim: the slot's child is the old one yet
         except BrokerUnavailableError as exc:
             self.backend.lost(exc)
         finally:
             slot.kill()
+
+    def _still_past_limit(self, slot: Slot) -> bool:
+        """After freezing its child: is the slot's run still past its limit, and not being
+        settled by the child itself? (Its notices may say it went on to another run.)"""
+        if self._read_notices([slot]):
+            self._notices_flowing = True
+        task, now = slot.task, time.monotonic()
+        deadline = None if task is None else task.deadline()
+        if task is None or deadline is None or now <= deadline:
+            return False
+        return not self._settling(slot, task, now)
 
     def _idle_wait(self) -> float:
         return min(0.5, self.options.heartbeat_interval)
@@ -762,11 +782,14 @@ class TaskWorker:
         self._shutdown_flag.value = 1
         if self._upkeep is not None:
             self._upkeep.stop()
-        for slot in self._slots:
-            slot.stop(timeout=2)
         with contextlib.suppress(ConveyorError):  # also after an unexpected error: what a
             self._withdraw_doorbells()  # doorbell took goes back before the manager closes
+        # The outcomes before the children go: a child's exit gives back what its channel
+        # holds (RabbitMQ, see ``direct``), and back in the queue before the store says the
+        # task ended, it would be taken for a crashed holder's and run again.
         self._send_last()
+        for slot in self._slots:
+            slot.stop(timeout=2)
         self.hooks.wait(min(self.options.hook_timeout, 5.0))
         if self.backend.up:
             try:
@@ -783,6 +806,15 @@ class TaskWorker:
             task_id=message.task_id, queue=message.queue, type=message.type,
             attempt=message.attempts, worker=self.id,
         )  # fmt: skip
+
+
+def _send_signal(pid: int, signum: int) -> bool:
+    """Signal a child; False when it is gone already."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _last_step(task: RunningTask) -> str:
