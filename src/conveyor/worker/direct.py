@@ -32,20 +32,21 @@ On RabbitMQ the lease is the unacked delivery, and the child's claim is a delive
 link the child opened itself (after the fork; the worker's I/O thread did not come
 along). So a task the child took is held by the child's channel: the child acks it when
 it settles it itself; the worker acks the deliveries it claimed when the child's notice
-says the child settled them (``settled_by_child``). A task the child took that ends on the
-worker's path (a failure, a retry) is settled in the store by the worker, which also
-publishes its new ticket; its old delivery goes back to the queue (and is dropped there as
-stale) when the worker hands the child its next task, or tells it to (``let_go``; the
-worker does once that outcome is stored and the slot stays idle), not before:
-back in the queue while the store still says it runs, it would be taken for a crashed
-holder's. For the same reason the worker stores a time limit's outcome before it kills
-the child (frozen meanwhile), whose death gives its deliveries back at once, and stores
-its last outcomes before its children exit. A child that crashes, or that the worker
-kills at the end of a shutdown's grace period or for a time limit during an outage,
-gives them back before the worker stored anything: another worker can take such a task within those milliseconds,
-and it then counts as a lost delivery (the worker's outcome is refused by fencing), as
-after any crash. The child's heartbeats flow from its own I/O thread: a step that holds
-the GIL for two heartbeat intervals loses the child's connection, and with it the lease.
+says the child settled them (``settled_by_child``). A task the child took that ends on
+the worker's path (a failure, a retry) is settled in the store by the worker, which also
+publishes its new ticket; its old delivery goes back to the queue (and is dropped there
+as stale) when the worker hands the child its next task, or tells it to (``let_go``; the
+worker does once that outcome is stored and the slot stays idle), not before: back in
+the queue while the store still says it runs, it would be taken for a crashed holder's.
+For the same reason the worker stores a time limit's outcome before it kills the child
+(frozen meanwhile), whose death gives its deliveries back at once, and stores its last
+outcomes before its children exit. A child that crashes, or that the worker kills at the
+end of a shutdown's grace period or for a time limit during an outage, gives them back
+before the worker stored anything: another worker can take such a task within those
+milliseconds, and it then counts as a lost delivery (the worker's outcome is refused by
+fencing), as after any crash. The child's heartbeats flow from its own I/O thread: a
+step that holds the GIL for two heartbeat intervals loses the child's connection, and
+with it the lease.
 
 The notice of a run that went on to a next task is sent on a pipe of its own, which the
 worker does not wait on while such notices keep coming: it reads them at each turn, at
