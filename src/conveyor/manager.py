@@ -473,8 +473,9 @@ class QueueManager:
         return self._store.settles_in_child
 
     def release_held(self) -> None:
-        """In a worker's child that settles by itself (``settles_in_child``), before a task
-        the worker hands it: what it claimed before was settled by the worker."""
+        """In a worker's child that settles by itself (``settles_in_child``), when the
+        worker hands it a task or tells it so: what it claimed before was settled by the
+        worker."""
         self._store.release_held()
 
     def settled_by_child(self, message: Message, accepted: bool) -> None:

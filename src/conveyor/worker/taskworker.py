@@ -663,8 +663,7 @@ class TaskWorker:
                 if not slot.process.is_alive():
                     slot.kill()
                 continue
-            deadline = task.deadline()
-            if deadline is not None and now > deadline and not self._settling(slot, task, now):
+            if self._past_limit(slot, task, now):
                 self._time_limit(slot)
         self.hooks.check()
         if not self.backend.up:
@@ -727,11 +726,13 @@ class TaskWorker:
         settled by the child itself? (Its notices may say it went on to another run.)"""
         if self._read_notices([slot]):
             self._notices_flowing = True
-        task, now = slot.task, time.monotonic()
-        deadline = None if task is None else task.deadline()
-        if task is None or deadline is None or now <= deadline:
-            return False
-        return not self._settling(slot, task, now)
+        task = slot.task
+        return task is not None and self._past_limit(slot, task, time.monotonic())
+
+    def _past_limit(self, slot: Slot, task: RunningTask, now: float) -> bool:
+        """The run is past its hard time limit, and not being settled by the child."""
+        deadline = task.deadline()
+        return deadline is not None and now > deadline and not self._settling(slot, task, now)
 
     def _idle_wait(self) -> float:
         return min(0.5, self.options.heartbeat_interval)

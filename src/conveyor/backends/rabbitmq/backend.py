@@ -332,27 +332,23 @@ class RabbitMQQueue(QueueStore):
         task whose delivery another process holds (a worker and its child, see
         ``release_held``) still gets its new ticket published here."""
         held = self._held.get(outcome.task_id)
-        if held is None or (outcome.token is not None and held[0] != outcome.token):
-            if effect.status == TaskStatus.PENDING and effect.ticket is not None:
-                self._publish([effect.ticket])
-            elif effect.status == TaskStatus.SCHEDULED:
-                self._next_due_check = 0.0
-            return
-        del self._held[outcome.task_id]
-        if effect.status is None:
-            # The store refused: the task is not ours (any more). Its message goes back and
-            # the store decides on redelivery: drop it, or run the task again when the
-            # store lost our claim (a task store restarted without its last writes).
-            self.link.reject(held[1], requeue=True)
-            return
-        if effect.status == TaskStatus.PENDING and effect.ticket is None:
-            self.link.reject(held[1], requeue=True)  # handed back: it keeps its place
+        if held is not None and (outcome.token is None or held[0] == outcome.token):
+            del self._held[outcome.task_id]
+        else:
+            held = None  # not ours to settle at the broker; a new ticket still is
+        if effect.status is None or (effect.status == TaskStatus.PENDING and effect.ticket is None):
+            # Refused (the task is not ours any more: the store decides on redelivery,
+            # drop it, or run it again when the store lost our claim), or handed back (it
+            # keeps its place): the message goes back.
+            if held is not None:
+                self.link.reject(held[1], requeue=True)
             return
         if effect.status == TaskStatus.PENDING and effect.ticket is not None:
             self._publish([effect.ticket])  # a new place: the new ticket, then ack the old
         elif effect.status == TaskStatus.SCHEDULED:
             self._next_due_check = 0.0
-        self.link.ack(held[1])
+        if held is not None:
+            self.link.ack(held[1])
 
     # -- a worker's child settling by itself (worker/direct.py) -----------------------------
 
