@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import pytest
 
 from conftest import backend_params, rabbitmqctl_rows, wait_until
 from conveyor import Pipeline, PipelineService, QueueManager, TaskStatus
-from conveyor.worker.child import CANCEL_ANY, serve
+from conveyor.worker.child import CANCEL_ANY, _die_with_parent, serve
 from helpers.pipelines import runs
 from test_worker import (
     SpawnHelper,
@@ -334,3 +335,46 @@ def _unacked(broker_queue: str) -> int:
         if name == broker_queue:
             return int(count)
     raise AssertionError(f"rabbitmqctl lists no queue {broker_queue!r}: {rows}")
+
+
+def _orphan(directory: str) -> None:
+    """A child whose parent dies before the child asks for the death signal."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None
+    deadline = time.monotonic() + 10
+    while os.getppid() == parent.pid and time.monotonic() < deadline:
+        time.sleep(0.01)  # the parent's exit: nothing tells a child of it but this
+    Path(directory, "pid").write_text(str(os.getpid()))
+    _die_with_parent()
+    Path(directory, "carried-on").write_text("")
+
+
+def _parent_that_dies_at_once(directory: str) -> None:
+    multiprocessing.get_context("fork").Process(target=_orphan, args=(directory,)).start()
+    os._exit(0)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@REDIS
+def test_a_child_whose_worker_died_before_it_started_leaves(
+    tmp_path: Path, backend_name: str
+) -> None:
+    """A worker killed right after it forked a child (a time limit's respawn, then a
+    SIGKILL) never sent the death signal: the child exits instead of waiting for requests
+    forever on the worker's end of the pipe it inherited."""
+    middle = multiprocessing.get_context("fork").Process(
+        target=_parent_that_dies_at_once, args=(str(tmp_path),)
+    )
+    middle.start()
+    middle.join(10)
+    pid = int(wait_until(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(),
+                         15, message="the orphan to start"))  # fmt: skip
+    wait_until(lambda: _gone(pid), 15, message="the orphan to exit")
+    assert not (tmp_path / "carried-on").exists(), "the orphaned child carried on"

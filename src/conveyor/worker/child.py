@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import multiprocessing
+import os
 import signal
 import time
 import traceback
@@ -53,10 +55,15 @@ CANCEL_ANY = -1
 
 
 def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the worker dies, so no orphan keeps running a step."""
+    """Linux: get SIGKILL when the worker dies, so no orphan keeps running a step. A worker
+    that died between the fork and this call sends nothing: then leave now (an orphan
+    would wait for requests forever, on the worker's end of the pipe it inherited)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(0)
 
 
 def child_main(
