@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench smoke clean
+.PHONY: run test lint bench smoke clean bytecode
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,13 +12,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,api,mqtt,supervisor,schedules,postgres]'
 	touch $(STAMP)
 
-run: $(STAMP)  ## the quick-start demo: the worker runs example pipelines on embedded SQLite
+# Compiled bytecode for the project's own modules, written even where the environment sets
+# PYTHONDONTWRITEBYTECODE (an editable install has none otherwise): every worker process
+# would compile about 70 modules at start, 0.1 s of each start-up. Only what changed is
+# compiled again.
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q src scripts
+
+run: $(STAMP) bytecode  ## the quick-start demo: the worker runs example pipelines on embedded SQLite
 	$(BIN)/python scripts/demo.py
 
-smoke: $(STAMP)
+smoke: $(STAMP) bytecode
 	$(BIN)/python scripts/test_queue.py $(URL)
 
-test: $(STAMP)  ## the whole suite: lint, types, tests against real Redis
+test: $(STAMP) bytecode  ## the whole suite: lint, types, tests against real Redis
 	$(BIN)/python -m ruff check src tests scripts examples worker.py
 	$(BIN)/python -m ruff format --check src tests scripts examples worker.py
 	$(BIN)/python -m mypy
@@ -28,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/python -m ruff check src tests scripts examples worker.py
 	$(BIN)/python -m mypy
 
-bench: $(STAMP)
+bench: $(STAMP) bytecode
 	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean:
