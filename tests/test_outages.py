@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import wait_until
+from conftest import REDIS_URL, wait_until
 from conveyor import ConveyorError, QueueManager
 from helpers import run_ledger
 from helpers.private_rabbitmq import PrivateRabbitMQ
@@ -374,11 +374,33 @@ def rabbit(rabbitmq_node: PrivateRabbitMQ) -> Iterator[Rabbit]:
         queue.close()
 
 
+def task_store(kind: str, drill: Drill) -> str:
+    """The task store of a RabbitMQ test: SQLite, or the shared Redis, over which a
+    worker's children settle and claim on AMQP connections of their own (the direct
+    hand-off), so the outage hits those connections too."""
+    if kind == "redis":
+        return f"task_store={REDIS_URL}"
+    return f"task_store=sqlite:///{drill.tmp_path}/store.db"
+
+
+def settled_by_children(workers: list[WorkerProcess], kind: str) -> None:
+    """Over a Redis store, the children did settle tasks themselves (else the drill did
+    not test their connections)."""
+    if kind == "redis":
+        assert any("(settled by its child)" in worker.log() for worker in workers)
+
+
+STORES = pytest.mark.parametrize(
+    "store_kind", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+)
+
+
 @pytest.mark.rabbitmq
+@STORES
 def test_rabbitmq_restarted_mid_drain_nothing_lost_and_no_worker_exits(
-    rabbit: Rabbit, drill: Drill
+    rabbit: Rabbit, drill: Drill, store_kind: str
 ) -> None:
-    url = rabbit.node.amqp_url(f"task_store=sqlite:///{drill.tmp_path}/store.db")
+    url = rabbit.node.amqp_url(task_store(store_kind, drill))
     queue = rabbit.queue(url, drill.queue_name)
     ids = push(queue, 300, drill.ledger, sleep=0.05)
     workers = drill.start(url, 2)
@@ -394,6 +416,7 @@ def test_rabbitmq_restarted_mid_drain_nothing_lost_and_no_worker_exits(
     assert resume < RESUME_LIMIT
     wait_for_successes(queue, len(ids), timeout=90)
     result = run_ledger.check(queue, ids, drill.ledger, "rabbitmq restart")
+    settled_by_children(workers, store_kind)
     finish(workers, pids)
     assert result.lost == []
 
@@ -424,10 +447,11 @@ def test_a_rabbitmq_task_store_outage_is_ridden_out_too(
 
 
 @pytest.mark.rabbitmq
+@STORES
 def test_cut_connections_between_worker_and_rabbitmq_never_hang_and_lose_nothing(
-    rabbit: Rabbit, tcp_proxy: Callable[[int], TcpProxy], drill: Drill
+    rabbit: Rabbit, tcp_proxy: Callable[[int], TcpProxy], drill: Drill, store_kind: str
 ) -> None:
-    store = f"task_store=sqlite:///{drill.tmp_path}/store.db"
+    store = task_store(store_kind, drill)
     proxy = tcp_proxy(rabbit.node.port)
     queue = rabbit.queue(rabbit.node.amqp_url(store), drill.queue_name)
     ids = push(queue, 300, drill.ledger, sleep=0.05)
@@ -450,5 +474,6 @@ def test_cut_connections_between_worker_and_rabbitmq_never_hang_and_lose_nothing
     assert resume < RESUME_LIMIT
     wait_for_successes(queue, len(ids), timeout=90)
     result = run_ledger.check(queue, ids, drill.ledger, "rabbitmq connections cut")
+    settled_by_children(workers, store_kind)
     finish(workers, pids)
     assert result.lost == []
