@@ -44,10 +44,11 @@ local QUEUE, TTL, BROKER, GRACE, AGING, NOW
 local K_PREEMPTIONS, K_EVENTS, K_COUNTERS, K_PARKED, K_KEYRUN, DONE_KEY, STATUS_INDEX
 local aged_tick, begun, now_text
 local A = 5 -- the first of a script's own ARGV
-local WAKE_CAP = 1000
+local WAKE_CAP_LAST = '999' -- a queue keeps at most 1000 wake-up markers
 local SCAN_LIMIT = 100 -- bounded work per call: promote, reap or time out at most this many
-local PROMOTE_ALL = 1000 -- due tasks promoted at the start of every transition (see begin)
-local EVENT_CAP = 10000 -- entries kept per queue's stream (approximately: MAXLEN ~)
+local SCAN_LIMIT_TEXT = '100' -- (as redis.call arguments; see text())
+local PROMOTE_ALL = '1000' -- due tasks promoted at the start of every transition (see begin)
+local EVENT_CAP = '10000' -- entries kept per queue's stream (approximately: MAXLEN ~)
 
 local function now_seconds()
   local t = redis.call('TIME')
@@ -100,6 +101,15 @@ local function whole(value)
   return n
 end
 
+-- A number as redis.call would pass it, made cheaply and exactly: Lua turns a number argument
+-- into text with '%.14g', which takes printf's floating-point path (measured with callgrind:
+-- a seventh of a transition's instructions) and rounds whole numbers past 14 digits. A
+-- whole number within +-2^53 is written with '%d'; anything else is left to Lua, as before.
+local function text(n)
+  if n == math.floor(n) and n < EXACT and n > -EXACT then return string.format('%d', n) end
+  return n
+end
+
 -- A numeric field, or nil when it is missing or damaged.
 local function num(key, field)
   return finite(redis.call('HGET', key, field))
@@ -117,11 +127,11 @@ local function emit(key, event, attempt, note)
     f = redis.call('HMGET', key, 'status', 'progress', 'worker', 'progress_message', 'history')
   end
   if event == EV.PROGRESS then note = f[4] end
-  local n = redis.call('HINCRBY', K_COUNTERS, 'events', 1)
-  redis.call('HINCRBY', K_COUNTERS, event, 1)
-  redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENT_CAP, '*', 'n', n,
+  local n = redis.call('HINCRBY', K_COUNTERS, 'events', '1')
+  redis.call('HINCRBY', K_COUNTERS, event, '1')
+  redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENT_CAP, '*', 'n', text(n),
     'task', string.sub(key, #KEYS[4] + 1), 'event', event, 'status', f[1] or '',
-    'attempt', tonumber(attempt) or 0, 'progress', f[2] or '0', 'at', fmt(NOW),
+    'attempt', text(tonumber(attempt) or 0), 'progress', f[2] or '0', 'at', fmt(NOW),
     'worker', f[3] or '', 'note', note or '')
   return f[5]
 end
@@ -130,16 +140,19 @@ end
 local function record(key, event, attempt, note)
   local history = emit(key, event, attempt, note)
   if UNRECORDED[event] then return end
-  local line = {at = tonumber(fmt(NOW)), event = event, attempt = whole(attempt) or 0}
-  if note and note ~= '' then line.note = note end
-  local encoded = cjson.encode(line)
+  -- Written out rather than by cjson.encode of a table, which formats `at` with printf's
+  -- floating-point path again (event names are plain words; the note is encoded).
+  local encoded = '{"at":' .. fmt(NOW) .. ',"event":"' .. event .. '","attempt":'
+    .. text(whole(attempt) or 0)
+  if note and note ~= '' then encoded = encoded .. ',"note":' .. cjson.encode(note) end
+  encoded = encoded .. '}'
   if history and history ~= '' then encoded = history .. '\n' .. encoded end
   redis.call('HSET', key, 'history', encoded)
 end
 
 local function wake()
   redis.call('RPUSH', KEYS[6], '1')
-  redis.call('LTRIM', KEYS[6], 0, WAKE_CAP - 1)
+  redis.call('LTRIM', KEYS[6], '0', WAKE_CAP_LAST)
 end
 
 -- Per-key concurrency limits. A task pushed with a concurrency_key counts against its key
@@ -212,7 +225,7 @@ end
 -- stale. Returns the new ticket.
 local function bump_ticket(key)
   local ticket = (num(key, 'ticket') or 0) + 1
-  redis.call('HSET', key, 'ticket', ticket)
+  redis.call('HSET', key, 'ticket', text(ticket))
   return ticket
 end
 
@@ -223,11 +236,11 @@ local function finish(key, id, from, status, stale)
   if DONE_KEY[from] then redis.call('ZREM', DONE_KEY[from], id) end
   redis.call('HSET', key, 'status', status, 'finished_at', fmt(NOW), 'updated_at', fmt(NOW))
   redis.call('HDEL', key, 'token', 'expire_at', stale or 'token')
-  redis.call('ZADD', DONE_KEY[status], NOW, id)
+  redis.call('ZADD', DONE_KEY[status], fmt(NOW), id)
   if status == ST.FAILED then
     redis.call('PERSIST', key) -- the dead-letter list is kept until purged or retried
   elseif TTL > 0 then
-    redis.call('EXPIRE', key, math.ceil(TTL))
+    redis.call('EXPIRE', key, text(math.ceil(TTL)))
     redis.call('ZREMRANGEBYSCORE', DONE_KEY[status], '-inf', NOW - TTL)
   end
 end
@@ -318,13 +331,13 @@ local function enter_line(key, id, keep_place, ready_time)
     local priority = num(key, 'priority') or 0
     score = -priority * PRIORITY_BAND + redis.call('INCR', KEYS[5])
     if AGING then score = aged_score(priority, ready_time or NOW) end
-    redis.call('HSET', key, 'score', score, 'ready_at', fmt(NOW))
+    redis.call('HSET', key, 'score', text(score), 'ready_at', fmt(NOW))
     if BROKER then
       ticket = bump_ticket(key)
       redis.call('ZADD', KEYS[12], NOW + GRACE, id)
     end
   end
-  redis.call('ZADD', KEYS[1], score, id)
+  redis.call('ZADD', KEYS[1], text(score), id)
   redis.call('HSET', key, 'status', ST.PENDING, 'updated_at', fmt(NOW))
   return ticket
 end
@@ -352,7 +365,8 @@ end
 -- task of its band got its place stands ahead of it: the due time decides, not the moment
 -- a script happened to look. `promoted(key, id, ticket)`, when given, hears of each.
 local function promote_due(limit, promoted)
-  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', NOW, 'WITHSCORES', 'LIMIT', 0, limit)
+  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', fmt(NOW), 'WITHSCORES', 'LIMIT', '0',
+    limit)
   local batch = {}
   for i = 1, #due, 2 do
     local id, key = due[i], KEYS[4] .. due[i]
@@ -384,7 +398,7 @@ end
 -- back in line at its place. Returns the status it ends in.
 local function expire_lease(key, id, max_deliveries)
   local expiries = (num(key, 'expiries') or 0) + 1
-  redis.call('HSET', key, 'expiries', expiries)
+  redis.call('HSET', key, 'expiries', text(expiries))
   redis.call('HDEL', key, 'token')
   if redis.call('HGET', key, 'cancel_requested') == '1' then
     dead_letter(key, id, ST.PROCESSING, nil, nil, ST.CANCELED, EV.CANCELED)
@@ -403,7 +417,8 @@ local function expire_lease(key, id, max_deliveries)
 end
 
 local function reap_expired(max_deliveries)
-  local expired_leases = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', NOW, 'LIMIT', 0, SCAN_LIMIT)
+  local expired_leases = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', fmt(NOW), 'LIMIT', '0',
+    SCAN_LIMIT_TEXT)
   for _, id in ipairs(expired_leases) do
     local key = KEYS[4] .. id
     if not readable(key) then
@@ -416,7 +431,7 @@ end
 
 -- Waiting tasks past their queue_timeout end as timeout (the sweep; claims check too).
 local function sweep_expired(limit)
-  local due = redis.call('ZRANGEBYSCORE', KEYS[13], '-inf', NOW, 'LIMIT', 0, limit)
+  local due = redis.call('ZRANGEBYSCORE', KEYS[13], '-inf', fmt(NOW), 'LIMIT', '0', limit)
   for _, id in ipairs(due) do
     local key = KEYS[4] .. id
     local status = readable(key) and redis.call('HGET', key, 'status')
@@ -437,7 +452,7 @@ local function begin()
   if begun then return end
   begun = true
   if not BROKER then promote_due(PROMOTE_ALL) end
-  sweep_expired(SCAN_LIMIT)
+  sweep_expired(SCAN_LIMIT_TEXT)
 end
 
 -- Seconds until a scheduled task is due, a lease runs out or a waiting task expires; -1
@@ -460,15 +475,15 @@ end
 -- settled). Its queue_timeout no longer applies. Returns the new attempt count.
 local function take(key, id, token, lease, consumer, event)
   local attempts = (num(key, 'attempts') or 0) + 1
-  redis.call('HSET', key, 'status', ST.PROCESSING, 'token', token, 'attempts', attempts,
+  redis.call('HSET', key, 'status', ST.PROCESSING, 'token', token, 'attempts', text(attempts),
     'started_at', fmt(NOW), 'updated_at', fmt(NOW), 'worker', consumer)
   if redis.call('HDEL', key, 'expire_at') == 1 then redis.call('ZREM', KEYS[13], id) end
   if lease then
     redis.call('ZADD', KEYS[3], NOW + lease, id)
   else
-    redis.call('ZADD', KEYS[11], NOW, id)
+    redis.call('ZADD', KEYS[11], fmt(NOW), id)
     if TTL > 0 then
-      redis.call('EXPIRE', key, math.ceil(TTL))
+      redis.call('EXPIRE', key, text(math.ceil(TTL)))
       redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', NOW - TTL)
     end
   end
@@ -598,7 +613,7 @@ local function claim(spec)
   if not BROKER then reap_expired(spec.max_deliveries) end
   local out, taken, retired = {'', '', '0'}, 0, 0
   while taken < #spec.tokens and retired < SCAN_LIMIT do
-    local head = redis.call('ZRANGE', KEYS[1], 0, 0)
+    local head = redis.call('ZRANGE', KEYS[1], '0', '0')
     if not head[1] then break end
     local id, key = head[1], KEYS[4] .. head[1]
     if not readable(key) then
@@ -650,7 +665,7 @@ local function give_back(key, id, delay, counted, error_json)
   local attempts = num(key, 'attempts') or 0
   if not counted then
     attempts = math.max(attempts - 1, 0)
-    redis.call('HSET', key, 'attempts', attempts)
+    redis.call('HSET', key, 'attempts', text(attempts))
   end
   local event = counted and EV.RETRYING or EV.INTERRUPTED
   if delay > 0 then
@@ -678,8 +693,8 @@ local function store_task(i)
   if old and DONE_KEY[old] then redis.call('ZREM', DONE_KEY[old], id) end
   redis.call('DEL', key)
   redis.call('HSET', key, 'id', id, 'queue', QUEUE, 'priority', ARGV[i + 1], 'data', ARGV[i + 2],
-    'attempts', 0, 'expiries', 0, 'created_at', fmt(NOW), 'updated_at', fmt(NOW), 'progress', 0,
-    'ticket', ticket)
+    'attempts', '0', 'expiries', '0', 'created_at', fmt(NOW), 'updated_at', fmt(NOW),
+    'progress', '0', 'ticket', text(ticket))
   local optional = {type = ARGV[i + 3], max_retries = ARGV[i + 5], retry_backoff = ARGV[i + 6],
     queue_timeout = ARGV[i + 7], process_timeout = ARGV[i + 8], concurrency_key = ARGV[i + 9],
     max_concurrency = ARGV[i + 10]}

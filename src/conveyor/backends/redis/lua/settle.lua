@@ -26,9 +26,9 @@ for j = 0, n - 1 do
   elseif held(key, token) then
     if op == OP.ACK then
       if payload ~= '' then
-        redis.call('HSET', key, 'result', payload, 'progress', 1)
+        redis.call('HSET', key, 'result', payload, 'progress', '1')
       else
-        redis.call('HSET', key, 'progress', 1)
+        redis.call('HSET', key, 'progress', '1')
       end
       -- an earlier step's progress note would mislead
       finish(key, id, ST.PROCESSING, ST.SUCCESS, 'progress_message')
