@@ -160,11 +160,14 @@ end
 -- key is full parks it: out of pending, onto the key's parked ZSET with the score it had, and
 -- goes on. Every exit from processing goes through leave(), which frees the slot and
 -- re-admits the head of the key's parked tasks at its original score (its place in line).
+local function key_name(value)
+  if type(value) == 'string' and value ~= '' then return value end
+  return nil
+end
+
 local function keyed(key)
   -- pcall: a damaged record (not a hash) has no key, and must not fail the script
-  local name = redis.pcall('HGET', key, 'concurrency_key')
-  if type(name) == 'string' and name ~= '' then return name end
-  return nil
+  return key_name(redis.pcall('HGET', key, 'concurrency_key'))
 end
 
 -- The head of a key's parked tasks goes back in line, at the place it had.
@@ -214,8 +217,11 @@ local function leave(id, status)
     end
   end
   if status == ST.PROCESSING or not LIVE[status] then
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('ZREM', KEYS[11], id)
+    -- A processing task is leased or pulled, never both: one that was leased is not looked
+    -- for among the pulls. An unknown status leaves both.
+    if redis.call('ZREM', KEYS[3], id) == 0 or status ~= ST.PROCESSING then
+      redis.call('ZREM', KEYS[11], id)
+    end
     local name = keyed(KEYS[4] .. id)
     if name and redis.call('SREM', K_KEYRUN .. name, id) == 1 then keyed_readmit(name) end
   end
@@ -283,8 +289,7 @@ end
 -- What is wrong with a record's numbers, or nil when a transition can trust them.
 -- Priority must be whole and small enough that its place in line (priority * 2^40) stays
 -- finite; attempts, expiries and the broker ticket whole numbers.
-local function damage(key)
-  local f = redis.call('HMGET', key, 'priority', 'attempts', 'expiries', 'status', 'ticket')
+local function damage_of(f)
   local priority = whole(f[1])
   if not priority or math.abs(priority) > 2147483647 then return 'priority is not an integer' end
   if f[2] and not whole(f[2]) then return 'attempts is not a number' end
@@ -293,6 +298,10 @@ local function damage(key)
   if not (LIVE[f[4]] or FINISHED[f[4]]) then return 'status is not a known status' end
   if f[5] and not whole(f[5]) then return 'ticket is not a number' end
   return nil
+end
+
+local function damage(key)
+  return damage_of(redis.call('HMGET', key, 'priority', 'attempts', 'expiries', 'status', 'ticket'))
 end
 
 -- With aging on, the place in line is a static score: microseconds since AGED_EPOCH of the
@@ -308,9 +317,10 @@ end
 -- An entry of `index` whose record's status is not `expected`. When the record is indexed
 -- where its status says, the entry is stale and only it is dropped (a finished task is
 -- never run again); otherwise the status is damaged and the task is dead-lettered, so it
--- is never left in no index. Returns true when the entry was handled this way.
-local function misplaced(key, id, index, expected)
-  local status = redis.call('HGET', key, 'status')
+-- is never left in no index. Returns true when the entry was handled this way. `status`:
+-- the record's, when the caller read it already (false: it has none).
+local function misplaced(key, id, index, expected, status)
+  if status == nil then status = redis.call('HGET', key, 'status') end
   if status == expected then return false end
   local home = DONE_KEY[status] or STATUS_INDEX[status]
   if home and (redis.call('ZSCORE', home, id)
@@ -350,9 +360,13 @@ local function schedule(key, id, due_at)
   if BROKER then bump_ticket(key) end -- a copy still held or queued is stale now
 end
 
-local function expired(key)
-  local expire_at = num(key, 'expire_at')
+local function expired_at(value)
+  local expire_at = finite(value)
   return expire_at ~= nil and NOW > expire_at
+end
+
+local function expired(key)
+  return expired_at(redis.call('HGET', key, 'expire_at'))
 end
 
 local function time_out(key, id, from)
@@ -472,12 +486,25 @@ end
 
 -- Hand a task to a consumer: processing, attempts + 1, a fencing token, and a lease (or, for
 -- a pull, the pulled index: consumed, never redelivered, forgotten after result_ttl unless
--- settled). Its queue_timeout no longer applies. Returns the new attempt count.
-local function take(key, id, token, lease, consumer, event)
-  local attempts = (num(key, 'attempts') or 0) + 1
+-- settled). Its queue_timeout no longer applies. Returns the new attempt count. `known`:
+-- the record as a claim read it (HEAD_FIELDS, checked by damage_of), or nil.
+local function take(key, id, token, lease, consumer, event, known)
+  local attempts
+  if known then
+    attempts = (tonumber(known[2]) or 0) + 1
+  else
+    attempts = (num(key, 'attempts') or 0) + 1
+  end
   redis.call('HSET', key, 'status', ST.PROCESSING, 'token', token, 'attempts', text(attempts),
     'started_at', fmt(NOW), 'updated_at', fmt(NOW), 'worker', consumer)
-  if redis.call('HDEL', key, 'expire_at') == 1 then redis.call('ZREM', KEYS[13], id) end
+  if known then
+    if known[6] then
+      redis.call('HDEL', key, 'expire_at')
+      redis.call('ZREM', KEYS[13], id)
+    end
+  elseif redis.call('HDEL', key, 'expire_at') == 1 then
+    redis.call('ZREM', KEYS[13], id)
+  end
   if lease then
     redis.call('ZADD', KEYS[3], NOW + lease, id)
   else
@@ -501,6 +528,21 @@ local function claimed_reply(out, key, id, token, attempts)
   out[#out + 1] = token
   out[#out + 1] = attempts
   for i = 1, #CLAIMED_FIELDS do out[#out + 1] = f[i] or '' end
+end
+
+-- What a claim reads of the head of the line, in one call instead of seven: what damage_of
+-- checks (1-5), the timeout (6), the concurrency key (7), and CLAIMED_FIELDS but the
+-- priority (8-14), which taking the task does not change.
+local HEAD_FIELDS = {'priority', 'attempts', 'expiries', 'status', 'ticket', 'expire_at',
+  'concurrency_key', 'data', 'type', 'max_retries', 'retry_backoff', 'process_timeout',
+  'created_at', 'steps'}
+
+local function head_reply(out, id, token, attempts, f)
+  out[#out + 1] = id
+  out[#out + 1] = token
+  out[#out + 1] = attempts
+  out[#out + 1] = f[1]
+  for i = 8, 14 do out[#out + 1] = f[i] or '' end
 end
 
 -- A claim spec is 8 + count values at ARGV[i]: lease ('' = pull), max_deliveries, consumer,
@@ -584,8 +626,7 @@ end
 -- May the pending task at the head run now? If its key is full, park it (false). If it may
 -- and its key keeps room after it, re-admit the key's next parked task too (a raised or
 -- mixed limit never strands one). Also returns the task's key (false: none).
-local function keyed_admit(key, id)
-  local name = keyed(key)
+local function keyed_admit(key, id, name)
   if not name then return true, false end
   local running, smallest = keyed_running(name)
   local limit = tonumber(redis.call('HGET', key, 'max_concurrency'))
@@ -616,28 +657,29 @@ local function claim(spec)
     local head = redis.call('ZRANGE', KEYS[1], '0', '0')
     if not head[1] then break end
     local id, key = head[1], KEYS[4] .. head[1]
-    if not readable(key) then
+    local f = readable(key) and redis.call('HMGET', key, unpack(HEAD_FIELDS))
+    if not f then
       dead_unreadable(id, DR.MISSING, 'pending id has no task record')
       retired = retired + 1
-    elseif misplaced(key, id, KEYS[1], ST.PENDING) then
+    elseif misplaced(key, id, KEYS[1], ST.PENDING, f[4]) then
       retired = retired + 1
-    elseif damage(key) then
-      malformed(key, id, ST.PENDING, damage(key))
+    elseif damage_of(f) then
+      malformed(key, id, ST.PENDING, damage_of(f))
       retired = retired + 1
-    elseif expired(key) then
+    elseif expired_at(f[6]) then
       time_out(key, id, ST.PENDING)
       retired = retired + 1
-    elseif spec.min_priority and num(key, 'priority') < spec.min_priority then
+    elseif spec.min_priority and tonumber(f[1]) < spec.min_priority then
       break
     else
-      local admitted, name = keyed_admit(key, id)
+      local admitted, name = keyed_admit(key, id, key_name(f[7]))
       if not admitted then
         retired = retired + 1 -- parked: its key is full; the claim goes on
       else
         redis.call('ZREM', KEYS[1], id)
         taken = taken + 1
         local token = spec.tokens[taken]
-        claimed_reply(out, key, id, token, take(key, id, token, spec.lease, spec.consumer))
+        head_reply(out, id, token, take(key, id, token, spec.lease, spec.consumer, nil, f), f)
         keyed_taken(key, id, name)
       end
     end
