@@ -200,14 +200,15 @@ local function keyed_running(name)
   return count, smallest
 end
 
--- Remove an id from the indexes of the state it leaves (every index when unknown).
-local function leave(id, status)
+-- Remove an id from the indexes of the state it leaves (every index when unknown). `name`:
+-- its concurrency key when the caller read it already (false: it has none).
+local function leave(id, status, name)
   if status == ST.PENDING or status == ST.SCHEDULED or not LIVE[status] then
     local was_ready = redis.call('ZREM', KEYS[1], id) == 1
     redis.call('ZREM', KEYS[2], id)
     redis.call('ZREM', KEYS[12], id)
     redis.call('ZREM', KEYS[13], id)
-    local name = keyed(KEYS[4] .. id)
+    if name == nil then name = keyed(KEYS[4] .. id) or false end
     if name then
       if redis.call('ZREM', K_PARKED, id) == 1 then
         redis.call('ZREM', K_PARKED .. ':' .. name, id)
@@ -222,7 +223,7 @@ local function leave(id, status)
     if redis.call('ZREM', KEYS[3], id) == 0 or status ~= ST.PROCESSING then
       redis.call('ZREM', KEYS[11], id)
     end
-    local name = keyed(KEYS[4] .. id)
+    if name == nil then name = keyed(KEYS[4] .. id) or false end
     if name and redis.call('SREM', K_KEYRUN .. name, id) == 1 then keyed_readmit(name) end
   end
 end
@@ -236,11 +237,17 @@ local function bump_ticket(key)
 end
 
 -- Finish a task (success, failed, canceled, timeout): index it and let it expire if kept.
--- `stale`, when given, is one more field to delete with the lease's.
-local function finish(key, id, from, status, stale)
-  leave(id, from)
+-- `stale`, when given, is one more field to delete with the lease's; `name` is leave()'s;
+-- `fields`, more field-value pairs to write with the status.
+local function finish(key, id, from, status, stale, name, fields)
+  leave(id, from, name)
   if DONE_KEY[from] then redis.call('ZREM', DONE_KEY[from], id) end
-  redis.call('HSET', key, 'status', status, 'finished_at', fmt(NOW), 'updated_at', fmt(NOW))
+  if fields then
+    redis.call('HSET', key, 'status', status, 'finished_at', fmt(NOW), 'updated_at', fmt(NOW),
+      unpack(fields))
+  else
+    redis.call('HSET', key, 'status', status, 'finished_at', fmt(NOW), 'updated_at', fmt(NOW))
+  end
   redis.call('HDEL', key, 'token', 'expire_at', stale or 'token')
   redis.call('ZADD', DONE_KEY[status], fmt(NOW), id)
   if status == ST.FAILED then
@@ -337,18 +344,20 @@ end
 local function enter_line(key, id, keep_place, ready_time)
   local score = keep_place and num(key, 'score')
   local ticket = nil
-  if not score then
+  if score then
+    redis.call('HSET', key, 'status', ST.PENDING, 'updated_at', fmt(NOW))
+  else
     local priority = num(key, 'priority') or 0
     score = -priority * PRIORITY_BAND + redis.call('INCR', KEYS[5])
     if AGING then score = aged_score(priority, ready_time or NOW) end
-    redis.call('HSET', key, 'score', text(score), 'ready_at', fmt(NOW))
+    redis.call('HSET', key, 'score', text(score), 'ready_at', fmt(NOW), 'status', ST.PENDING,
+      'updated_at', fmt(NOW))
     if BROKER then
       ticket = bump_ticket(key)
       redis.call('ZADD', KEYS[12], NOW + GRACE, id)
     end
   end
   redis.call('ZADD', KEYS[1], text(score), id)
-  redis.call('HSET', key, 'status', ST.PENDING, 'updated_at', fmt(NOW))
   return ticket
 end
 
@@ -720,6 +729,10 @@ local function give_back(key, id, delay, counted, error_json)
   return ST.PENDING, ticket
 end
 
+local OPTIONAL_FIELDS = {'type', 'max_retries', 'retry_backoff', 'queue_timeout',
+  'process_timeout', 'concurrency_key', 'max_concurrency'}
+local OPTIONAL_AT = {3, 5, 6, 7, 8, 9, 10} -- each one's place after ARGV[i]
+
 -- Store one new task from the 12 values at ARGV[i] (id, priority, data, type, delay,
 -- max_retries, retry_backoff, queue_timeout, process_timeout, concurrency_key,
 -- max_concurrency, unique ('1': refused while any record of the id exists); '' = not set). A live id is
@@ -728,21 +741,24 @@ end
 local function store_task(i)
   local id, delay = ARGV[i], tonumber(ARGV[i + 4]) or 0
   local key = KEYS[4] .. id
-  local old = readable(key) and redis.call('HGET', key, 'status')
+  local kind = redis.call('TYPE', key).ok
+  local old = kind == 'hash' and redis.call('HGET', key, 'status')
   if old and LIVE[old] then return 'live' end
-  if ARGV[i + 11] == '1' and redis.call('EXISTS', key) == 1 then return 'live' end -- once
-  local ticket = readable(key) and num(key, 'ticket') or 0
+  if ARGV[i + 11] == '1' and kind ~= 'none' then return 'live' end -- once
+  local ticket = kind == 'hash' and num(key, 'ticket') or 0
   if old and DONE_KEY[old] then redis.call('ZREM', DONE_KEY[old], id) end
-  redis.call('DEL', key)
-  redis.call('HSET', key, 'id', id, 'queue', QUEUE, 'priority', ARGV[i + 1], 'data', ARGV[i + 2],
+  if kind ~= 'none' then redis.call('DEL', key) end
+  local fields = {'id', id, 'queue', QUEUE, 'priority', ARGV[i + 1], 'data', ARGV[i + 2],
     'attempts', '0', 'expiries', '0', 'created_at', fmt(NOW), 'updated_at', fmt(NOW),
-    'progress', '0', 'ticket', text(ticket))
-  local optional = {type = ARGV[i + 3], max_retries = ARGV[i + 5], retry_backoff = ARGV[i + 6],
-    queue_timeout = ARGV[i + 7], process_timeout = ARGV[i + 8], concurrency_key = ARGV[i + 9],
-    max_concurrency = ARGV[i + 10]}
-  for field, value in pairs(optional) do
-    if value ~= '' then redis.call('HSET', key, field, value) end
+    'progress', '0', 'ticket', text(ticket)}
+  for j, field in ipairs(OPTIONAL_FIELDS) do -- in one HSET with the rest: one call per task
+    local value = ARGV[i + OPTIONAL_AT[j]]
+    if value ~= '' then
+      fields[#fields + 1] = field
+      fields[#fields + 1] = value
+    end
   end
+  redis.call('HSET', key, unpack(fields))
   local queue_timeout = tonumber(ARGV[i + 7])
   if queue_timeout then
     local expire_at = NOW + math.max(delay, 0) + queue_timeout
@@ -759,11 +775,18 @@ local function store_task(i)
   return 'pending', new_ticket
 end
 
--- The fencing check: the task is processing and the token is the current one.
+-- The fencing check: the task is processing and the token is the current one. Returns the
+-- record's status, token, attempts and concurrency key (HELD_FIELDS) when it is held.
+local HELD_FIELDS = {'status', 'token', 'attempts', 'concurrency_key'}
+local function held_record(key, token)
+  if not readable(key) then return nil end
+  local f = redis.call('HMGET', key, unpack(HELD_FIELDS))
+  if f[1] == ST.PROCESSING and f[2] == token then return f end
+  return nil
+end
+
 local function held(key, token)
-  if not readable(key) then return false end
-  local f = redis.call('HMGET', key, 'status', 'token')
-  return f[1] == ST.PROCESSING and f[2] == token
+  return held_record(key, token) ~= nil
 end
 
 -- The task a preemption would claim: the head of the line (or, broker mode, the ticket's

@@ -23,16 +23,16 @@ for j = 0, n - 1 do
         fail_event(final, ARGV[i + 5]))
       status = final
     end
-  elseif held(key, token) then
-    if op == OP.ACK then
-      if payload ~= '' then
-        redis.call('HSET', key, 'result', payload, 'progress', '1')
-      else
-        redis.call('HSET', key, 'progress', '1')
-      end
+  else
+    local f = held_record(key, token)
+    if not f then
+      -- refused: not the holder's token (or not processing)
+    elseif op == OP.ACK then
+      local fields = payload ~= '' and {'result', payload, 'progress', '1'} or {'progress', '1'}
       -- an earlier step's progress note would mislead
-      finish(key, id, ST.PROCESSING, ST.SUCCESS, 'progress_message')
-      record(key, EV.SUCCEEDED, num(key, 'attempts'))
+      finish(key, id, ST.PROCESSING, ST.SUCCESS, 'progress_message', key_name(f[4]) or false,
+        fields)
+      record(key, EV.SUCCEEDED, finite(f[3]))
       status = ST.SUCCESS
     elseif op == OP.NACK or op == OP.HAND_BACK then
       local new_ticket
