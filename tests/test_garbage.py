@@ -157,3 +157,22 @@ def test_clear_removes_garbage_members_too(queue: QueueManager, backend_url: str
         left = list(client.scan_iter(match=redis_key(queue, "*").encode()))
     assert left in ([], [redis_key(queue, "counters").encode()])  # counters never go down
     assert queue.reserve(timeout=0) is None
+
+
+@pytest.mark.parametrize("backend_name", [pytest.param("redis", marks=BACKENDS["redis"])])
+def test_a_finished_task_leaves_a_pulled_entry_that_damage_put_beside_its_lease(
+    queue: QueueManager, backend_url: str
+) -> None:
+    """Processing indexes are cleared whole when a task leaves them: an id that damage
+    put in both the leases and the pulled index (with a score no retention ever trims) is
+    not counted or listed as processing once it finished."""
+    assert queue.push("victim", 1)
+    held = queue.reserve(timeout=0)
+    assert held is not None and held.task_id == "victim"
+    with closing(redis_client(backend_url)) as client:
+        client.zadd(redis_key(queue, "pulled"), {"victim": float("inf")})
+    assert queue.ack(held)
+    with closing(redis_client(backend_url)) as client:
+        assert client.zscore(redis_key(queue, "pulled"), "victim") is None
+    assert queue.stats().counts.get("processing", 0) == 0
+    assert [record.id for record in queue.list_tasks(status="processing")] == []
