@@ -44,9 +44,12 @@ local QUEUE, TTL, BROKER, GRACE, AGING, NOW
 local K_PREEMPTIONS, K_EVENTS, K_COUNTERS, K_PARKED, K_KEYRUN, DONE_KEY, STATUS_INDEX
 local aged_tick, begun, now_text
 local A = 5 -- the first of a script's own ARGV
-local WAKE_CAP_LAST = '999' -- a queue keeps at most 1000 wake-up markers
+local WAKE_CAP = 1000 -- wake-up markers a queue keeps
 local SCAN_LIMIT = 100 -- bounded work per call: promote, reap or time out at most this many
-local SCAN_LIMIT_TEXT = '100' -- (as redis.call arguments; see text())
+-- The same as redis.call arguments, made once (see text(); no globals such as tostring at
+-- load, but concatenation converts).
+local WAKE_CAP_LAST, SCAN_LIMIT_TEXT = '' .. (WAKE_CAP - 1), '' .. SCAN_LIMIT
+local NO_FIELDS = {}
 local PROMOTE_ALL = '1000' -- due tasks promoted at the start of every transition (see begin)
 local EVENT_CAP = '10000' -- entries kept per queue's stream (approximately: MAXLEN ~)
 
@@ -239,12 +242,8 @@ end
 local function finish(key, id, from, status, stale, name, fields)
   leave(id, from, name)
   if DONE_KEY[from] then redis.call('ZREM', DONE_KEY[from], id) end
-  if fields then
-    redis.call('HSET', key, 'status', status, 'finished_at', fmt(NOW), 'updated_at', fmt(NOW),
-      unpack(fields))
-  else
-    redis.call('HSET', key, 'status', status, 'finished_at', fmt(NOW), 'updated_at', fmt(NOW))
-  end
+  redis.call('HSET', key, 'status', status, 'finished_at', fmt(NOW), 'updated_at', fmt(NOW),
+    unpack(fields or NO_FIELDS))
   redis.call('HDEL', key, 'token', 'expire_at', stale or 'token')
   redis.call('ZADD', DONE_KEY[status], fmt(NOW), id)
   if status == ST.FAILED then
@@ -490,25 +489,24 @@ local function wait_hint()
   return hint
 end
 
+-- What a claim reads of the head of the line, in one call instead of seven: what damage_of
+-- checks (1-5), the timeout (6), the concurrency key (7), and the reply's fields but the
+-- priority (8-14), which taking the task does not change.
+local HEAD_FIELDS = {'priority', 'attempts', 'expiries', 'status', 'ticket', 'expire_at',
+  'concurrency_key', 'data', 'type', 'max_retries', 'retry_backoff', 'process_timeout',
+  'created_at', 'steps'}
+
 -- Hand a task to a consumer: processing, attempts + 1, a fencing token, and a lease (or, for
 -- a pull, the pulled index: consumed, never redelivered, forgotten after result_ttl unless
 -- settled). Its queue_timeout no longer applies. Returns the new attempt count. `known`:
--- the record as a claim read it (HEAD_FIELDS, checked by damage_of), or nil.
+-- the record as a claim read it (HEAD_FIELDS), or nil: then its first six are read here.
 local function take(key, id, token, lease, consumer, event, known)
-  local attempts
-  if known then
-    attempts = (tonumber(known[2]) or 0) + 1
-  else
-    attempts = (num(key, 'attempts') or 0) + 1
-  end
+  known = known or redis.call('HMGET', key, unpack(HEAD_FIELDS, 1, 6))
+  local attempts = (finite(known[2]) or 0) + 1
   redis.call('HSET', key, 'status', ST.PROCESSING, 'token', token, 'attempts', text(attempts),
     'started_at', fmt(NOW), 'updated_at', fmt(NOW), 'worker', consumer)
-  if known then
-    if known[6] then
-      redis.call('HDEL', key, 'expire_at')
-      redis.call('ZREM', KEYS[13], id)
-    end
-  elseif redis.call('HDEL', key, 'expire_at') == 1 then
+  if known[6] then -- it had a queue_timeout
+    redis.call('HDEL', key, 'expire_at')
     redis.call('ZREM', KEYS[13], id)
   end
   if lease then
@@ -524,32 +522,20 @@ local function take(key, id, token, lease, consumer, event, known)
   return attempts
 end
 
-local CLAIMED_FIELDS = {'priority', 'data', 'type', 'max_retries', 'retry_backoff',
-  'process_timeout', 'created_at', 'steps'}
-
--- The 11 reply values of one claimed task.
-local function claimed_reply(out, key, id, token, attempts)
-  local f = redis.call('HMGET', key, unpack(CLAIMED_FIELDS))
+-- The 11 reply values of one claimed task: id, token, attempts, priority, then the seven
+-- fields from data to steps, which are `f`'s from index `from` (a claim's HEAD_FIELDS
+-- read, or read here).
+local function claimed_reply(out, key, id, token, attempts, f, from)
+  if not f then
+    f, from = redis.call('HMGET', key, unpack(HEAD_FIELDS, 1, 14)), 8
+  end
   out[#out + 1] = id
   out[#out + 1] = token
   out[#out + 1] = attempts
-  for i = 1, #CLAIMED_FIELDS do out[#out + 1] = f[i] or '' end
+  out[#out + 1] = f[1] or ''
+  for i = from, from + 6 do out[#out + 1] = f[i] or '' end
 end
 
--- What a claim reads of the head of the line, in one call instead of seven: what damage_of
--- checks (1-5), the timeout (6), the concurrency key (7), and CLAIMED_FIELDS but the
--- priority (8-14), which taking the task does not change.
-local HEAD_FIELDS = {'priority', 'attempts', 'expiries', 'status', 'ticket', 'expire_at',
-  'concurrency_key', 'data', 'type', 'max_retries', 'retry_backoff', 'process_timeout',
-  'created_at', 'steps'}
-
-local function head_reply(out, id, token, attempts, f)
-  out[#out + 1] = id
-  out[#out + 1] = token
-  out[#out + 1] = attempts
-  out[#out + 1] = f[1]
-  for i = 8, 14 do out[#out + 1] = f[i] or '' end
-end
 
 -- A claim spec is 8 + count values at ARGV[i]: lease ('' = pull), max_deliveries, consumer,
 -- min_priority ('' = any), ticket id ('' = the most urgent task), ticket number, ticket copy,
@@ -685,7 +671,8 @@ local function claim(spec)
         redis.call('ZREM', KEYS[1], id)
         taken = taken + 1
         local token = spec.tokens[taken]
-        head_reply(out, id, token, take(key, id, token, spec.lease, spec.consumer, nil, f), f)
+        claimed_reply(out, key, id, token,
+          take(key, id, token, spec.lease, spec.consumer, nil, f), f, 8)
         keyed_taken(key, id, name)
       end
     end
