@@ -248,3 +248,21 @@ def test_the_cli_watches_a_task_and_prints_events(
     assert [line.split()[3] for line in printed.splitlines()] == [
         "pushed", "started", "progress", "succeeded"]  # fmt: skip
     follow.communicate(timeout=30)
+
+
+def test_a_closed_sqlite_event_log_reads_nothing_more_and_opens_nothing(
+    make_queue: Callable[..., QueueManager], backend_url: str
+) -> None:
+    """The API closes a log from its event loop while follower threads may be reading it;
+    a read after the close must not open the connection again (nor, during it, use the one
+    being closed: every use holds the log's lock)."""
+    if not backend_url.startswith("sqlite"):
+        pytest.skip("SQLite's log: its connection is the log's own")
+    queue = make_queue()
+    queue.push("t", {"n": 1})
+    log = queue.server.events(queue.queue_name)
+    assert [event.event for event in log.read("0", 10, 0)] == ["pushed"]
+    log.close()
+    assert log.read("0", 10, 5.0) == []  # at once, not after the 5 s block
+    assert log.tail() == "0" and log.counters() == {}
+    assert log._own is None  # type: ignore[attr-defined]
